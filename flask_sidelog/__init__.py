@@ -1,0 +1,2 @@
+from .extension import SideLog as SideLog
+from .writer import SideLogWriteError as SideLogWriteError

@@ -1,0 +1,184 @@
+"""What flask-sidelog knows about the current app context: its request id,
+the audited view, and the fate of the main session's transaction.
+
+The fate comes from the main session's own events, because nothing else tells
+it: Flask passes ``exc=None`` to teardowns for ``abort()`` and handled errors,
+and Flask-SQLAlchemy's teardown closes the session without a rollback event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing as t
+import uuid
+
+import sqlalchemy as sa
+import sqlalchemy.orm as sa_orm
+from flask import current_app
+from flask import g
+from flask import has_app_context
+from flask import has_request_context
+from flask import request
+from werkzeug.exceptions import HTTPException
+
+_READ_ONLY_SQL = ("select", "with", "show", "explain", "pragma", "values")
+
+
+@dataclasses.dataclass
+class ContextState:
+    """Per app context state, kept on ``g._sidelog`` and popped at teardown."""
+
+    request_id: str | None = None
+    request_fields: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    #: The audited view's event, once ``@audit`` started.
+    audit_event: str | None = None
+    started: float = 0.0
+    annotations: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    actor: str | None = None
+    exception: BaseException | None = None
+    status_code: int | None = None
+    #: The main session has written in a transaction that has not ended yet.
+    pending_write: bool = False
+    committed: bool = False
+    rolled_back: bool = False
+    #: Entries held back until the main session has let go of SQLite's lock.
+    deferred: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def main_tx(self) -> str:
+        """``rolled_back`` if any write of the main session was lost,
+        ``committed`` if its writes were committed, ``none`` if it wrote nothing."""
+        if self.rolled_back or self.pending_write:
+            return "rolled_back"
+        return "committed" if self.committed else "none"
+
+    def outcome(self) -> tuple[str, int, str | None]:
+        """The audited view's outcome, status code and error text."""
+        exc = self.exception
+        status = self.status_code
+        if status is None:
+            # after_request did not run: the exception went past it.
+            if isinstance(exc, HTTPException):
+                status = exc.code or 500
+            else:
+                status = 200 if exc is None else 500
+        if status >= 500 or not isinstance(exc, (HTTPException, type(None))):
+            outcome = "error"
+        elif status >= 400:
+            outcome = "failure"
+        else:
+            outcome = "success"
+        return outcome, status, describe_error(exc)
+
+
+def describe_error(exc: BaseException | None) -> str | None:
+    """``module.Class: message``; for database errors the driver's message only,
+    since SQLAlchemy's text also repeats the statement's parameters."""
+    if exc is None:
+        return None
+    cls = type(exc)
+    name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        name = f"{cls.__module__}.{name}"
+    if isinstance(exc, HTTPException):
+        message = f"{exc.code} {exc.name}"
+    elif isinstance(exc, sa.exc.DBAPIError):
+        message = str(exc.orig)
+    else:
+        message = str(exc)
+    return f"{name}: {message.strip()}" if message else name
+
+
+def current_state(create: bool = True) -> ContextState | None:
+    """The current app context's state, created on first use."""
+    state: ContextState | None = g.get("_sidelog")
+    if state is None and create:
+        state = ContextState(started=time.perf_counter())
+        if has_request_context():
+            state.request_id = uuid.uuid4().hex
+            state.request_fields = {
+                "method": request.method,
+                "path": request.path,
+                "endpoint": request.endpoint,
+                "remote_addr": request.remote_addr,
+                "user_agent": request.user_agent.string or None,
+            }
+        g._sidelog = state
+    return state
+
+
+def pop_state() -> ContextState | None:
+    return t.cast("ContextState | None", g.pop("_sidelog", None))
+
+
+def _main_session_state(session: sa_orm.Session) -> ContextState | None:
+    """The state to update if ``session`` is this app context's main session."""
+    if not has_app_context():
+        return None
+    app_state = current_app.extensions.get("sidelog")
+    if app_state is None:
+        return None
+    scoped = app_state.main_session
+    # registry.has() never creates a session, so this is safe at any time,
+    # including after Flask-SQLAlchemy removed the session at teardown.
+    if scoped is None or not scoped.registry.has() or scoped.registry() is not session:
+        return None
+    return current_state()
+
+
+def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
+    if session.new or session.dirty or session.deleted:
+        state = _main_session_state(session)
+        if state is not None:
+            state.pending_write = True
+
+
+def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
+    statement = execute_state.statement
+    writes = (
+        execute_state.is_insert or execute_state.is_update or execute_state.is_delete
+    )
+    if not writes and isinstance(statement, sa.TextClause):
+        writes = not statement.text.lstrip().lower().startswith(_READ_ONLY_SQL)
+    if writes:
+        state = _main_session_state(execute_state.session)
+        if state is not None:
+            state.pending_write = True
+
+
+def _after_commit(session: sa_orm.Session) -> None:
+    state = _main_session_state(session)
+    if state is not None and state.pending_write:
+        state.pending_write = False
+        state.committed = True
+
+
+def _after_transaction_end(
+    session: sa_orm.Session, transaction: sa_orm.SessionTransaction
+) -> None:
+    # after_commit has already run for a committed transaction; an outermost
+    # transaction that ends with writes still pending was rolled back or closed.
+    if transaction.parent is not None:
+        return
+    state = _main_session_state(session)
+    if state is not None and state.pending_write:
+        state.pending_write = False
+        state.rolled_back = True
+
+
+_tracked: set[type[sa_orm.Session]] = set()
+
+
+def track_main_session(session_class: type[sa_orm.Session]) -> None:
+    """Follow the transactions of main sessions of ``session_class``.
+
+    Listeners go on the class once; each event finds its own app context.
+    """
+    if session_class in _tracked:
+        return
+    _tracked.add(session_class)
+    sa.event.listen(session_class, "before_flush", _before_flush)
+    sa.event.listen(session_class, "do_orm_execute", _do_orm_execute)
+    sa.event.listen(session_class, "after_commit", _after_commit)
+    sa.event.listen(session_class, "after_transaction_end", _after_transaction_end)

@@ -1,0 +1,88 @@
+"""The log engine: a database connection pool of its own.
+
+Sharing the main engine's pool would let the log starve the requests it is
+recording (every request holds a main connection and waits for a second one),
+and on ``sqlite://`` it would share the one connection Flask-SQLAlchemy uses,
+so the log's commit would commit, or its close discard, the request's work.
+"""
+
+from __future__ import annotations
+
+import os
+import typing as t
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+
+def is_sqlite(url: sa.URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def is_sqlite_memory(url: sa.URL) -> bool:
+    return is_sqlite(url) and url.database in (None, "", ":memory:")
+
+
+def sqlite_path(url: sa.URL) -> str | None:
+    """The real path of a SQLite file database, or None for anything else."""
+    if not is_sqlite(url) or is_sqlite_memory(url):
+        return None
+    database = t.cast(str, url.database)
+    if database.startswith("file:"):
+        database = database[5:].split("?", 1)[0]
+    return os.path.realpath(database)
+
+
+def resolve_url(uri: str | sa.URL, instance_path: str) -> sa.URL:
+    """Parse ``uri``; relative SQLite paths are relative to the instance folder,
+    as Flask-SQLAlchemy does it."""
+    url = make_url(uri)
+    if is_sqlite(url) and not is_sqlite_memory(url):
+        database = t.cast(str, url.database)
+        is_uri = database.startswith("file:")
+        path = database[5:] if is_uri else database
+        if not os.path.isabs(path):
+            os.makedirs(instance_path, exist_ok=True)
+            path = os.path.join(instance_path, path)
+            url = url.set(database=f"file:{path}" if is_uri else path)
+    return url
+
+
+def create_log_engine(
+    url: sa.URL, timeout: float, options: t.Mapping[str, t.Any] | None = None
+) -> sa.Engine:
+    """Create the log engine for ``url``.
+
+    ``timeout`` (seconds) bounds waiting for a pooled connection, connecting,
+    lock waits and statements, so a log write can fail but never hang.
+    ``options`` (``SIDELOG_ENGINE_OPTIONS``) are passed to
+    :func:`sqlalchemy.create_engine` and win over these defaults.
+    """
+    kwargs: dict[str, t.Any] = {"pool_pre_ping": True}
+    connect_args: dict[str, t.Any] = {}
+    if is_sqlite_memory(url):
+        # A memory database lives in one connection: the log gets its own,
+        # separate from the one Flask-SQLAlchemy shares for the main database.
+        kwargs["poolclass"] = sa.pool.StaticPool
+        connect_args["check_same_thread"] = False
+    elif is_sqlite(url):
+        kwargs["pool_timeout"] = timeout
+        connect_args["timeout"] = timeout
+    else:
+        kwargs["pool_timeout"] = timeout
+        if url.get_backend_name() == "postgresql":
+            ms = int(timeout * 1000)
+            connect_args["connect_timeout"] = max(1, round(timeout))
+            connect_args["options"] = (
+                f"-c lock_timeout={ms} -c statement_timeout={ms}"
+                " -c idle_in_transaction_session_timeout=" + str(max(ms, 10000))
+            )
+    user = dict(options or {})
+    connect_args.update(user.pop("connect_args", {}))
+    kwargs.update(user)
+    return sa.create_engine(url, connect_args=connect_args, **kwargs)
+
+
+def safe_url(url: sa.URL) -> str:
+    """The URL as text with its password hidden, for messages."""
+    return url.render_as_string(hide_password=True)

@@ -1,0 +1,202 @@
+"""Building an entry: validation, redaction and making any value storable.
+
+Every value that reaches the log goes through :func:`make_entry`, so whatever a
+caller or a client sends, what is stored is valid JSON and valid text on every
+database, and anything cut short says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing as t
+import uuid
+from datetime import datetime
+from datetime import timezone
+
+from .model import COLUMN_LIMITS
+from .model import EVENT_MAX
+
+#: Appended to a text value that was cut to its column's length.
+TRUNCATION_MARK = "...[truncated]"
+#: Replaces the value of a redacted key.
+REDACTED = "[redacted]"
+#: Largest ``data`` payload, in bytes of JSON. Larger ones are replaced by
+#: ``{"_truncated": true, "_size": <bytes>, "preview": <first 1000 chars>}``.
+MAX_DATA_BYTES = 65536
+#: Containers nested deeper than this are stored as ``"[max depth]"``.
+MAX_DEPTH = 32
+
+LEVELS = ("info", "warning", "error")
+OUTCOMES = ("success", "failure", "error")
+MAIN_TX = ("committed", "rolled_back", "none")
+
+_INT_RANGE = 2**63
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def clean_text(value: str) -> str:
+    """Make a string storable on every backend, changing as little as possible.
+
+    PostgreSQL cannot store NUL in text and no database can store a lone
+    surrogate; both are kept visible as backslash escapes. Everything else,
+    control characters included, is stored as given.
+    """
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def cut(value: str | None, limit: int) -> str | None:
+    """Clean ``value`` and cut it to ``limit`` characters with a visible mark."""
+    if value is None:
+        return None
+    value = clean_text(value)
+    if len(value) > limit:
+        value = value[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+    return value
+
+
+def _is_redacted(key: str, redact_keys: frozenset[str]) -> bool:
+    lowered = key.lower()
+    return any(word in lowered for word in redact_keys)
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # a broken __repr__ must not lose the entry
+        text = f"<unrepresentable {type(value).__name__}>"
+    return t.cast(str, cut(text, 1000))
+
+
+def to_storable(
+    value: object,
+    redact_keys: frozenset[str] = frozenset(),
+    _depth: int = 0,
+    _seen: frozenset[int] = frozenset(),
+) -> t.Any:
+    """Return ``value`` as plain JSON, with redacted keys replaced.
+
+    Keys are redacted when their lower-cased name contains any of
+    ``redact_keys``, in nested dicts and lists too. Values JSON cannot hold are
+    kept faithfully as text: ``repr()`` for unknown objects and bytes, ``"NaN"``
+    and ``"Infinity"`` for such floats, decimal text for integers beyond 64 bits.
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, int):
+        if -_INT_RANGE <= value < _INT_RANGE:
+            return int(value)
+        try:
+            return str(value)
+        except ValueError:  # beyond Python's int-to-str digit limit
+            return f"<int of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        if math.isnan(value):
+            return "NaN"
+        return "Infinity" if value > 0 else "-Infinity"
+    if _depth >= MAX_DEPTH:
+        return "[max depth]"
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        if id(value) in _seen:
+            return "[recursive]"
+        seen = _seen | {id(value)}
+        if isinstance(value, dict):
+            out: dict[str, t.Any] = {}
+            for key, item in value.items():
+                name = clean_text(key) if isinstance(key, str) else _safe_repr(key)
+                if _is_redacted(name, redact_keys):
+                    out[name] = REDACTED
+                else:
+                    out[name] = to_storable(item, redact_keys, _depth + 1, seen)
+            return out
+        return [to_storable(item, redact_keys, _depth + 1, seen) for item in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return _safe_repr(value)
+
+
+def storable_data(
+    data: t.Mapping[str, t.Any] | None, redact_keys: frozenset[str]
+) -> dict[str, t.Any] | None:
+    """Redact and normalise ``data``; replace it with a marker if it is too big."""
+    if data is None:
+        return None
+    if not isinstance(data, t.Mapping):
+        data = {"value": data}
+    clean = to_storable(dict(data), redact_keys)
+    encoded = json.dumps(clean, ensure_ascii=False, separators=(",", ":"))
+    size = len(encoded.encode("utf-8"))
+    if size <= MAX_DATA_BYTES:
+        return t.cast("dict[str, t.Any]", clean)
+    return {"_truncated": True, "_size": size, "preview": encoded[:1000]}
+
+
+def check_event(event: object) -> str:
+    if not isinstance(event, str) or not event.strip():
+        raise ValueError(f"An event name must be a non-empty string, got {event!r}.")
+    if len(event) > EVENT_MAX:
+        raise ValueError(
+            f"An event name is at most {EVENT_MAX} characters; this one has"
+            f" {len(event)}. Put the detail in data=... instead."
+        )
+    return clean_text(event)
+
+
+def check_level(level: object) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}.")
+    return t.cast(str, level)
+
+
+def make_entry(
+    event: str,
+    *,
+    level: str = "info",
+    data: t.Mapping[str, t.Any] | None = None,
+    redact_keys: frozenset[str] = frozenset(),
+    **fields: t.Any,
+) -> dict[str, t.Any]:
+    """Return a complete, storable entry row.
+
+    :param fields: any other column (``actor``, ``outcome``, ``path``, ...);
+        bounded text columns are cut to their documented lengths.
+    """
+    entry: dict[str, t.Any] = {
+        "uuid": str(uuid.uuid4()),
+        "created_at": utcnow(),
+        "event": check_event(event),
+        "level": check_level(level),
+        "actor": None,
+        "outcome": None,
+        "status_code": None,
+        "main_tx": None,
+        "method": None,
+        "path": None,
+        "endpoint": None,
+        "remote_addr": None,
+        "user_agent": None,
+        "request_id": None,
+        "duration_ms": None,
+        "error": None,
+        "data": storable_data(data, redact_keys),
+    }
+    for name, value in fields.items():
+        if name not in entry:
+            raise TypeError(f"Unknown entry field {name!r}.")
+        if name in COLUMN_LIMITS and value is not None:
+            value = cut(str(value), COLUMN_LIMITS[name])
+        entry[name] = value
+    return entry

@@ -1,0 +1,65 @@
+"""The entries table.
+
+The table has no foreign keys to application tables on purpose: a log row that
+referenced a row the request's main transaction holds locked would wait on its
+own request, and no database can see that deadlock.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+#: Lengths of the bounded text columns. Longer values are cut and end with
+#: :data:`flask_sidelog.entry.TRUNCATION_MARK`; a too long event name is an error.
+EVENT_MAX = 200
+COLUMN_LIMITS: dict[str, int] = {
+    "actor": 255,
+    "method": 16,
+    "path": 2048,
+    "endpoint": 255,
+    "remote_addr": 64,
+    "user_agent": 512,
+    "request_id": 128,
+    "error": 2048,
+}
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY, not a BIGINT one.
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def make_entries_table(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
+    """Describe the entries table called ``name`` in its own metadata."""
+    metadata = metadata if metadata is not None else sa.MetaData()
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+        sa.Column("uuid", sa.String(36), nullable=False, unique=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("event", sa.String(EVENT_MAX), nullable=False),
+        sa.Column("level", sa.String(16), nullable=False),
+        sa.Column("actor", sa.String(COLUMN_LIMITS["actor"])),
+        sa.Column("outcome", sa.String(16)),
+        sa.Column("status_code", sa.Integer),
+        sa.Column("main_tx", sa.String(16)),
+        sa.Column("method", sa.String(COLUMN_LIMITS["method"])),
+        sa.Column("path", sa.String(COLUMN_LIMITS["path"])),
+        sa.Column("endpoint", sa.String(COLUMN_LIMITS["endpoint"])),
+        sa.Column("remote_addr", sa.String(COLUMN_LIMITS["remote_addr"])),
+        sa.Column("user_agent", sa.String(COLUMN_LIMITS["user_agent"])),
+        sa.Column("request_id", sa.String(COLUMN_LIMITS["request_id"])),
+        sa.Column("duration_ms", sa.Float),
+        sa.Column("error", sa.Text),
+        sa.Column("data", sa.JSON),
+        # Newest-first reads filter on one column and a time range; these
+        # indexes serve "WHERE x = ? AND created_at >= ? ORDER BY created_at DESC".
+        sa.Index(f"ix_{name}_created_at", "created_at"),
+        sa.Index(f"ix_{name}_event", "event", "created_at"),
+        sa.Index(f"ix_{name}_actor", "actor", "created_at"),
+        sa.Index(f"ix_{name}_request_id", "request_id"),
+        sa.Index(f"ix_{name}_outcome", "outcome", "created_at"),
+    )
+
+
+#: The names of the stored fields, in table order.
+FIELDS: tuple[str, ...] = tuple(c.name for c in make_entries_table("_").columns)
