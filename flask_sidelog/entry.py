@@ -156,9 +156,9 @@ def check_event(event: object) -> str:
 
 
 def check_level(level: object) -> str:
-    if level not in LEVELS:
+    if not isinstance(level, str) or level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}.")
-    return t.cast(str, level)
+    return level
 
 
 def make_entry(
