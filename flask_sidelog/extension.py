@@ -180,6 +180,13 @@ class _AppState:
                     engine.dispose()
         return self._writer
 
+    def dispose(self) -> None:
+        """Close the pools SideLog opened for this app."""
+        if self._writer is not None:
+            self._writer.engine.dispose()
+        if self._main_engine is not None:
+            self._main_engine.dispose()
+
 
 def _app_state() -> _AppState:
     if not has_app_context():

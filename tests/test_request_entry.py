@@ -1,0 +1,256 @@
+"""Behaviours 1, 2 and 7 of the core: the request's entry and its outcome."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from flask import abort
+from flask import Flask
+from flask.testing import FlaskClient
+from flask_sqlalchemy import SQLAlchemy
+
+from conftest import Account
+from flask_sidelog import SideLog
+
+
+def names(app: Flask, db: SQLAlchemy) -> list[str]:
+    with app.app_context():
+        return list(db.session.scalars(sa.select(Account.name).order_by(Account.id)))
+
+
+def test_exception_after_flush_keeps_log_and_audit(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.post("/transfer")
+    @sidelog.audit("funds.transfer")
+    def transfer() -> str:
+        db.session.add(Account(name="debited", balance=-10))
+        db.session.flush()
+        sidelog.log("transfer.attempt", actor="alice", data={"amount": 10})
+        raise RuntimeError("insufficient funds")
+
+    with pytest.raises(RuntimeError):
+        client.post("/transfer")
+
+    assert names(app, db) == []
+    with app.app_context():
+        attempt, audit = sidelog.entries()
+    assert attempt["event"] == "transfer.attempt"
+    assert attempt["actor"] == "alice"
+    assert attempt["data"] == {"amount": 10}
+    assert audit["event"] == "funds.transfer"
+    assert audit["outcome"] == "error"
+    assert audit["status_code"] == 500
+    assert audit["main_tx"] == "rolled_back"
+    assert audit["level"] == "error"
+    assert audit["error"] == "RuntimeError: insufficient funds"
+    assert audit["request_id"] == attempt["request_id"] is not None
+    assert audit["method"] == "POST"
+    assert audit["path"] == "/transfer"
+    assert audit["endpoint"] == "transfer"
+    assert audit["duration_ms"] >= 0
+
+
+def test_exception_handled_by_flask_outside_testing(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """Without TESTING, Flask turns the exception into a 500 response and
+    passes it to after_request: the entry is the same."""
+    app.testing = False
+
+    @app.post("/boom")
+    @sidelog.audit
+    def boom() -> str:
+        db.session.add(Account(name="gone"))
+        db.session.flush()
+        raise KeyError("missing")
+
+    assert client.post("/boom").status_code == 500
+    assert names(app, db) == []
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["event"] == "boom"
+    assert (entry["outcome"], entry["status_code"]) == ("error", 500)
+    assert entry["main_tx"] == "rolled_back"
+    assert entry["error"] == "KeyError: 'missing'"
+
+
+def test_integrity_error_at_commit(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    with app.app_context():
+        db.session.add(Account(name="taken"))
+        db.session.commit()
+
+    @app.post("/signup")
+    @sidelog.audit("account.create")
+    def signup() -> str:
+        db.session.add(Account(name="taken"))
+        db.session.commit()
+        return "created"
+
+    with pytest.raises(sa.exc.IntegrityError):
+        client.post("/signup")
+
+    assert names(app, db) == ["taken"]
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["outcome"] == "error"
+    assert entry["main_tx"] == "rolled_back"
+    assert entry["error"].startswith("sqlalchemy.exc.IntegrityError: ")
+
+
+def test_abort_is_a_failure(app: Flask, sidelog: SideLog, client: FlaskClient) -> None:
+    @app.delete("/accounts/<int:pk>")
+    @sidelog.audit("account.delete")
+    def delete(pk: int) -> str:
+        abort(403)
+
+    assert client.delete("/accounts/7").status_code == 403
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["outcome"] == "failure"
+    assert entry["status_code"] == 403
+    assert entry["level"] == "warning"
+    assert entry["main_tx"] == "none"
+    assert entry["error"] == "werkzeug.exceptions.Forbidden: 403 Forbidden"
+
+
+def test_success_with_commit(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.post("/accounts")
+    @sidelog.audit("account.create")
+    def create() -> tuple[str, int]:
+        sidelog.annotate(amount=10, password="hunter2")
+        db.session.add(Account(name="bob"))
+        db.session.commit()
+        return "created", 201
+
+    assert client.post("/accounts").status_code == 201
+    assert names(app, db) == ["bob"]
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["outcome"] == "success"
+    assert entry["status_code"] == 201
+    assert entry["main_tx"] == "committed"
+    assert entry["level"] == "info"
+    assert entry["error"] is None
+    assert entry["data"] == {"amount": 10, "password": "[redacted]"}
+
+
+def test_view_that_writes_nothing(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.get("/accounts")
+    @sidelog.audit
+    def index() -> str:
+        return ",".join(db.session.scalars(sa.select(Account.name)))
+
+    assert client.get("/accounts").status_code == 200
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["event"] == "index"
+    assert (entry["outcome"], entry["main_tx"]) == ("success", "none")
+
+
+def test_flushed_then_not_committed_is_rolled_back(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A view that flushes and returns without committing: the teardown
+    discards the work, and the entry says so."""
+
+    @app.post("/forgot")
+    @sidelog.audit
+    def forgot() -> str:
+        db.session.add(Account(name="never"))
+        db.session.flush()
+        return "ok"
+
+    assert client.post("/forgot").status_code == 200
+    assert names(app, db) == []
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["main_tx"]) == ("success", "rolled_back")
+
+
+def test_returned_error_status(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.get("/teapot")
+    @sidelog.audit
+    def teapot() -> tuple[str, int]:
+        return "no", 418
+
+    @app.get("/unavailable")
+    @sidelog.audit
+    def unavailable() -> tuple[str, int]:
+        return "later", 503
+
+    client.get("/teapot")
+    client.get("/unavailable")
+    with app.app_context():
+        first, second = sidelog.entries()
+    assert (first["outcome"], first["status_code"]) == ("failure", 418)
+    assert (second["outcome"], second["status_code"]) == ("error", 503)
+
+
+def test_async_view(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.post("/async")
+    @sidelog.audit("async.create")
+    async def create() -> str:
+        """Create an account, asynchronously."""
+        db.session.add(Account(name="async"))
+        db.session.commit()
+        return "done"
+
+    @app.get("/async-fail")
+    @sidelog.audit("async.fail")
+    async def fail() -> str:
+        abort(404)
+
+    assert create.__name__ == "create"
+    assert create.__doc__ == "Create an account, asynchronously."
+    assert client.post("/async").get_data(as_text=True) == "done"
+    assert client.get("/async-fail").status_code == 404
+    with app.app_context():
+        created, failed = sidelog.entries()
+    assert (created["outcome"], created["main_tx"]) == ("success", "committed")
+    assert (failed["outcome"], failed["status_code"]) == ("failure", 404)
+
+
+def test_teardown_twice_writes_once(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """With ``with client:`` the context is kept and torn down later; the
+    entry is still written exactly once."""
+
+    @app.get("/kept")
+    @sidelog.audit
+    def kept() -> str:
+        return "ok"
+
+    with client:
+        client.get("/kept")
+    client.get("/kept")
+    with app.app_context():
+        assert [e["event"] for e in sidelog.entries()] == ["kept", "kept"]
+
+
+def test_nested_audit_writes_the_outer_event(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @sidelog.audit("inner")
+    def inner() -> str:
+        return "inner"
+
+    @app.get("/outer")
+    @sidelog.audit("outer")
+    def outer() -> str:
+        return inner()
+
+    assert client.get("/outer").get_data(as_text=True) == "inner"
+    with app.app_context():
+        assert [e["event"] for e in sidelog.entries()] == ["outer"]
