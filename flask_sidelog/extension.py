@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import threading
 import time
@@ -19,6 +18,7 @@ from flask import has_request_context
 from flask import Response
 
 from . import context
+from .config import Settings
 from .engine import create_log_engine
 from .engine import is_sqlite_memory
 from .engine import resolve_url
@@ -36,59 +36,6 @@ if t.TYPE_CHECKING:
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
 
 _LEVEL_OF_OUTCOME = {"success": "info", "failure": "warning", "error": "error"}
-
-DEFAULT_REDACT_KEYS = (
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "api_key",
-    "authorization",
-    "cookie",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The ``SIDELOG_*`` configuration of one app, read once by ``init_app``."""
-
-    database_uri: str | sa.URL | None
-    bind_key: str | None
-    table: str
-    create_table: bool | None
-    redact_keys: frozenset[str]
-    engine_options: dict[str, t.Any]
-    main_database_uri: str | sa.URL | None
-    write_timeout: float
-
-    @classmethod
-    def from_app(cls, app: Flask) -> Settings:
-        c = app.config
-        c.setdefault("SIDELOG_DATABASE_URI", None)
-        c.setdefault("SIDELOG_BIND_KEY", None)
-        c.setdefault("SIDELOG_TABLE", "sidelog_entries")
-        c.setdefault("SIDELOG_CREATE_TABLE", None)
-        c.setdefault("SIDELOG_REDACT_KEYS", DEFAULT_REDACT_KEYS)
-        c.setdefault("SIDELOG_ENGINE_OPTIONS", {})
-        c.setdefault("SIDELOG_MAIN_DATABASE_URI", None)
-        c.setdefault("SIDELOG_WRITE_TIMEOUT", 5.0)
-        timeout = c["SIDELOG_WRITE_TIMEOUT"]
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(
-                "SIDELOG_WRITE_TIMEOUT must be a number of seconds above 0,"
-                f" got {timeout!r}."
-            )
-        return cls(
-            database_uri=c["SIDELOG_DATABASE_URI"],
-            bind_key=c["SIDELOG_BIND_KEY"],
-            table=c["SIDELOG_TABLE"],
-            create_table=c["SIDELOG_CREATE_TABLE"],
-            redact_keys=frozenset(k.lower() for k in c["SIDELOG_REDACT_KEYS"]),
-            engine_options=dict(c["SIDELOG_ENGINE_OPTIONS"]),
-            main_database_uri=c["SIDELOG_MAIN_DATABASE_URI"]
-            or c.get("SQLALCHEMY_DATABASE_URI"),
-            write_timeout=float(timeout),
-        )
 
 
 class MainSession(sa_orm.Session):
