@@ -11,13 +11,17 @@ from _postgres import ThrowawayPostgres
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture
-def pg() -> t.Iterator[ThrowawayPostgres]:
+def require_postgres() -> None:
     reason = ThrowawayPostgres.available()
     if reason is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the PostgreSQL tests, but: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def pg() -> t.Iterator[ThrowawayPostgres]:
+    require_postgres()
     with ThrowawayPostgres() as server:
         yield server
 
@@ -69,8 +73,7 @@ def test_create_database_and_psql(pg: ThrowawayPostgres) -> None:
 
 
 def test_cleanup_removes_directory_and_stops_server() -> None:
-    if ThrowawayPostgres.available() is not None:
-        pytest.skip("covered by the reason the other tests give")
+    require_postgres()
     with ThrowawayPostgres() as pg:
         base = pg.base
         assert base is not None and os.path.isdir(base)
