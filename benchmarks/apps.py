@@ -79,7 +79,9 @@ def item_model(db: SQLAlchemy, **class_attrs: t.Any) -> type[t.Any]:
     """Declare the ``items`` model on ``db``; ``class_attrs`` carry a peer's
     markers, e.g. ``__versioned__ = {}``.
     """
-    return type("Item", (_ItemColumns, db.Model), {"__tablename__": "items", **class_attrs})
+    return type(
+        "Item", (_ItemColumns, db.Model), {"__tablename__": "items", **class_attrs}
+    )
 
 
 def add_items_view(app: Flask, db: SQLAlchemy, item_cls: type[t.Any]) -> None:
@@ -143,7 +145,9 @@ def create_trigger_peer_app(db_url: str) -> Flask:
     # The trigger functions come with the activity table's DDL; the items
     # table's after_create hook calls them, so create these two first.
     create_tables(
-        app, db, first=(manager.transaction_cls.__table__, manager.activity_cls.__table__)
+        app,
+        db,
+        first=(manager.transaction_cls.__table__, manager.activity_cls.__table__),
     )
     return app
 
@@ -155,7 +159,9 @@ def create_continuum_app(db_url: str) -> Flask:
     from sqlalchemy_continuum.plugins import FlaskPlugin
 
     # No User model and no Flask-Login: the plugin records remote_addr only.
-    make_versioned(user_cls=None, plugins=[FlaskPlugin(current_user_id_factory=lambda: None)])
+    make_versioned(
+        user_cls=None, plugins=[FlaskPlugin(current_user_id_factory=lambda: None)]
+    )
     app, db = base_app(db_url)
     item = item_model(db, __versioned__={})
     sa_orm.configure_mappers()

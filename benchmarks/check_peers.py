@@ -14,10 +14,9 @@ from __future__ import annotations
 import multiprocessing
 import sys
 
+import apps
 import sqlalchemy as sa
 from flask_sqlalchemy import SQLAlchemy
-
-import apps
 
 HISTORY_TABLES = {
     "baseline": None,
@@ -34,7 +33,9 @@ FACTORIES = {
 def _count(db: SQLAlchemy, table: str | None) -> int | None:
     if table is None:
         return None
-    return int(db.session.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+    return int(
+        db.session.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one()
+    )
 
 
 def check(variant: str, db_url: str) -> str:
@@ -75,7 +76,11 @@ def main(server_url: str) -> None:
                 conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
                 conn.execute(sa.text(f"CREATE DATABASE {name}"))
             db_url = sa.make_url(server_url).set(database=name)
-            print(pool.apply(check, (variant, db_url.render_as_string(hide_password=False))))
+            print(
+                pool.apply(
+                    check, (variant, db_url.render_as_string(hide_password=False))
+                )
+            )
     admin.dispose()
 
 
