@@ -43,7 +43,8 @@ class MainSession(sa_orm.Session):
     Flask-SQLAlchemy: bound to the current app's main database."""
 
     def __init__(self, **kwargs: t.Any) -> None:
-        kwargs.setdefault("bind", _app_state().main_engine)
+        if kwargs.get("bind") is None:
+            kwargs["bind"] = _app_state().main_engine
         super().__init__(**kwargs)
 
 
@@ -322,8 +323,22 @@ class SideLog:
     @contextlib.contextmanager
     def log_session(self) -> t.Iterator[sa_orm.Session]:
         """A new session on the log engine: committed on exit, rolled back on
-        error, closed always. It never touches the main session."""
-        writer = _app_state().writer
+        error, closed always. It never touches the main session.
+
+        :raise RuntimeError: when the log shares a SQLite file with the main
+            session and that session has uncommitted writes: SQLite's only
+            write lock is the main session's until its transaction ends.
+        """
+        app_state = _app_state()
+        writer = app_state.writer
+        state = context.current_state(create=False)
+        if app_state.defer_while_main_writes and state and state.pending_write:
+            raise RuntimeError(
+                "log_session() cannot write to the SQLite file the main session"
+                " holds locked until its transaction ends. Open it before the main"
+                " session writes, or set SIDELOG_DATABASE_URI to another file."
+            )
+        writer.ensure_table()
         with writer.lock, sa_orm.Session(writer.engine) as session, session.begin():
             yield session
 
@@ -364,6 +379,7 @@ class SideLog:
             since=since,
             until=until,
         )
+        writer.ensure_table()
         with writer.lock, writer.engine.connect() as conn:
             rows = conn.execute(newest_first(writer.table, *clauses).limit(limit))
             found = [row_to_dict(row) for row in rows.mappings()]

@@ -48,11 +48,16 @@ class Writer:
     def insert(self, entries: list[dict[str, t.Any]]) -> None:
         """Insert ``entries`` in one transaction and commit it, or raise."""
         with self.lock:
-            if self._create_table:
-                self.table.create(self.engine, checkfirst=True)
-                self._create_table = False
+            self.ensure_table()
             with self.engine.begin() as conn:
                 conn.execute(self.table.insert(), entries)
+
+    def ensure_table(self) -> None:
+        """Create the table on first use when ``SIDELOG_CREATE_TABLE`` is on."""
+        if self._create_table:
+            with self.lock:
+                self.table.create(self.engine, checkfirst=True)
+                self._create_table = False
 
     def write(self, entries: list[dict[str, t.Any]]) -> bool:
         """Commit ``entries``; report the result and never raise.

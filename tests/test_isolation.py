@@ -43,6 +43,7 @@ def test_log_commit_does_not_commit_main_work(
     sidelog: SideLog,
     client: FlaskClient,
     failures: list[BaseException],
+    backend: str,
 ) -> None:
     """On every backend, including sqlite:// whose main session shares one
     connection: the log commits, the main work still rolls back."""
@@ -53,8 +54,9 @@ def test_log_commit_does_not_commit_main_work(
         db.session.add(Account(name="pending"))
         db.session.flush()
         sidelog.log("first")
-        with sidelog.log_session() as s:
-            s.execute(sa.select(1))
+        if backend != "sqlite_file":  # refused there: see test_extension
+            with sidelog.log_session() as s:
+                s.execute(sa.select(1))
         sidelog.log("second")
         db.session.rollback()
         return "ok"
@@ -72,6 +74,7 @@ def test_log_session_close_does_not_discard_main_work(
     sidelog: SideLog,
     client: FlaskClient,
     failures: list[BaseException],
+    backend: str,
 ) -> None:
     @app.post("/")
     @sidelog.audit
@@ -79,8 +82,9 @@ def test_log_session_close_does_not_discard_main_work(
         db.session.add(Account(name="kept"))
         db.session.flush()
         sidelog.log("during")
-        with sidelog.log_session() as s:
-            s.execute(sa.select(1))
+        if backend != "sqlite_file":  # refused there: see test_extension
+            with sidelog.log_session() as s:
+                s.execute(sa.select(1))
         db.session.commit()
         return "ok"
 

@@ -1,0 +1,337 @@
+"""Registration, configuration, the main session without Flask-SQLAlchemy,
+actors, signals, the log session and ``flask sidelog init``."""
+
+from __future__ import annotations
+
+import typing as t
+
+import flask_login
+import pytest
+import sqlalchemy as sa
+import sqlalchemy.orm as sa_orm
+from flask import abort
+from flask import Flask
+from flask.testing import FlaskClient
+from flask.testing import FlaskCliRunner
+from flask_sqlalchemy import SQLAlchemy
+
+from conftest import Account
+from conftest import dispose
+from conftest import make_app
+from flask_sidelog import SideLog
+from flask_sidelog.signals import entry_written
+
+
+def test_init_app_twice(app: Flask, sidelog: SideLog) -> None:
+    with pytest.raises(RuntimeError, match="already registered"):
+        sidelog.init_app(app)
+
+
+def test_state_lives_in_app_extensions(app: Flask, sidelog: SideLog) -> None:
+    assert app.extensions["sidelog"].extension is sidelog
+    assert not hasattr(sidelog, "app")
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "5"])
+def test_bad_write_timeout(tmp_path: t.Any, timeout: object) -> None:
+    with pytest.raises(ValueError, match="number of seconds above 0"):
+        make_app("sqlite://", str(tmp_path), {"SIDELOG_WRITE_TIMEOUT": timeout})
+
+
+def test_one_extension_several_apps(tmp_path: t.Any) -> None:
+    sidelog = SideLog()
+    apps = []
+    for name in ("one", "two"):
+        app = Flask(name, instance_path=str(tmp_path / name))
+        app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///app.db"
+        db = SQLAlchemy()
+        db.init_app(app)
+        sidelog.init_app(app, db)
+        apps.append(app)
+    for app in apps:
+        with app.app_context():
+            sidelog.log(f"hello.{app.name}")
+    for app in apps:
+        with app.app_context():
+            assert [e["event"] for e in sidelog.entries()] == [f"hello.{app.name}"]
+        dispose(app)
+
+
+def test_separate_log_database(app_and_ext_separate: tuple[Flask, SideLog]) -> None:
+    app, sidelog = app_and_ext_separate
+    with app.app_context():
+        sidelog.log("elsewhere")
+        url = app.extensions["sidelog"].writer.engine.url
+    assert url.database.endswith("audit.db")
+    with sa.create_engine(url).connect() as conn:
+        assert conn.execute(sa.text("select event from sidelog_entries")).all() == [
+            ("elsewhere",)
+        ]
+
+
+@pytest.fixture
+def app_and_ext_separate(tmp_path: t.Any) -> t.Iterator[tuple[Flask, SideLog]]:
+    app, _, sidelog = make_app(
+        "sqlite:///main.db",
+        str(tmp_path),
+        {"SIDELOG_DATABASE_URI": "sqlite:///audit.db"},
+    )
+    yield app, sidelog
+    dispose(app)
+
+
+def test_bind_key(tmp_path: t.Any) -> None:
+    app, db, sidelog = make_app(
+        "sqlite:///main.db",
+        str(tmp_path),
+        {
+            "SQLALCHEMY_BINDS": {"audit": "sqlite:///bound.db"},
+            "SIDELOG_BIND_KEY": "audit",
+        },
+    )
+    assert db is not None
+    with app.app_context():
+        sidelog.log("bound")
+        log_engine = app.extensions["sidelog"].writer.engine
+        assert log_engine is not db.engines["audit"]
+        assert log_engine.url == db.engines["audit"].url
+        assert sa.inspect(db.engines["audit"]).has_table("sidelog_entries")
+        assert not sa.inspect(db.engine).has_table("sidelog_entries")
+    dispose(app)
+
+
+@pytest.fixture
+def plain_app(database_uri: str, tmp_path: t.Any) -> t.Iterator[tuple[Flask, SideLog]]:
+    """An app with no Flask-SQLAlchemy: SideLog provides the main session."""
+    app, _, sidelog = make_app(database_uri, str(tmp_path), with_db=False)
+    with app.app_context():
+        Account.metadata.create_all(sidelog.session.get_bind())
+    yield app, sidelog
+    dispose(app)
+
+
+def test_main_session_without_flask_sqlalchemy(
+    plain_app: tuple[Flask, SideLog],
+) -> None:
+    app, sidelog = plain_app
+
+    @app.post("/ok")
+    @sidelog.audit
+    def ok() -> str:
+        sidelog.session.add(Account(name="plain"))
+        sidelog.session.commit()
+        return "ok"
+
+    @app.post("/fail")
+    @sidelog.audit
+    def fail() -> str:
+        sidelog.session.add(Account(name="lost"))
+        sidelog.session.flush()
+        sidelog.log("flushed")
+        abort(409)
+
+    client = app.test_client()
+    assert client.post("/ok").status_code == 200
+    assert client.post("/fail").status_code == 409
+    with app.app_context():
+        names = sidelog.session.scalars(sa.select(Account.name)).all()
+        entries = sidelog.entries()
+    assert names == ["plain"]
+    assert [(e["event"], e["main_tx"]) for e in entries] == [
+        ("ok", "committed"),
+        ("flushed", None),
+        ("fail", "rolled_back"),
+    ]
+    assert entries[2]["outcome"] == "failure"
+
+
+def test_main_session_removed_at_teardown(plain_app: tuple[Flask, SideLog]) -> None:
+    app, sidelog = plain_app
+    with app.app_context():
+        session = sidelog.session()
+        assert sidelog.session() is session
+    with app.app_context():
+        assert sidelog.session() is not session
+
+
+def test_no_main_database(tmp_path: t.Any) -> None:
+    app = Flask("nodb", instance_path=str(tmp_path))
+    sidelog = SideLog(app)
+    with (
+        app.app_context(),
+        pytest.raises(RuntimeError, match="SQLALCHEMY_DATABASE_URI"),
+    ):
+        sidelog.log("x")
+
+
+def test_actor_loader_and_explicit_actor(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @sidelog.actor_loader
+    def load() -> str:
+        return "loaded"
+
+    @app.get("/")
+    @sidelog.audit
+    def index() -> str:
+        sidelog.log("implicit")
+        sidelog.log("explicit", actor="given")
+        return "ok"
+
+    client.get("/")
+    with app.app_context():
+        assert [(e["event"], e["actor"]) for e in sidelog.entries()] == [
+            ("implicit", "loaded"),
+            ("explicit", "given"),
+            ("index", "loaded"),
+        ]
+
+
+def test_failing_actor_loader_loses_nothing(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @sidelog.actor_loader
+    def load() -> str:
+        raise LookupError("no user store")
+
+    @app.get("/")
+    @sidelog.audit
+    def index() -> str:
+        return "ok"
+
+    assert client.get("/").status_code == 200
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["actor"] is None
+
+
+class User(flask_login.UserMixin):
+    def __init__(self, user_id: str) -> None:
+        self.id = user_id
+
+
+def test_flask_login_actor_by_default(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    app.secret_key = "test"
+    login_manager = flask_login.LoginManager(app)
+    login_manager.user_loader(User)
+
+    @app.post("/login/<name>")
+    @sidelog.audit("login")
+    def login(name: str) -> str:
+        flask_login.login_user(User(name))
+        return "in"
+
+    @app.get("/me")
+    @sidelog.audit("me")
+    def me() -> str:
+        return "me"
+
+    client.get("/me")
+    client.post("/login/alice")
+    client.get("/me")
+    with app.app_context():
+        assert [(e["event"], e["actor"]) for e in sidelog.entries()] == [
+            ("me", None),
+            ("login", "alice"),
+            ("me", "alice"),
+        ]
+
+
+def test_entry_written_signal(app: Flask, sidelog: SideLog) -> None:
+    seen: list[dict[str, t.Any]] = []
+
+    def record(sender: Flask, entry: dict[str, t.Any]) -> None:
+        seen.append(entry)
+
+    with entry_written.connected_to(record, app), app.app_context():
+        written = sidelog.log("signalled")
+    assert seen == [written]
+
+
+def test_raising_signal_receiver_breaks_nothing(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    def explode(sender: Flask, entry: dict[str, t.Any]) -> None:
+        raise RuntimeError("receiver bug")
+
+    @app.get("/")
+    @sidelog.audit
+    def index() -> str:
+        return "ok"
+
+    with entry_written.connected_to(explode, app):
+        assert client.get("/").status_code == 200
+    with app.app_context():
+        assert [e["event"] for e in sidelog.entries()] == ["index"]
+
+
+class AuditBase(sa_orm.DeclarativeBase):
+    pass
+
+
+class Note(AuditBase):
+    __tablename__ = "audit_note"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    text: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(50))
+
+
+def test_log_session_commits_and_rolls_back(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient, backend: str
+) -> None:
+    @app.post("/")
+    def view() -> str:
+        db.session.add(Account(name="main"))
+        if backend != "sqlite_file":  # see the test below
+            db.session.flush()
+        with sidelog.log_session() as s:
+            AuditBase.metadata.create_all(s.connection())
+            s.add(Note(text="kept"))
+        with pytest.raises(ZeroDivisionError), sidelog.log_session() as s:
+            s.add(Note(text="dropped"))
+            s.flush()
+            raise ZeroDivisionError
+        db.session.flush()
+        db.session.rollback()
+        return "ok"
+
+    client.post("/")
+    with app.app_context():
+        with sidelog.log_session() as s:
+            assert s.scalars(sa.select(Note.text)).all() == ["kept"]
+        assert db.session.scalars(sa.select(Account)).all() == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_log_session_refuses_a_locked_sqlite_file(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """Waiting would end in "database is locked" after the busy timeout: a
+    clear error at once instead, and the main work is untouched."""
+
+    @app.post("/")
+    def view() -> str:
+        db.session.add(Account(name="main"))
+        db.session.flush()
+        with pytest.raises(RuntimeError, match="SIDELOG_DATABASE_URI"):  # noqa: SIM117
+            with sidelog.log_session():
+                pass
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    with app.app_context():
+        assert db.session.scalars(sa.select(Account.name)).all() == ["main"]
+
+
+def test_cli_init_is_idempotent(app: Flask, runner: FlaskCliRunner) -> None:
+    first = runner.invoke(args=["sidelog", "init"])
+    second = runner.invoke(args=["sidelog", "init"])
+    assert first.exit_code == second.exit_code == 0
+    assert first.output.startswith("Created sidelog_entries in ")
+    assert second.output.startswith("sidelog_entries in ")
+    assert second.output.rstrip().endswith("already exists.")
+    with app.app_context():
+        log_engine = app.extensions["sidelog"].writer.engine
+        assert sa.inspect(log_engine).has_table("sidelog_entries")

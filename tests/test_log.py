@@ -1,0 +1,164 @@
+"""Behaviours 5 and 6 of the core: sidelog.log() anywhere, and bad input."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import click
+import pytest
+from flask import Flask
+from flask.testing import FlaskCliRunner
+
+from flask_sidelog import SideLog
+from flask_sidelog.entry import MAX_DATA_BYTES
+from flask_sidelog.entry import REDACTED
+
+
+def test_log_in_cli_command(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    @app.cli.command("nightly")
+    def nightly() -> None:
+        entry = sidelog.log("job.nightly", actor="cron", data={"rows": 3})
+        click.echo(entry["uuid"])
+
+    result = runner.invoke(args=["nightly"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["uuid"] == result.output.strip()
+    assert (entry["event"], entry["actor"], entry["data"]) == (
+        "job.nightly",
+        "cron",
+        {"rows": 3},
+    )
+    assert entry["request_id"] is None
+    assert entry["outcome"] is None and entry["main_tx"] is None
+
+
+def test_log_in_background_thread_with_app_context(
+    app: Flask, sidelog: SideLog
+) -> None:
+    def job() -> None:
+        with app.app_context():
+            sidelog.log("job.background", level="warning")
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["event"], entry["level"]) == ("job.background", "warning")
+
+
+def test_log_without_app_context(sidelog: SideLog) -> None:
+    with pytest.raises(RuntimeError, match="needs an app context"):
+        sidelog.log("nowhere")
+
+
+def test_log_on_unregistered_app(sidelog: SideLog) -> None:
+    with Flask("other").app_context(), pytest.raises(RuntimeError, match="init_app"):
+        sidelog.log("elsewhere")
+
+
+@pytest.mark.parametrize("event", ["", "   ", None, 5])
+def test_empty_or_wrong_event(app: Flask, sidelog: SideLog, event: object) -> None:
+    with app.app_context():
+        with pytest.raises(ValueError, match="non-empty string"):
+            sidelog.log(event)  # type: ignore[arg-type]
+        assert sidelog.entries() == []
+
+
+def test_overlong_event_names_the_limit(app: Flask, sidelog: SideLog) -> None:
+    with app.app_context():
+        sidelog.log("e" * 200)
+        with pytest.raises(
+            ValueError, match="at most 200 characters; this one has 201"
+        ):
+            sidelog.log("e" * 201)
+        assert [len(e["event"]) for e in sidelog.entries()] == [200]
+
+
+def test_unknown_level(app: Flask, sidelog: SideLog) -> None:
+    with app.app_context(), pytest.raises(ValueError, match="info, warning, error"):
+        sidelog.log("x", level="debug")
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<Opaque 42>"
+
+
+class Broken:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_unserialisable_data_stored_as_text(app: Flask, sidelog: SideLog) -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    data = {
+        "object": Opaque(),
+        "broken": Broken(),
+        "bytes": b"\x00\xff",
+        "set": {1},
+        "tuple": (1, "a"),
+        "nan": math.nan,
+        "inf": -math.inf,
+        "big": 2**80,
+        "loop": loop,
+        3: "int key",
+        "nested": {"Api_Key": "k", "list": [{"TOKEN": "t", "ok": 1}]},
+    }
+    with app.app_context():
+        sidelog.log("odd.data", data=data)
+        (entry,) = sidelog.entries()
+    assert entry["data"] == {
+        "object": "<Opaque 42>",
+        "broken": "<unrepresentable Broken>",
+        "bytes": "b'\\x00\\xff'",
+        "set": [1],
+        "tuple": [1, "a"],
+        "nan": "NaN",
+        "inf": "-Infinity",
+        "big": str(2**80),
+        "loop": ["[recursive]"],
+        "3": "int key",
+        "nested": {"Api_Key": REDACTED, "list": [{"TOKEN": REDACTED, "ok": 1}]},
+    }
+
+
+def test_huge_data_truncated_with_marker(app: Flask, sidelog: SideLog) -> None:
+    with app.app_context():
+        sidelog.log("big.data", data={"blob": "x" * (MAX_DATA_BYTES + 1)})
+        (entry,) = sidelog.entries()
+    data = entry["data"]
+    assert data["_truncated"] is True
+    assert data["_size"] > MAX_DATA_BYTES
+    assert data["preview"].startswith('{"blob":"xxx')
+    assert len(data["preview"]) == 1000
+
+
+def test_control_characters_and_unicode_stored_as_given(
+    app: Flask, sidelog: SideLog
+) -> None:
+    text = "\x1b[31mred\x1b[0m\r\n\t\x07 \u202eevil\u202c 🦊 ñ 日本 \u0085"
+    with app.app_context():
+        sidelog.log(f"odd.{text}", actor=text, data={text: text})
+        (entry,) = sidelog.entries()
+    assert entry["event"] == f"odd.{text}"
+    assert entry["actor"] == text
+    assert entry["data"] == {text: text}
+
+
+def test_text_no_database_can_hold_is_escaped_visibly(
+    app: Flask, sidelog: SideLog
+) -> None:
+    """NUL (PostgreSQL refuses it in text) and lone surrogates (not UTF-8)."""
+    with app.app_context():
+        sidelog.log("nul\x00event", actor="a\udc80", data={"v": "x\x00\ud800"})
+        (entry,) = sidelog.entries()
+    assert entry["event"] == "nul\\x00event"
+    assert entry["actor"] == "a\\udc80"
+    assert entry["data"] == {"v": "x\\x00\\ud800"}
