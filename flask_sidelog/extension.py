@@ -15,9 +15,11 @@ from flask import current_app
 from flask import Flask
 from flask import has_app_context
 from flask import has_request_context
+from flask import request
 from flask import Response
 
 from . import context
+from .cli import sidelog_group
 from .config import Settings
 from .engine import create_log_engine
 from .engine import is_sqlite_memory
@@ -199,9 +201,6 @@ class SideLog:
         # transaction's fate is known then, and on SQLite its lock is released.
         app.teardown_appcontext_funcs.remove(self._teardown)
         app.teardown_appcontext_funcs.insert(0, self._teardown)
-
-        from .cli import sidelog_group
-
         app.cli.add_command(sidelog_group)
 
     def actor_loader(self, loader: F) -> F:
@@ -289,8 +288,6 @@ class SideLog:
                 assert state is not None
                 if state.audit_event is not None:  # an outer view is audited
                     return current_app.ensure_sync(view)(*args, **kwargs)
-                from flask import request
-
                 state.audit_event = event or request.endpoint or view.__name__
                 state.started = time.perf_counter()
                 try:
