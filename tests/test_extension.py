@@ -63,10 +63,11 @@ def test_separate_log_database(app_and_ext_separate: tuple[Flask, SideLog]) -> N
         sidelog.log("elsewhere")
         url = app.extensions["sidelog"].writer.engine.url
     assert url.database.endswith("audit.db")
-    with sa.create_engine(url).connect() as conn:
-        assert conn.execute(sa.text("select event from sidelog_entries")).all() == [
-            ("elsewhere",)
-        ]
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        events = conn.execute(sa.text("select event from sidelog_entries")).all()
+    engine.dispose()
+    assert events == [("elsewhere",)]
 
 
 @pytest.fixture
