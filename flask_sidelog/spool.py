@@ -108,7 +108,7 @@ class Spool:
         """Append ``data`` (whole lines); the caller holds the lock."""
         created = not os.path.exists(self.path)
         fd = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+            self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
         )
         try:
             size = os.fstat(fd).st_size
