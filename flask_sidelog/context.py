@@ -23,6 +23,9 @@ from flask import has_request_context
 from flask import request
 from werkzeug.exceptions import HTTPException
 
+from .entry import is_redacted
+from .entry import REDACTED
+
 _READ_ONLY_SQL = ("select", "with", "show", "explain", "pragma", "values")
 #: What an incoming request id must look like to be used as is.
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -102,13 +105,26 @@ def current_state(create: bool = True) -> ContextState | None:
             state.request_id = _request_id()
             state.request_fields = {
                 "method": request.method,
-                "path": request.path,
+                "path": _redacted_path(),
                 "endpoint": request.endpoint,
                 "remote_addr": request.remote_addr,
                 "user_agent": request.user_agent.string or None,
             }
         g._sidelog = state
     return state
+
+
+def _redacted_path() -> str:
+    """The request's path (never its query string), with the values of URL
+    variables named like ``SIDELOG_REDACT_KEYS`` replaced: ``/reset/<token>``
+    is stored as ``/reset/[redacted]``."""
+    path = request.path
+    redact_keys = current_app.extensions["sidelog"].settings.redact_keys
+    for name, value in (request.view_args or {}).items():
+        text = str(value)
+        if text and is_redacted(name, redact_keys):
+            path = path.replace(text, REDACTED)
+    return path
 
 
 def _request_id() -> str:

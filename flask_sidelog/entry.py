@@ -64,7 +64,7 @@ def cut(value: str | None, limit: int) -> str | None:
     return value
 
 
-def _is_redacted(key: str, redact_keys: frozenset[str]) -> bool:
+def is_redacted(key: str, redact_keys: frozenset[str]) -> bool:
     lowered = key.lower()
     return any(word in lowered for word in redact_keys)
 
@@ -117,7 +117,7 @@ def to_storable(
             out: dict[str, t.Any] = {}
             for key, item in value.items():
                 name = clean_text(key) if isinstance(key, str) else _safe_repr(key)
-                if _is_redacted(name, redact_keys):
+                if is_redacted(name, redact_keys):
                     out[name] = REDACTED
                 else:
                     out[name] = to_storable(item, redact_keys, _depth + 1, seen)

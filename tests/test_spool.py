@@ -151,7 +151,9 @@ def test_replay_cli(parts: AppParts) -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
-def test_raise_mode(backend: str, tmp_path: t.Any, request: pytest.FixtureRequest) -> None:
+def test_raise_mode(
+    backend: str, tmp_path: t.Any, request: pytest.FixtureRequest
+) -> None:
     """A view that logs before it acts does not act; its own @audit entry is
     written at teardown, which never raises, so it goes to the spool."""
     uri = new_database_uri(backend, tmp_path, request)
