@@ -86,7 +86,9 @@ def to_storable(
     """Return ``value`` as plain JSON, with redacted keys replaced.
 
     Keys are redacted when their lower-cased name contains any of
-    ``redact_keys``, in nested dicts and lists too. Values JSON cannot hold are
+    ``redact_keys``, in nested dicts and lists too. Keys that are not strings
+    are stored as their ``repr()``; a key whose text repeats an earlier one gets
+    ``~`` appended, so no value is lost. Values JSON cannot hold are
     kept faithfully as text: ``repr()`` for unknown objects and bytes, ``"NaN"``
     and ``"Infinity"`` for such floats, decimal text for integers beyond 64 bits.
     """
@@ -117,6 +119,10 @@ def to_storable(
             out: dict[str, t.Any] = {}
             for key, item in value.items():
                 name = clean_text(key) if isinstance(key, str) else _safe_repr(key)
+                # 1 and "1", or "a\x00" and "a\\x00", are one JSON key:
+                # keep both values under distinct names.
+                while name in out:
+                    name += "~"
                 if is_redacted(name, redact_keys):
                     out[name] = REDACTED
                 else:

@@ -364,6 +364,8 @@ class SideLog:
         """
         if limit < 0:
             raise ValueError(f"limit must be 0 or more, got {limit}.")
+        # Beyond what any table holds, and what a 32-bit LIMIT parameter takes.
+        limit = min(limit, 2**31 - 1)
         writer = _app_state().writer
         clauses = entry_filters(
             writer.table,

@@ -8,6 +8,8 @@ from datetime import timezone
 
 import sqlalchemy as sa
 
+from .entry import clean_text
+
 
 def entry_filters(
     table: sa.Table,
@@ -29,7 +31,9 @@ def entry_filters(
         (c.request_id, request_id),
     ):
         if value is not None:
-            clauses.append(column == value)
+            # Stored text went through clean_text: compare like with like,
+            # and never send NUL or a lone surrogate to the database.
+            clauses.append(column == clean_text(value))
     if since is not None:
         clauses.append(c.created_at >= as_utc(since))
     if until is not None:
