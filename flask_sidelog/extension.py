@@ -132,6 +132,7 @@ class _AppState:
                         create,
                         on_error=self.settings.on_write_error,
                         spool=Spool(self.settings.spool_path),
+                        timeout=self.settings.write_timeout,
                     )
                 else:
                     engine.dispose()

@@ -55,6 +55,26 @@ def spool_on_error() -> t.Iterator[None]:
         _spool_only.reset(token)
 
 
+class TimedLock:
+    """A re-entrant lock whose wait is bounded, like SQLite's busy timeout:
+    a writer queued behind a long :meth:`SideLog.log_session` fails (and
+    spools) instead of hanging its request."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=self.timeout):
+            raise TimeoutError(
+                f"Waited {self.timeout} s for another flask-sidelog writer of this"
+                " process; raise SIDELOG_WRITE_TIMEOUT or keep log_session() short."
+            )
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+
 class Writer:
     """Commits entries to ``table`` through ``engine``, one transaction a batch.
 
@@ -62,6 +82,7 @@ class Writer:
     :param create_table: create the table (if missing) before the first write.
     :param on_error: ``"spool"`` or ``"raise"``, what :meth:`failed` does.
     :param spool: where failed entries are kept.
+    :param timeout: longest wait for :attr:`lock` (``SIDELOG_WRITE_TIMEOUT``).
     """
 
     def __init__(
@@ -73,6 +94,7 @@ class Writer:
         *,
         on_error: str,
         spool: Spool,
+        timeout: float,
     ) -> None:
         self.app = app
         self.on_error = on_error
@@ -84,7 +106,7 @@ class Writer:
         # connection: writers of this process take turns instead of waiting on
         # SQLite's busy timeout (or interleaving on the shared connection).
         self.lock: t.ContextManager[t.Any] = (
-            threading.RLock() if is_sqlite(engine.url) else contextlib.nullcontext()
+            TimedLock(timeout) if is_sqlite(engine.url) else contextlib.nullcontext()
         )
 
     def insert(self, entries: list[dict[str, t.Any]]) -> None:

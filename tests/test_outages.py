@@ -299,22 +299,31 @@ def test_3_sigkill_right_after_a_response(
     assert {rid: sorted(events) for rid, events in found.items()} == expected
 
 
-@pytest.fixture
-def locked_parts(
-    postgres: ThrowawayPostgres, tmp_path: t.Any
-) -> t.Iterator[tuple[Flask, SideLog, str]]:
-    uri = postgres.create_database(f"t_lock_{os.urandom(4).hex()}")
+def home_app(tmp_path: t.Any, log_uri: str | None = None) -> tuple[Flask, SideLog]:
+    """An app with SIDELOG_WRITE_TIMEOUT=1 and an audited ``GET /``; the main
+    database is SQLite, the log database ``log_uri`` (default: the main one)."""
     app, _, sidelog = make_app(
-        uri, str(tmp_path / "instance"), {"SIDELOG_WRITE_TIMEOUT": 1}
+        f"sqlite:///{tmp_path / 'main.db'}",
+        str(tmp_path / "instance"),
+        {"SIDELOG_DATABASE_URI": log_uri, "SIDELOG_WRITE_TIMEOUT": 1},
     )
-    with app.app_context():
-        sidelog.create_table()
 
     @app.get("/")
     @sidelog.audit("home")
     def home() -> str:
         return "home"
 
+    return app, sidelog
+
+
+@pytest.fixture
+def locked_parts(
+    postgres: ThrowawayPostgres, tmp_path: t.Any
+) -> t.Iterator[tuple[Flask, SideLog, str]]:
+    uri = postgres.create_database(f"t_lock_{os.urandom(4).hex()}")
+    app, sidelog = home_app(tmp_path, uri)
+    with app.app_context():
+        sidelog.create_table()
     yield app, sidelog, uri.rsplit("/")[-1]
     dispose(app)
 
@@ -384,20 +393,7 @@ def test_4_unanswered_connect_is_bounded_by_the_timeout(tmp_path: t.Any) -> None
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
-        app, _, sidelog = make_app(
-            f"sqlite:///{tmp_path / 'main.db'}",
-            str(tmp_path / "instance"),
-            {
-                "SIDELOG_DATABASE_URI": f"postgresql+psycopg://u@127.0.0.1:{port}/x",
-                "SIDELOG_WRITE_TIMEOUT": 1,
-            },
-        )
-
-        @app.get("/")
-        @sidelog.audit("home")
-        def home() -> str:
-            return "home"
-
+        app, _ = home_app(tmp_path, f"postgresql+psycopg://u@127.0.0.1:{port}/x")
         elapsed = answered_and_spooled(app)
     dispose(app)
     print(f"\ncase 4 (silent server, timeout 1 s): answered in {elapsed:.2f} s")
@@ -405,18 +401,9 @@ def test_4_unanswered_connect_is_bounded_by_the_timeout(tmp_path: t.Any) -> None
 
 def test_4_sqlite_lock_is_bounded_by_the_busy_timeout(tmp_path: t.Any) -> None:
     log_path = tmp_path / "log.db"
-    app, _, sidelog = make_app(
-        f"sqlite:///{tmp_path / 'main.db'}",
-        str(tmp_path / "instance"),
-        {"SIDELOG_DATABASE_URI": f"sqlite:///{log_path}", "SIDELOG_WRITE_TIMEOUT": 1},
-    )
+    app, sidelog = home_app(tmp_path, f"sqlite:///{log_path}")
     with app.app_context():
         sidelog.create_table()
-
-    @app.get("/")
-    @sidelog.audit("home")
-    def home() -> str:
-        return "home"
 
     other = sqlite3.connect(log_path, isolation_level=None)
     try:
@@ -514,3 +501,31 @@ def _listening(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_4_sqlite_writers_of_one_process_wait_no_longer_than_the_timeout(
+    tmp_path: t.Any,
+) -> None:
+    """Writers of one process take turns on a lock of their own; its wait is
+    bounded too, e.g. behind a long log_session() in another thread."""
+    app, sidelog = home_app(tmp_path, f"sqlite:///{tmp_path / 'log.db'}")
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with app.app_context(), sidelog.log_session():
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        holding.wait(30)
+        elapsed = answered_and_spooled(app)
+    finally:
+        release.set()
+        holder.join()
+    with app.app_context():
+        assert sidelog.replay().moved == 1
+    dispose(app)
+    print(f"\ncase 4 (SQLite, busy writer thread, timeout 1 s): {elapsed:.2f} s")
