@@ -53,7 +53,11 @@ def as_utc(value: datetime) -> datetime:
     """Aware UTC; a naive value is taken as UTC (SQLite returns naive times)."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # within a day of year 1 or 9999: clamp to UTC's range
+        edge = datetime.min if value.year == 1 else datetime.max
+        return edge.replace(tzinfo=timezone.utc)
 
 
 def row_to_dict(row: sa.RowMapping) -> dict[str, t.Any]:

@@ -267,6 +267,8 @@ def test_long_user_agent_and_path_are_cut(
     assert len(entry["user_agent"]) == agent_max == 512
 
 
+EAST = timezone(timedelta(hours=5))
+WEST = timezone(-timedelta(hours=5))
 utc_offsets = st.builds(
     timezone,
     st.timedeltas(min_value=-timedelta(hours=23), max_value=timedelta(hours=23)),
@@ -274,6 +276,8 @@ utc_offsets = st.builds(
 
 
 @HYPOTHESIS
+@example(text="a\x00b", limit=2**63, since=datetime(1, 1, 1, tzinfo=EAST))
+@example(text="\ud800", limit=1, since=datetime(9999, 12, 31, 23, tzinfo=WEST))
 @given(
     text=any_text,
     limit=st.integers(min_value=0, max_value=2**70),
