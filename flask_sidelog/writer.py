@@ -32,9 +32,11 @@ class SideLogWriteError(Exception):
     ``__cause__``.
     """
 
-    def __init__(self, message: str, entries: list[dict[str, t.Any]]) -> None:
+    def __init__(
+        self, message: str, entries: list[dict[str, t.Any]] | None = None
+    ) -> None:
         super().__init__(message)
-        self.entries = entries
+        self.entries = entries or []
 
 
 #: Set while failures must be spooled even in "raise" mode: in a teardown,
@@ -122,18 +124,18 @@ class Writer:
 
         :return: how many were inserted.
         """
-        dialect = self.engine.dialect.name
+        dialect = self.engine.dialect
+        # ON CONFLICT (uuid) DO NOTHING rather than SQLite's INSERT OR IGNORE,
+        # which would also silently drop a row that breaks NOT NULL.
+        upsert: t.Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(
+            dialect.name
+        )
         with self.lock:
             self._ensure_table()
             with self.engine.begin() as conn:
-                if dialect in ("postgresql", "sqlite"):
-                    # ON CONFLICT (uuid) rather than SQLite's INSERT OR IGNORE,
-                    # which would also silently drop rows breaking NOT NULL.
-                    insert = (
-                        postgresql.insert if dialect == "postgresql" else sqlite.insert
-                    )
+                if upsert is not None and dialect.insert_returning:
                     stmt = (
-                        insert(self.table)
+                        upsert(self.table)
                         .on_conflict_do_nothing(index_elements=["uuid"])
                         .returning(self.table.c.uuid)
                     )

@@ -320,3 +320,19 @@ def test_bad_settings_say_what_is_accepted(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         make_app("sqlite://", str(tmp_path), {key: value})
+
+
+def test_replay_without_on_conflict_support(
+    log_app: AppParts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Databases without INSERT ... ON CONFLICT ... RETURNING: replay selects
+    the stored uuids first and inserts the others."""
+    app, _, sidelog = log_app
+    path = app.extensions["sidelog"].settings.spool_path
+    with app.app_context():
+        stored = sidelog.log("stored")
+        writer = app.extensions["sidelog"].writer
+        monkeypatch.setattr(writer.engine.dialect, "insert_returning", False)
+        Spool(path).append([stored, make_entry("missing")])
+        assert sidelog.replay() == ReplayResult(moved=1, already_present=1)
+        assert [e["event"] for e in sidelog.entries()] == ["stored", "missing"]
