@@ -131,11 +131,10 @@ class Spool:
         :param insert_missing: inserts the entries whose uuid is not stored yet
             in one transaction, returns how many it inserted, raises on failure.
         """
-        taken = None
         with self._locked():
             if os.path.exists(self.path):
-                taken = f"{self.path}{_REPLAY_SUFFIX}{os.getpid()}-{uuid.uuid4().hex}"
-                os.rename(self.path, taken)
+                private = f"{self.path}{_REPLAY_SUFFIX}{os.getpid()}-{uuid.uuid4().hex}"
+                os.rename(self.path, private)
         result = ReplayResult()
         # Files left by a replay that crashed are replayed too; one that
         # another replay is working on is locked and skipped.
@@ -143,11 +142,7 @@ class Spool:
             result += self._replay_file(path, insert_missing)
         return result
 
-    def _replay_file(
-        self,
-        path: str,
-        insert_missing: InsertMissing,
-    ) -> ReplayResult:
+    def _replay_file(self, path: str, insert_missing: InsertMissing) -> ReplayResult:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # another replay finished it
@@ -175,8 +170,7 @@ class Spool:
 
 
 def _replay_lines(
-    lines: list[bytes],
-    insert_missing: t.Callable[[list[dict[str, t.Any]]], int],
+    lines: list[bytes], insert_missing: InsertMissing
 ) -> tuple[ReplayResult, list[bytes]]:
     """Replay ``lines``; return the counts and the lines to keep."""
     keep: list[bytes] = []
