@@ -1,2 +1,3 @@
 from .extension import SideLog as SideLog
+from .spool import ReplayResult as ReplayResult
 from .writer import SideLogWriteError as SideLogWriteError

@@ -6,6 +6,7 @@ Every key is read once, by ``init_app``; the documentation lists each one.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing as t
 
 import sqlalchemy as sa
@@ -21,6 +22,8 @@ DEFAULT_REDACT_KEYS = (
     "cookie",
 )
 
+ON_WRITE_ERROR = ("spool", "raise")
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -34,6 +37,10 @@ class Settings:
     engine_options: dict[str, t.Any]
     main_database_uri: str | sa.URL | None
     write_timeout: float
+    on_write_error: str
+    spool_path: str
+    request_id_header: str | None
+    request_id_response_header: str | None
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -46,11 +53,26 @@ class Settings:
         c.setdefault("SIDELOG_ENGINE_OPTIONS", {})
         c.setdefault("SIDELOG_MAIN_DATABASE_URI", None)
         c.setdefault("SIDELOG_WRITE_TIMEOUT", 5.0)
+        c.setdefault("SIDELOG_ON_WRITE_ERROR", "spool")
+        c.setdefault("SIDELOG_SPOOL_PATH", None)
+        c.setdefault("SIDELOG_REQUEST_ID_HEADER", None)
+        c.setdefault("SIDELOG_REQUEST_ID_RESPONSE_HEADER", None)
         timeout = c["SIDELOG_WRITE_TIMEOUT"]
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(
                 "SIDELOG_WRITE_TIMEOUT must be a number of seconds above 0,"
                 f" got {timeout!r}."
+            )
+        on_error = c["SIDELOG_ON_WRITE_ERROR"]
+        if on_error not in ON_WRITE_ERROR:
+            raise ValueError(
+                f'SIDELOG_ON_WRITE_ERROR must be "spool" or "raise", got {on_error!r}.'
+            )
+        spool_path = c["SIDELOG_SPOOL_PATH"] or "sidelog-spool.jsonl"
+        if not isinstance(spool_path, (str, os.PathLike)):
+            raise ValueError(
+                "SIDELOG_SPOOL_PATH must be a file path (relative ones are in the"
+                f" instance folder), got {spool_path!r}."
             )
         return cls(
             database_uri=c["SIDELOG_DATABASE_URI"],
@@ -62,4 +84,22 @@ class Settings:
             main_database_uri=c["SIDELOG_MAIN_DATABASE_URI"]
             or c.get("SQLALCHEMY_DATABASE_URI"),
             write_timeout=float(timeout),
+            on_write_error=on_error,
+            spool_path=os.path.join(app.instance_path, os.fspath(spool_path)),
+            request_id_header=_header_name(c, "SIDELOG_REQUEST_ID_HEADER"),
+            request_id_response_header=_header_name(
+                c, "SIDELOG_REQUEST_ID_RESPONSE_HEADER"
+            ),
         )
+
+
+def _header_name(config: t.Mapping[str, t.Any], key: str) -> str | None:
+    name = config[key]
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.strip() or ":" in name:
+        raise ValueError(
+            f"{key} must be None or an HTTP header name such as"
+            f' "X-Request-ID", got {name!r}.'
+        )
+    return name.strip()

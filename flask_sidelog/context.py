@@ -9,6 +9,7 @@ and Flask-SQLAlchemy's teardown closes the session without a rollback event.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import typing as t
 import uuid
@@ -22,7 +23,12 @@ from flask import has_request_context
 from flask import request
 from werkzeug.exceptions import HTTPException
 
+from .entry import is_redacted
+from .entry import REDACTED
+
 _READ_ONLY_SQL = ("select", "with", "show", "explain", "pragma", "values")
+#: What an incoming request id must look like to be used as is.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 @dataclasses.dataclass
@@ -96,16 +102,40 @@ def current_state(create: bool = True) -> ContextState | None:
     if state is None and create:
         state = ContextState(started=time.perf_counter())
         if has_request_context():
-            state.request_id = uuid.uuid4().hex
+            state.request_id = _request_id()
             state.request_fields = {
                 "method": request.method,
-                "path": request.path,
+                "path": _redacted_path(),
                 "endpoint": request.endpoint,
                 "remote_addr": request.remote_addr,
                 "user_agent": request.user_agent.string or None,
             }
         g._sidelog = state
     return state
+
+
+def _redacted_path() -> str:
+    """The request's path (never its query string), with the values of URL
+    variables named like ``SIDELOG_REDACT_KEYS`` replaced: ``/reset/<token>``
+    is stored as ``/reset/[redacted]``."""
+    path = request.path
+    redact_keys = current_app.extensions["sidelog"].settings.redact_keys
+    for name, value in (request.view_args or {}).items():
+        text = str(value)
+        if text and is_redacted(name, redact_keys):
+            path = path.replace(text, REDACTED)
+    return path
+
+
+def _request_id() -> str:
+    """The client's id from ``SIDELOG_REQUEST_ID_HEADER`` if it is set and
+    the id is well formed, else a new one: a client cannot store arbitrary text."""
+    header = current_app.extensions["sidelog"].settings.request_id_header
+    if header is not None:
+        incoming = request.headers.get(header)
+        if incoming is not None and REQUEST_ID_RE.fullmatch(incoming):
+            return incoming
+    return uuid.uuid4().hex
 
 
 def pop_state() -> ContextState | None:

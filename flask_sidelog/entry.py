@@ -64,7 +64,7 @@ def cut(value: str | None, limit: int) -> str | None:
     return value
 
 
-def _is_redacted(key: str, redact_keys: frozenset[str]) -> bool:
+def is_redacted(key: str, redact_keys: frozenset[str]) -> bool:
     lowered = key.lower()
     return any(word in lowered for word in redact_keys)
 
@@ -86,7 +86,9 @@ def to_storable(
     """Return ``value`` as plain JSON, with redacted keys replaced.
 
     Keys are redacted when their lower-cased name contains any of
-    ``redact_keys``, in nested dicts and lists too. Values JSON cannot hold are
+    ``redact_keys``, in nested dicts and lists too. Keys that are not strings
+    are stored as their ``repr()``; a key whose text repeats an earlier one gets
+    ``~`` appended, so no value is lost. Values JSON cannot hold are
     kept faithfully as text: ``repr()`` for unknown objects and bytes, ``"NaN"``
     and ``"Infinity"`` for such floats, decimal text for integers beyond 64 bits.
     """
@@ -117,7 +119,11 @@ def to_storable(
             out: dict[str, t.Any] = {}
             for key, item in value.items():
                 name = clean_text(key) if isinstance(key, str) else _safe_repr(key)
-                if _is_redacted(name, redact_keys):
+                # 1 and "1", or "a\x00" and "a\\x00", are one JSON key:
+                # keep both values under distinct names.
+                while name in out:
+                    name += "~"
+                if is_redacted(name, redact_keys):
                     out[name] = REDACTED
                 else:
                     out[name] = to_storable(item, redact_keys, _depth + 1, seen)

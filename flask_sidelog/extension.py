@@ -30,6 +30,9 @@ from .model import make_entries_table
 from .query import entry_filters
 from .query import newest_first
 from .query import row_to_dict
+from .spool import ReplayResult
+from .spool import Spool
+from .writer import spool_on_error
 from .writer import Writer
 
 if t.TYPE_CHECKING:
@@ -125,7 +128,15 @@ class _AppState:
                     self.defer_while_main_writes = (
                         log_path is not None and log_path == main_path
                     )
-                    self._writer = Writer(self.app, engine, self.table, create)
+                    self._writer = Writer(
+                        self.app,
+                        engine,
+                        self.table,
+                        create,
+                        on_error=self.settings.on_write_error,
+                        spool=Spool(self.settings.spool_path),
+                        timeout=self.settings.write_timeout,
+                    )
                 else:
                     engine.dispose()
         return self._writer
@@ -366,6 +377,8 @@ class SideLog:
         """
         if limit < 0:
             raise ValueError(f"limit must be 0 or more, got {limit}.")
+        # Beyond what any table holds, and what a 32-bit LIMIT parameter takes.
+        limit = min(limit, 2**31 - 1)
         writer = _app_state().writer
         clauses = entry_filters(
             writer.table,
@@ -383,16 +396,34 @@ class SideLog:
         found.reverse()
         return found
 
+    def replay(self) -> ReplayResult:
+        """Move the entries of the spool (``SIDELOG_SPOOL_PATH``) into the log
+        database, keeping their ``created_at``.
+
+        Idempotent: an entry whose uuid is already stored is not inserted
+        again, so replaying twice, or while the app keeps writing and spooling,
+        never duplicates or loses an entry. What still fails stays in the spool.
+
+        .. versionadded:: 0.1
+        """
+        writer = _app_state().writer
+        return writer.spool.replay(writer.insert_missing)
+
     def _after_request(self, response: Response) -> Response:
-        state = context.current_state(create=False)
+        header = _app_state().settings.request_id_response_header
+        state = context.current_state(create=header is not None)
         if state is not None:
             state.status_code = response.status_code
+            if header is not None and state.request_id is not None:
+                response.headers[header] = state.request_id
         return response
 
     def _teardown(self, exc: BaseException | None) -> None:
-        # Never raise: a raising teardown would skip the ones after it.
+        # Never raise: a raising teardown would skip the ones after it. So in
+        # "raise" mode too, entries written here go to the spool on failure.
         try:
-            self._finish_context(exc)
+            with spool_on_error():
+                self._finish_context(exc)
         except Exception:
             current_app.logger.exception("flask-sidelog failed at teardown.")
 

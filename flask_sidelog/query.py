@@ -8,6 +8,8 @@ from datetime import timezone
 
 import sqlalchemy as sa
 
+from .entry import clean_text
+
 
 def entry_filters(
     table: sa.Table,
@@ -29,7 +31,9 @@ def entry_filters(
         (c.request_id, request_id),
     ):
         if value is not None:
-            clauses.append(column == value)
+            # Stored text went through clean_text: compare like with like,
+            # and never send NUL or a lone surrogate to the database.
+            clauses.append(column == clean_text(value))
     if since is not None:
         clauses.append(c.created_at >= as_utc(since))
     if until is not None:
@@ -49,7 +53,11 @@ def as_utc(value: datetime) -> datetime:
     """Aware UTC; a naive value is taken as UTC (SQLite returns naive times)."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # within a day of year 1 or 9999: clamp to UTC's range
+        edge = datetime.min if value.year == 1 else datetime.max
+        return edge.replace(tzinfo=timezone.utc)
 
 
 def row_to_dict(row: sa.RowMapping) -> dict[str, t.Any]:

@@ -7,21 +7,74 @@ session, so it is kept whatever happens to the request's own work.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import typing as t
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite
 
 from .engine import is_sqlite
 from .signals import entry_failed
 from .signals import entry_written
+from .spool import Spool
 
 if t.TYPE_CHECKING:
     from flask import Flask
 
 
 class SideLogWriteError(Exception):
-    """An entry could not be committed to the log database."""
+    """An entry could not be committed to the log database.
+
+    Raised when ``SIDELOG_ON_WRITE_ERROR`` is ``"raise"``; the entries that
+    were not written are in :attr:`entries`, and the database's error is the
+    ``__cause__``.
+    """
+
+    def __init__(
+        self, message: str, entries: list[dict[str, t.Any]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.entries = entries or []
+
+
+#: Set while failures must be spooled even in "raise" mode: in a teardown,
+#: which must never raise.
+_spool_only: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sidelog_spool_only", default=False
+)
+
+
+@contextlib.contextmanager
+def spool_on_error() -> t.Iterator[None]:
+    """Within this block, entries that cannot be written are spooled, never
+    raised, whatever ``SIDELOG_ON_WRITE_ERROR`` says."""
+    token = _spool_only.set(True)
+    try:
+        yield
+    finally:
+        _spool_only.reset(token)
+
+
+class TimedLock:
+    """A re-entrant lock whose wait is bounded, like SQLite's busy timeout:
+    a writer queued behind a long :meth:`SideLog.log_session` fails (and
+    spools) instead of hanging its request."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=self.timeout):
+            raise TimeoutError(
+                f"Waited {self.timeout} s for another flask-sidelog writer of this"
+                " process; raise SIDELOG_WRITE_TIMEOUT or keep log_session() short."
+            )
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
 
 
 class Writer:
@@ -29,12 +82,25 @@ class Writer:
 
     :param app: the app whose logger and signals report writes.
     :param create_table: create the table (if missing) before the first write.
+    :param on_error: ``"spool"`` or ``"raise"``, what :meth:`failed` does.
+    :param spool: where failed entries are kept.
+    :param timeout: longest wait for :attr:`lock` (``SIDELOG_WRITE_TIMEOUT``).
     """
 
     def __init__(
-        self, app: Flask, engine: sa.Engine, table: sa.Table, create_table: bool
+        self,
+        app: Flask,
+        engine: sa.Engine,
+        table: sa.Table,
+        create_table: bool,
+        *,
+        on_error: str,
+        spool: Spool,
+        timeout: float,
     ) -> None:
         self.app = app
+        self.on_error = on_error
+        self.spool = spool
         self.engine = engine
         self.table = table
         self._create_table = create_table
@@ -42,7 +108,7 @@ class Writer:
         # connection: writers of this process take turns instead of waiting on
         # SQLite's busy timeout (or interleaving on the shared connection).
         self.lock: t.ContextManager[t.Any] = (
-            threading.RLock() if is_sqlite(engine.url) else contextlib.nullcontext()
+            TimedLock(timeout) if is_sqlite(engine.url) else contextlib.nullcontext()
         )
 
     def insert(self, entries: list[dict[str, t.Any]]) -> None:
@@ -52,6 +118,39 @@ class Writer:
             with self.engine.begin() as conn:
                 conn.execute(self.table.insert(), entries)
 
+    def insert_missing(self, entries: list[dict[str, t.Any]]) -> int:
+        """Insert those of ``entries`` whose uuid is not stored yet, in one
+        transaction, or raise. Used by replay, which must never duplicate.
+
+        :return: how many were inserted.
+        """
+        dialect = self.engine.dialect
+        # ON CONFLICT (uuid) DO NOTHING rather than SQLite's INSERT OR IGNORE,
+        # which would also silently drop a row that breaks NOT NULL.
+        upsert: t.Any = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(
+            dialect.name
+        )
+        with self.lock:
+            self.ensure_table()
+            with self.engine.begin() as conn:
+                if upsert is not None and dialect.insert_returning:
+                    stmt = (
+                        upsert(self.table)
+                        .on_conflict_do_nothing(index_elements=["uuid"])
+                        .returning(self.table.c.uuid)
+                    )
+                    return len(conn.execute(stmt, entries).all())
+                uuid = self.table.c.uuid
+                stored = set(
+                    conn.scalars(
+                        sa.select(uuid).where(uuid.in_([e["uuid"] for e in entries]))
+                    )
+                )
+                missing = [e for e in entries if e["uuid"] not in stored]
+                if missing:
+                    conn.execute(self.table.insert(), missing)
+                return len(missing)
+
     def ensure_table(self) -> None:
         """Create the table on first use when ``SIDELOG_CREATE_TABLE`` is on."""
         if self._create_table:
@@ -60,7 +159,8 @@ class Writer:
                 self._create_table = False
 
     def write(self, entries: list[dict[str, t.Any]]) -> bool:
-        """Commit ``entries``; report the result and never raise.
+        """Commit ``entries``; report the result and never raise but
+        :class:`SideLogWriteError` in "raise" mode (see :meth:`failed`).
 
         :return: whether the entries were committed.
         """
@@ -74,16 +174,35 @@ class Writer:
         return True
 
     def failed(self, entries: list[dict[str, t.Any]], error: Exception) -> None:
-        """Report ``entries`` that could not be committed."""
+        """The error path for ``entries`` that could not be committed.
+
+        Logs a warning and sends ``entry_failed``. Then, in "spool" mode (and
+        within :func:`spool_on_error`), appends the entries to the spool; in
+        "raise" mode raises :class:`SideLogWriteError`, spooling nothing.
+        """
+        must_raise = self.on_error == "raise" and not _spool_only.get()
+        kept = "not kept" if must_raise else f"kept in {self.spool.path}"
+        if not must_raise:
+            try:
+                self.spool.append(entries)
+            except Exception as spool_error:
+                # The last place left is the app's log: put the whole entries there.
+                kept = f"NOT spooled ({spool_error}); the entries were: {entries!r}"
         self.app.logger.warning(
-            "flask-sidelog could not write %d entr%s (%s): %s",
+            "flask-sidelog could not write %d entr%s (%s), %s: %s",
             len(entries),
             "y" if len(entries) == 1 else "ies",
             ", ".join(e["event"] for e in entries[:5]),
+            kept,
             error,
         )
         for entry in entries:
             self._send(entry_failed, entry=entry, error=error)
+        if must_raise:
+            raise SideLogWriteError(
+                f"flask-sidelog could not write {len(entries)} entries: {error}",
+                entries,
+            ) from error
 
     def _send(self, signal: t.Any, **kwargs: t.Any) -> None:
         try:

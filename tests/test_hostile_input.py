@@ -1,0 +1,298 @@
+"""Case 6: hostile input, property-based, on SQLite and PostgreSQL.
+
+Whatever a caller passes to ``sidelog.log`` the request goes on, and what is
+stored is either the value itself, a faithful text form of it (``repr`` of
+bytes and objects, ``"NaN"``, decimal text of huge integers, backslash
+escapes for NUL and lone surrogates) or a visible marker (``"[recursive]"``,
+``"[max depth]"``, ``"[truncated]"``).
+
+The ``flask sidelog show`` filters are tested here through the function the
+command wraps, :meth:`SideLog.entries`: the command itself is built in
+another issue and gets its own CLI test there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing as t
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient
+from hypothesis import example
+from hypothesis import given
+from hypothesis import HealthCheck
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from conftest import dispose
+from conftest import make_app
+from conftest import new_database_uri
+from flask_sidelog import SideLog
+from flask_sidelog.entry import MAX_DEPTH
+from flask_sidelog.entry import TRUNCATION_MARK
+from flask_sidelog.model import COLUMN_LIMITS
+from flask_sidelog.model import EVENT_MAX
+
+pytestmark = pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+
+# Every code point, lone surrogates and NUL included.
+any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)
+
+LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**63 - 2, max_value=2**63 + 2)
+    | st.floats()
+    | any_text
+    | st.binary(max_size=20)
+    | st.datetimes()
+    | st.complex_numbers()
+    | st.builds(object)
+)
+
+
+KEYS = any_text | st.integers() | st.booleans()
+
+
+def _containers(children: st.SearchStrategy[t.Any]) -> st.SearchStrategy[t.Any]:
+    return (
+        st.lists(children, max_size=4)
+        | st.tuples(children, children)
+        | st.dictionaries(
+            any_text | st.integers() | st.booleans(), children, max_size=4
+        )
+    )
+
+
+VALUES = st.recursive(LEAVES, _containers, max_leaves=25)
+HYPOTHESIS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+def is_plain_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
+def check_faithful(original: t.Any, stored: t.Any, depth: int = 0) -> None:
+    """``stored`` is ``original``, a faithful text form of it, or a marker.
+
+    An independent reading of the documented rules, not a copy of the code.
+    """
+    if isinstance(original, bool) or original is None:
+        assert stored is original
+    elif isinstance(original, int):
+        if -(2**63) <= original < 2**63:
+            assert stored == original and type(stored) is int
+        else:
+            assert stored == str(original)
+    elif isinstance(original, float):
+        if math.isfinite(original):
+            assert stored == original
+        else:
+            assert stored in ("NaN", "Infinity", "-Infinity")
+            assert (stored == "NaN") == math.isnan(original)
+    elif isinstance(original, str):
+        if is_plain_text(original):
+            assert stored == original
+        else:
+            assert isinstance(stored, str) and is_plain_text(stored)
+    elif depth >= MAX_DEPTH and isinstance(original, (list, tuple, dict)):
+        assert stored == "[max depth]"
+    elif isinstance(original, (list, tuple)):
+        assert isinstance(stored, list) and len(stored) == len(original)
+        for item, kept in zip(original, stored, strict=True):
+            check_faithful(item, kept, depth + 1)
+    elif isinstance(original, dict):
+        # Every key is kept, even when two keys have the same text.
+        assert isinstance(stored, dict) and len(stored) == len(original)
+        for (key, item), (name, kept) in zip(
+            original.items(), stored.items(), strict=True
+        ):
+            assert isinstance(name, str) and is_plain_text(name)
+            if isinstance(key, str) and is_plain_text(key) and name != key:
+                assert name.startswith(key)
+            check_faithful(item, kept, depth + 1)
+    elif isinstance(original, bytes):
+        assert stored == repr(original)
+    else:
+        assert isinstance(stored, str) and is_plain_text(stored)
+
+
+def stored_row(app: Flask, sidelog: SideLog, uuid: str) -> dict[str, t.Any]:
+    table = app.extensions["sidelog"].table
+    with app.app_context(), sidelog.log_session() as session:
+        row = session.execute(sa.select(table).where(table.c.uuid == uuid)).one()
+        return dict(row._mapping)
+
+
+@pytest.fixture
+def unredacted(
+    backend: str, tmp_path: t.Any, request: pytest.FixtureRequest
+) -> t.Iterator[tuple[Flask, SideLog]]:
+    """An app that redacts nothing, so random keys are stored as given."""
+    uri = new_database_uri(backend, tmp_path, request)
+    app, _, sidelog = make_app(
+        uri, str(tmp_path / "instance"), {"SIDELOG_REDACT_KEYS": ()}
+    )
+    yield app, sidelog
+    dispose(app)
+
+
+@pytest.fixture
+def logging_view(unredacted: tuple[Flask, SideLog]) -> list[t.Any]:
+    """``POST /log`` pops an (event, data) pair, logs it and pushes what
+    log() returned."""
+    app, sidelog = unredacted
+    calls: list[t.Any] = []
+
+    @app.post("/log")
+    @sidelog.audit("hostile")
+    def log() -> str:
+        event, data = calls.pop()
+        calls.append(sidelog.log(event, data=data))
+        return "ok"
+
+    return calls
+
+
+@HYPOTHESIS
+@given(event=any_text.filter(lambda e: e.strip()), value=VALUES)
+@example(event="a\x00\ud800", value={"1": "text key", 1: "int key"})
+@example(event="e", value={"a\x00": 1, "a\\x00": 2, "\ud800": 3, "\\ud800": 4})
+@example(event="e", value=[math.nan, -math.inf, b"\xff\x00", 2**64, -(2**63) - 1])
+def test_any_value_is_stored_faithfully(
+    unredacted: tuple[Flask, SideLog],
+    logging_view: list[t.Any],
+    event: str,
+    value: t.Any,
+) -> None:
+    app, sidelog = unredacted
+    logging_view.append((event, {"v": value}))
+    response = app.test_client().post("/log")
+    assert (response.status_code, response.text) == (200, "ok")
+    returned = logging_view.pop()
+    stored = stored_row(app, sidelog, returned["uuid"])
+    assert stored["data"] == returned["data"]
+    assert stored["event"] == returned["event"]
+    if is_plain_text(event):
+        assert stored["event"] == event
+    json.dumps(stored["data"], allow_nan=False)
+    check_faithful({"v": value}, stored["data"])
+
+
+@HYPOTHESIS
+@given(value=st.integers(min_value=0, max_value=6000))
+def test_self_reference_and_deep_nesting(
+    unredacted: tuple[Flask, SideLog],
+    logging_view: list[t.Any],
+    value: int,
+) -> None:
+    loop: list[t.Any] = [1]
+    loop.append(loop)
+    deep: list[t.Any] = []
+    for _ in range(value):
+        deep = [deep]
+    big_int = 10 ** (value + 4300)  # beyond Python's int-to-text limit
+    app, sidelog = unredacted
+    logging_view.append(("nested", {"loop": loop, "deep": deep, "big": big_int}))
+    assert app.test_client().post("/log").status_code == 200
+    data = stored_row(app, sidelog, logging_view.pop()["uuid"])["data"]
+    assert data["loop"] == [1, "[recursive]"]
+    assert data["big"] == f"<int of {big_int.bit_length()} bits>"
+    # data is at depth 0, so the innermost list is at depth value + 1.
+    level, depth = data["deep"], 1
+    while isinstance(level, list) and level:
+        level, depth = level[0], depth + 1
+    if value + 1 < MAX_DEPTH:
+        assert (level, depth) == ([], value + 1)
+    else:
+        assert (level, depth) == ("[max depth]", MAX_DEPTH)
+
+
+def test_bad_event_names_say_what_is_accepted(app: Flask, sidelog: SideLog) -> None:
+    with app.app_context():
+        sidelog.create_table()
+        for event in ("", "   ", None, 3):
+            with pytest.raises(ValueError, match="non-empty string"):
+                sidelog.log(event)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=f"at most {EVENT_MAX} characters"):
+            sidelog.log("x" * (EVENT_MAX + 1))
+        assert sidelog.entries() == []
+
+
+def test_huge_data_is_stored_truncated(app: Flask, sidelog: SideLog) -> None:
+    with app.app_context():
+        sidelog.log("big", data={"blob": "x" * 200_000})
+        (entry,) = sidelog.entries()
+    data = entry["data"]
+    assert data["_truncated"] is True
+    assert data["_size"] > 200_000
+    assert data["preview"].startswith('{"blob":"xxx')
+
+
+def test_long_user_agent_and_path_are_cut(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.get("/<path:rest>")
+    @sidelog.audit("anything")
+    def anything(rest: str) -> str:
+        return "ok"
+
+    long_path = "/" + "p" * 10_000
+    client.get(long_path, headers={"User-Agent": "u" * 10_240})
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    path_max, agent_max = COLUMN_LIMITS["path"], COLUMN_LIMITS["user_agent"]
+    assert entry["path"] == long_path[: path_max - len(TRUNCATION_MARK)] + (
+        TRUNCATION_MARK
+    )
+    assert len(entry["path"]) == path_max == 2048
+    assert entry["user_agent"] == "u" * (agent_max - len(TRUNCATION_MARK)) + (
+        TRUNCATION_MARK
+    )
+    assert len(entry["user_agent"]) == agent_max == 512
+
+
+EAST = timezone(timedelta(hours=5))
+WEST = timezone(-timedelta(hours=5))
+utc_offsets = st.builds(
+    timezone,
+    st.timedeltas(min_value=-timedelta(hours=23), max_value=timedelta(hours=23)),
+)
+
+
+@HYPOTHESIS
+@example(text="a\x00b", limit=2**63, since=datetime(1, 1, 1, tzinfo=EAST))
+@example(text="\ud800", limit=1, since=datetime(9999, 12, 31, 23, tzinfo=WEST))
+@given(
+    text=any_text,
+    limit=st.integers(min_value=0, max_value=2**70),
+    since=st.none() | st.datetimes(timezones=st.none() | utc_offsets),
+)
+def test_any_filter_gives_results_never_a_traceback(
+    app: Flask, sidelog: SideLog, text: str, limit: int, since: datetime | None
+) -> None:
+    """What a user types into ``flask sidelog show`` reaches these filters."""
+    with app.app_context():
+        sidelog.create_table()
+        if text.strip():
+            sidelog.log(text, actor=text)
+        for name in ("event", "actor", "outcome", "request_id"):
+            found = sidelog.entries(limit=limit, since=since, **{name: text})
+            assert isinstance(found, list)
+            if name in ("event", "actor") and text.strip() and limit and since is None:
+                assert found and found[-1][name] == found[-1]["event"]

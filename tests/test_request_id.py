@@ -1,0 +1,105 @@
+"""Case 7: request ids. A client's id is used only when it is well formed;
+anything else is replaced, never stored raw."""
+
+from __future__ import annotations
+
+import re
+import typing as t
+
+import pytest
+from flask import Flask
+
+from conftest import dispose
+from conftest import make_app
+from flask_sidelog import SideLog
+
+GENERATED = re.compile(r"[0-9a-f]{32}")
+
+
+def audited_app(tmp_path: t.Any, config: dict[str, t.Any]) -> tuple[Flask, SideLog]:
+    app, _, sidelog = make_app(
+        f"sqlite:///{tmp_path / 'app.db'}", str(tmp_path / "instance"), config
+    )
+
+    @app.get("/")
+    @sidelog.audit("home")
+    def home() -> str:
+        sidelog.log("inside")
+        return "ok"
+
+    return app, sidelog
+
+
+def test_default_always_generates(tmp_path: t.Any) -> None:
+    app, sidelog = audited_app(tmp_path, {})
+    response = app.test_client().get("/", headers={"X-Request-ID": "abc"})
+    with app.app_context():
+        stored = [e["request_id"] for e in sidelog.entries()]
+    assert "X-Request-ID" not in response.headers
+    assert stored[0] == stored[1]
+    assert GENERATED.fullmatch(stored[0])
+    dispose(app)
+
+
+@pytest.mark.parametrize(
+    ("incoming", "used"),
+    [
+        ("abc-123", True),
+        ("A.b_c:d-9", True),
+        ("x" * 128, True),
+        ("x" * 129, False),
+        ("", False),
+        ("has space", False),
+        ("semi;colon", False),
+        ("new\nline", False),
+        ("\x1b[31mred", False),
+        ("quote'", False),
+        ("abc\n", False),
+        ("caf\u00e9", False),
+    ],
+)
+def test_incoming_id_used_only_when_well_formed(
+    tmp_path: t.Any, incoming: str, used: bool
+) -> None:
+    app, sidelog = audited_app(
+        tmp_path,
+        {
+            "SIDELOG_REQUEST_ID_HEADER": "X-Request-ID",
+            "SIDELOG_REQUEST_ID_RESPONSE_HEADER": "X-Request-ID",
+        },
+    )
+    # Werkzeug's test client refuses newlines in headers; send them raw in
+    # the WSGI environ, as a broken proxy could.
+    response = app.test_client().get("/", environ_base={"HTTP_X_REQUEST_ID": incoming})
+    with app.app_context():
+        stored = {e["request_id"] for e in sidelog.entries()}
+    assert len(stored) == 1
+    (request_id,) = stored
+    assert response.headers["X-Request-ID"] == request_id
+    if used:
+        assert request_id == incoming
+    else:
+        assert GENERATED.fullmatch(request_id)
+    dispose(app)
+
+
+def test_response_header_without_incoming_header(tmp_path: t.Any) -> None:
+    """The id is echoed on any response, audited or not, and matches the entry."""
+    app, sidelog = audited_app(
+        tmp_path, {"SIDELOG_REQUEST_ID_RESPONSE_HEADER": "X-Trace"}
+    )
+
+    @app.get("/plain")
+    def plain() -> str:
+        return "plain"
+
+    client = app.test_client()
+    audited = client.get("/", headers={"X-Trace": "client-sent"})
+    other = client.get("/plain")
+    with app.app_context():
+        stored = {e["request_id"] for e in sidelog.entries()}
+    assert stored == {audited.headers["X-Trace"]}
+    assert GENERATED.fullmatch(audited.headers["X-Trace"])
+    assert GENERATED.fullmatch(other.headers["X-Trace"])
+    assert other.headers["X-Trace"] != audited.headers["X-Trace"]
+    dispose(app)
