@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import math
 import typing as t
 import uuid
 from datetime import date
@@ -32,10 +33,18 @@ from flask import current_app
 from flask import has_app_context
 
 from . import context
+from .entry import _INT_RANGE
+from .entry import _is_redacted
+from .entry import check_event
+from .entry import clean_text
+from .entry import cut
 from .entry import make_entry
+from .entry import MAX_DATA_BYTES
+from .entry import REDACTED
 from .entry import storable_data
 from .entry import to_storable
 from .entry import utcnow
+from .model import COLUMN_LIMITS
 from .query import row_to_dict
 
 if t.TYPE_CHECKING:
@@ -136,14 +145,17 @@ class Tracker:
             columns = _columns(mapper)
             by_column: dict[t.Any, str] = {column: key for key, column in columns}
             pk = tuple(
-                (by_column[c], c.name) for c in mapper.primary_key if c in by_column
+                (by_column[c], str(c.name))
+                for c in mapper.primary_key
+                if c in by_column
             )
             kept = {
-                key: column.name
+                key: str(column.name)
                 for key, column in columns
                 if key not in exclude and column.name not in exclude
             }
-            spec = _Spec(name, pk, kept, exclude)
+            # Plain str, not quoted_name: the entries' short path checks types.
+            spec = _Spec(str(name), pk, kept, exclude)
         self._specs[mapper] = spec
         return spec
 
@@ -398,37 +410,120 @@ def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -
     # Called from session events, which must not break the main session.
     try:
         app_state: _AppState = current_app.extensions["sidelog"]
-        redact = app_state.settings.redact_keys
-        fields = state.request_fields
-        entries = [
-            make_entry(
-                change.event,
-                data=change.data,
-                redact_keys=redact,
-                actor=change.actor,
-                main_tx=main_tx,
-                request_id=state.request_id,
-                created_at=change.at,
-                **fields,
-            )
-            for change in changes
-        ]
-        for entry, change in zip(entries, changes, strict=True):
-            if entry["data"].get("_truncated"):
-                # Keep what finds the row even when its values were too big.
-                entry["data"] = storable_data(
-                    {
-                        "table": change.data["table"],
-                        "pk": change.data.get("pk"),
-                        **entry["data"],
-                    },
-                    redact,
-                )
+        entries = make_change_entries(
+            changes,
+            app_state.settings.redact_keys,
+            main_tx=main_tx,
+            request_id=state.request_id,
+            **state.request_fields,
+        )
         app_state.extension._deliver(app_state, state, entries)
     except Exception:
         current_app.logger.exception(
             "flask-sidelog could not record %d tracked change(s).", len(changes)
         )
+
+
+def make_change_entries(
+    changes: list[Change], redact_keys: frozenset[str], **fields: t.Any
+) -> list[dict[str, t.Any]]:
+    """The entries of ``changes``, exactly as :func:`make_entry` makes them.
+
+    A flush can change thousands of rows, so the fields they share go through
+    :func:`make_entry` once, and each row's data takes a short path when it
+    holds only plain values; anything else takes :func:`storable_data`.
+    """
+    template = make_entry(changes[0].event, redact_keys=redact_keys, **fields)
+    events: dict[str, str] = {}
+    actors: dict[str | None, str | None] = {}
+    redacted: dict[str, bool] = {}
+    row_keys_plain = not any(
+        _is_redacted(key, redact_keys) for key in ("table", "pk", "changes")
+    )
+    entries = []
+    for change in changes:
+        entry = template.copy()
+        entry["uuid"] = str(uuid.uuid4())
+        event = events.get(change.event)
+        if event is None:
+            event = events[change.event] = check_event(change.event)
+        entry["event"] = event
+        if change.actor not in actors:
+            actors[change.actor] = cut(change.actor, COLUMN_LIMITS["actor"])
+        entry["actor"] = actors[change.actor]
+        entry["created_at"] = change.at
+        data = None
+        if row_keys_plain:
+            data = _plain_row_data(change.data, redact_keys, redacted)
+        if data is None:
+            data = t.cast("dict[str, t.Any]", storable_data(change.data, redact_keys))
+            if data.get("_truncated"):
+                # Keep what finds the row even when its values were too big.
+                data = t.cast(
+                    "dict[str, t.Any]",
+                    storable_data(
+                        {
+                            "table": change.data["table"],
+                            "pk": change.data.get("pk"),
+                            **data,
+                        },
+                        redact_keys,
+                    ),
+                )
+        entry["data"] = data
+        entries.append(entry)
+    return entries
+
+
+def _plain_row_data(
+    data: dict[str, t.Any], redact_keys: frozenset[str], redacted: dict[str, bool]
+) -> dict[str, t.Any] | None:
+    """What :func:`storable_data` makes of a row change holding only plain
+    values and well within :data:`MAX_DATA_BYTES`, or None for any other."""
+    table, pk, changes = data.get("table"), data.get("pk"), data.get("changes")
+    if len(data) != 3 or type(table) is not str or type(pk) is not dict:
+        return None
+    if type(changes) is not dict:
+        return None
+    # An upper bound of the JSON size: 6 bytes a character covers escapes.
+    size = 6 * len(table) + 40
+    out_pk: dict[str, t.Any] = {}
+    out_changes: dict[str, t.Any] = {}
+    for out, values, pair in ((out_pk, pk, False), (out_changes, changes, True)):
+        for key, value in values.items():
+            if type(key) is not str:
+                return None
+            hidden = redacted.get(key)
+            if hidden is None:
+                hidden = redacted[key] = _is_redacted(clean_text(key), redact_keys)
+            size += 6 * len(key) + 8
+            if hidden:
+                out[clean_text(key)] = REDACTED
+                continue
+            items = value if pair else (value,)
+            if pair and (type(value) is not list or len(value) != 2):
+                return None
+            cleaned = []
+            for item in items:
+                kind = type(item)
+                if kind is str:
+                    size += 6 * len(item) + 3
+                    cleaned.append(clean_text(item))
+                elif item is None or kind is bool:
+                    size += 6
+                    cleaned.append(item)
+                elif kind is int and -_INT_RANGE <= item < _INT_RANGE:
+                    size += 21
+                    cleaned.append(item)
+                elif kind is float and math.isfinite(item):
+                    size += 25
+                    cleaned.append(item)
+                else:
+                    return None
+            out[clean_text(key)] = cleaned if pair else cleaned[0]
+    if size > MAX_DATA_BYTES:
+        return None
+    return {"table": clean_text(table), "pk": out_pk, "changes": out_changes}
 
 
 _listening: set[type[sa_orm.Session]] = set()

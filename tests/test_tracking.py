@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import typing as t
+from datetime import datetime
+from datetime import timezone
 
 import pytest
 import sqlalchemy as sa
@@ -12,13 +14,20 @@ from flask import Flask
 from flask.testing import FlaskClient
 from flask.testing import FlaskCliRunner
 from flask_sqlalchemy import SQLAlchemy
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from conftest import Account
 from conftest import Base
 from conftest import dispose
 from conftest import make_app
 from flask_sidelog import SideLog
+from flask_sidelog.config import DEFAULT_REDACT_KEYS
+from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
+from flask_sidelog.tracking import Change
+from flask_sidelog.tracking import make_change_entries
 
 
 class Credential(Base):
@@ -610,3 +619,50 @@ def test_history(
     assert bad.exit_code == 2
     assert "k1=v1,k2=v2" in bad.output
     assert "Traceback" not in bad.output
+
+
+plain = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from(["a", "api_key"]), st.integers(), max_size=2),
+)
+columns = st.sampled_from(["id", "name", "password_hash", "Token", "n\x00", "x\ud800"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    pk=st.dictionaries(columns, plain, max_size=2),
+    row=st.dictionaries(columns, st.lists(plain, min_size=2, max_size=2), max_size=4),
+    big=st.booleans(),
+    redact=st.sampled_from([DEFAULT_REDACT_KEYS, ("pk",), ()]),
+)
+def test_change_entries_are_those_make_entry_makes(
+    pk: dict[str, t.Any], row: dict[str, t.Any], big: bool, redact: tuple[str, ...]
+) -> None:
+    """The per-row short path stores exactly what make_entry would."""
+    if big:
+        row["name"] = ["x" * 70_000, None]
+    data = {"table": "account", "pk": pk, "changes": row}
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    change = Change("account.update", data, "alice", at)
+    keys = frozenset(redact)
+    fields = {"main_tx": "committed", "request_id": "r", "path": "/p"}
+    (entry,) = make_change_entries([change], keys, **fields)
+    expected = make_entry(
+        "account.update",
+        data=data,
+        redact_keys=keys,
+        actor="alice",
+        created_at=at,
+        **fields,
+    )
+    if expected["data"].get("_truncated"):
+        assert entry["data"]["table"] == "account"
+        assert entry["data"]["_size"] == expected["data"]["_size"]
+        expected["data"] = entry["data"]
+    assert entry.pop("uuid") != expected.pop("uuid")
+    assert entry == expected
