@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import math
+import os
 import typing as t
 import uuid
 from datetime import date
@@ -443,7 +444,7 @@ def make_change_entries(
     entries = []
     for change in changes:
         entry = template.copy()
-        entry["uuid"] = str(uuid.uuid4())
+        entry["uuid"] = _uuid4()
         event = events.get(change.event)
         if event is None:
             event = events[change.event] = check_event(change.event)
@@ -481,49 +482,72 @@ def _plain_row_data(
     """What :func:`storable_data` makes of a row change holding only plain
     values and well within :data:`MAX_DATA_BYTES`, or None for any other."""
     table, pk, changes = data.get("table"), data.get("pk"), data.get("changes")
-    if len(data) != 3 or type(table) is not str or type(pk) is not dict:
+    if (
+        len(data) != 3
+        or type(table) is not str
+        or type(pk) is not dict
+        or type(changes) is not dict
+    ):
         return None
-    if type(changes) is not dict:
-        return None
-    # An upper bound of the JSON size: 6 bytes a character covers escapes.
+    # An upper bound of the JSON size: 6 bytes a character covers escapes,
+    # 32 any number.
     size = 6 * len(table) + 40
     out_pk: dict[str, t.Any] = {}
+    for key, value in pk.items():
+        size += _plain_size(value) + 6 * len(key) + 8
+        if size > MAX_DATA_BYTES or not _plain_key(key, redact_keys, redacted):
+            return None
+        out_pk[key] = REDACTED if redacted[key] else _clean(value)
     out_changes: dict[str, t.Any] = {}
-    for out, values, pair in ((out_pk, pk, False), (out_changes, changes, True)):
-        for key, value in values.items():
-            if type(key) is not str:
-                return None
-            hidden = redacted.get(key)
-            if hidden is None:
-                hidden = redacted[key] = _is_redacted(clean_text(key), redact_keys)
-            size += 6 * len(key) + 8
-            if hidden:
-                out[clean_text(key)] = REDACTED
-                continue
-            items = value if pair else (value,)
-            if pair and (type(value) is not list or len(value) != 2):
-                return None
-            cleaned = []
-            for item in items:
-                kind = type(item)
-                if kind is str:
-                    size += 6 * len(item) + 3
-                    cleaned.append(clean_text(item))
-                elif item is None or kind is bool:
-                    size += 6
-                    cleaned.append(item)
-                elif kind is int and -_INT_RANGE <= item < _INT_RANGE:
-                    size += 21
-                    cleaned.append(item)
-                elif kind is float and math.isfinite(item):
-                    size += 25
-                    cleaned.append(item)
-                else:
-                    return None
-            out[clean_text(key)] = cleaned if pair else cleaned[0]
-    if size > MAX_DATA_BYTES:
-        return None
+    for key, pair in changes.items():
+        if type(pair) is not list or len(pair) != 2:
+            return None
+        old, new = pair
+        size += _plain_size(old) + _plain_size(new) + 6 * len(key) + 8
+        if size > MAX_DATA_BYTES or not _plain_key(key, redact_keys, redacted):
+            return None
+        out_changes[key] = REDACTED if redacted[key] else [_clean(old), _clean(new)]
     return {"table": clean_text(table), "pk": out_pk, "changes": out_changes}
+
+
+def _plain_key(
+    key: t.Any, redact_keys: frozenset[str], redacted: dict[str, bool]
+) -> bool:
+    """Whether ``key`` is a name stored as it is; notes in ``redacted``
+    whether its value is hidden."""
+    if key in redacted:
+        return True
+    if type(key) is not str or clean_text(key) != key:
+        return False
+    redacted[key] = _is_redacted(key, redact_keys)
+    return True
+
+
+def _plain_size(value: t.Any) -> int:
+    """An upper bound of ``value``'s JSON size, or more than
+    :data:`MAX_DATA_BYTES` if it is not a plain JSON value."""
+    kind = type(value)
+    if kind is str:
+        return 6 * len(value) + 2
+    if value is None or kind is bool:
+        return 5
+    if kind is int and -_INT_RANGE <= value < _INT_RANGE:
+        return 20
+    if kind is float and math.isfinite(value):
+        return 32
+    return MAX_DATA_BYTES + 1
+
+
+def _clean(value: t.Any) -> t.Any:
+    return clean_text(value) if type(value) is str else value
+
+
+def _uuid4() -> str:
+    """``str(uuid.uuid4())``, without building a UUID object."""
+    h = int.from_bytes(os.urandom(16), "big")
+    h = (h & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    x = f"{h:032x}"
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 _listening: set[type[sa_orm.Session]] = set()
