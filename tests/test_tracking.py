@@ -95,7 +95,7 @@ def test_insert_update_delete_committed(
 
     @app.patch("/accounts/<int:pk>")
     def update(pk: int) -> str:
-        account = db.session.get_one(Account, pk)
+        account = db.get_or_404(Account, pk)
         account.name = "alice"  # set, but not changed: not recorded
         account.balance = 25
         db.session.commit()
@@ -103,7 +103,7 @@ def test_insert_update_delete_committed(
 
     @app.delete("/accounts/<int:pk>")
     def delete(pk: int) -> str:
-        db.session.delete(db.session.get_one(Account, pk))
+        db.session.delete(db.get_or_404(Account, pk))
         db.session.commit()
         return "ok"
 
@@ -130,6 +130,34 @@ def test_insert_update_delete_committed(
     assert all(e["data"]["pk"] == {"id": 1} for e in found)
     assert all(e["request_id"] is not None for e in found)
     assert [e["method"] for e in found] == ["POST", "PATCH", "DELETE"]
+
+
+def test_delete_of_an_expired_row_keeps_its_old_values(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """After a commit the row's attributes are expired; the delete loads
+    them (for its primary key), so every old value is recorded."""
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+
+    @app.post("/close")
+    def close() -> str:
+        account = db.get_or_404(Account, 1)
+        account.balance = 0
+        db.session.commit()
+        db.session.delete(account)
+        db.session.commit()
+        return "ok"
+
+    client.post("/close")
+    assert summary(changes(app, sidelog)) == [
+        ("account.update", "committed", {"balance": [10, 0]}),
+        (
+            "account.delete",
+            "committed",
+            {"id": [1, None], "name": ["alice", None], "balance": [0, None]},
+        ),
+    ]
 
 
 def test_rolled_back_by_exception_after_flush(
@@ -548,12 +576,12 @@ def test_history(
         db.session.add(Account(name="other", balance=1))
         db.session.add(Membership(org_id=1, user_id=2, role="member"))
         db.session.commit()
-        account = db.session.get_one(Account, 1)
+        account = db.get_or_404(Account, 1)
         account.balance = 100
         db.session.flush()
         db.session.rollback()
-        db.session.get_one(Account, 1).balance = 2
-        db.session.get_one(Membership, (1, 2)).role = "owner"
+        db.get_or_404(Account, 1).balance = 2
+        db.get_or_404(Membership, (1, 2)).role = "owner"
         db.session.commit()
         return "ok"
 
