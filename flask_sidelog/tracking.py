@@ -539,7 +539,11 @@ def _plain_size(value: t.Any) -> int:
 
 
 def _clean(value: t.Any) -> t.Any:
-    return clean_text(value) if type(value) is str else value
+    # clean_text() encodes the whole string to find lone surrogates, which
+    # an ASCII string cannot hold.
+    if type(value) is str and ("\x00" in value or not value.isascii()):
+        return clean_text(value)
+    return value
 
 
 def _uuid4() -> str:

@@ -655,6 +655,7 @@ plain = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=30),
+    st.sampled_from(["a\x00b", "x\ud800y", "é"]),
     st.lists(st.integers(), max_size=2),
     st.dictionaries(st.sampled_from(["a", "api_key"]), st.integers(), max_size=2),
 )
