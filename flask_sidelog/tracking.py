@@ -306,24 +306,29 @@ def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
 
 
 def _after_flush(session: sa_orm.Session, flush_context: t.Any) -> None:
-    found = _found(session)
-    if found is None:
-        return
-    app_state, tracker, state = found
-    state.flushing = False
-    _add(session, state, _row_changes(app_state, tracker, session))
+    _capture_flush(session, failed=False)
 
 
 def _after_rollback(session: sa_orm.Session) -> None:
     # A flush that failed never reaches after_flush; the rollback it causes
     # still sees what the flush tried to write, just before the session
     # restores its snapshot and forgets it.
+    _capture_flush(session, failed=True)
+
+
+def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     found = _found(session)
-    if found is None or not found[2].flushing:
+    if found is None or (failed and not found[2].flushing):
         return
     app_state, tracker, state = found
     state.flushing = False
-    _add(session, state, _row_changes(app_state, tracker, session))
+    try:
+        changes = _row_changes(app_state, tracker, session)
+    except Exception:
+        # A session event that raises would break the main transaction.
+        current_app.logger.exception("flask-sidelog could not capture a flush.")
+        return
+    _add(session, state, changes)
 
 
 def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
@@ -347,21 +352,14 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
     spec = tracker.spec(mapper)
     if spec is None:
         return None
-    data: dict[str, t.Any] = {"table": spec.table}
+    data: dict[str, t.Any] = {"table": spec.table, "where": None}
     where = getattr(execute_state.statement, "whereclause", None)
     if where is not None:
-        # Rendered apart from any dialect, with each value as a named
-        # parameter: the text never holds a value, the params are redacted
-        # by name, and those of excluded columns are dropped.
-        compiled = where.compile(compile_kwargs={"render_postcompile": True})
-        data["where"] = str(compiled)
-        data["params"] = {
-            name: _value(value)
-            for name, value in compiled.params.items()
-            if not _names_excluded(name, spec)
-        }
-    else:
-        data["where"] = None
+        try:
+            data.update(_where(where, spec))
+        except Exception:  # a construct with no generic rendering
+            current_app.logger.exception("flask-sidelog could not render a WHERE.")
+            data["where"] = "[not rendered]"
     at = utcnow()
     actor = app_state.extension._actor()
     result = execute_state.invoke_statement()
@@ -371,6 +369,21 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
         data["parameter_sets"] = len(t.cast(list[t.Any], execute_state.parameters))
     _add(session, state, [Change(f"{spec.table}.{op}", data, actor, at)])
     return result
+
+
+def _where(where: sa.ColumnElement[t.Any], spec: _Spec) -> dict[str, t.Any]:
+    # Rendered apart from any dialect, with each value as a named parameter:
+    # the text never holds a value, the params are redacted by name, and
+    # those of excluded columns are dropped.
+    compiled = where.compile(compile_kwargs={"render_postcompile": True})
+    return {
+        "where": str(compiled),
+        "params": {
+            name: _value(value)
+            for name, value in compiled.params.items()
+            if not _names_excluded(name, spec)
+        },
+    }
 
 
 def _names_excluded(param: str, spec: _Spec) -> bool:
