@@ -45,7 +45,9 @@ class MainSession(sa_orm.Session):
     Flask-SQLAlchemy: bound to the current app's main database."""
 
     def __init__(self, **kwargs: t.Any) -> None:
-        kwargs.setdefault("bind", _app_state().main_engine)
+        # sessionmaker passes bind=None itself, so setdefault would keep it.
+        if kwargs.get("bind") is None:
+            kwargs["bind"] = _app_state().main_engine
         super().__init__(**kwargs)
 
 

@@ -695,3 +695,33 @@ def test_change_entries_are_those_make_entry_makes(
         expected["data"] = entry["data"]
     assert entry.pop("uuid") != expected.pop("uuid")
     assert entry == expected
+
+
+def test_without_flask_sqlalchemy(database_uri: str, tmp_path: t.Any) -> None:
+    """SideLog's own main session is tracked the same way."""
+    app, _, sidelog = make_app(database_uri, str(tmp_path / "instance"), with_db=False)
+    sidelog.track(Account)
+
+    @app.post("/<name>")
+    def create(name: str) -> str:
+        sidelog.session.add(Account(name=name))
+        sidelog.session.flush()
+        if name == "undo":
+            sidelog.session.rollback()
+        else:
+            sidelog.session.commit()
+        return "ok"
+
+    try:
+        with app.app_context():
+            Base.metadata.create_all(app.extensions["sidelog"].main_engine)
+        client = app.test_client()
+        client.post("/kept")
+        client.post("/undo")
+        found = changes(app, sidelog)
+        assert [(e["data"]["changes"]["name"][1], e["main_tx"]) for e in found] == [
+            ("kept", "committed"),
+            ("undo", "rolled_back"),
+        ]
+    finally:
+        dispose(app)
