@@ -288,6 +288,34 @@ def test_savepoint_rolled_back_inside_committed_transaction(
     assert audit["main_tx"] == "committed"
 
 
+def test_failed_flush_in_savepoint_inside_committed_transaction(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """The common "try to insert, skip duplicates" pattern: the attempt is
+    recorded as rolled back, the rest of the transaction as committed."""
+    seed(app, db, ("taken", 0))
+    sidelog.track(Account)
+
+    @app.post("/")
+    def import_rows() -> str:
+        db.session.add(Account(name="new", balance=1))
+        db.session.flush()
+        try:
+            with db.session.begin_nested():
+                db.session.add(Account(name="taken", balance=2))
+        except sa.exc.IntegrityError:
+            pass
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    assert balances(app, db) == {"taken": 0, "new": 1}
+    found = changes(app, sidelog)
+    fates = {(e["data"]["changes"]["name"][1], e["main_tx"]) for e in found}
+    assert fates == {("new", "committed"), ("taken", "rolled_back")}
+    assert len(found) == 2
+
+
 def test_savepoint_released_then_outer_rolled_back(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
