@@ -50,6 +50,11 @@ class ContextState:
     rolled_back: bool = False
     #: Entries held back until the main session has let go of SQLite's lock.
     deferred: list[dict[str, t.Any]] = dataclasses.field(default_factory=list)
+    #: Tracked row changes waiting for their fate, by the transaction or
+    #: savepoint that carries them (see :mod:`flask_sidelog.tracking`).
+    changes: dict[t.Any, list[t.Any]] = dataclasses.field(default_factory=dict)
+    #: A flush of the main session started and has not finished yet.
+    flushing: bool = False
 
     @property
     def main_tx(self) -> str:
@@ -178,6 +183,10 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
 
 
 def _after_commit(session: sa_orm.Session) -> None:
+    # Releasing a savepoint also sends after_commit; its writes are still
+    # pending until the outermost transaction ends.
+    if session.in_nested_transaction():
+        return
     state = _main_session_state(session)
     if state is not None and state.pending_write:
         state.pending_write = False

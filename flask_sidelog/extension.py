@@ -19,6 +19,7 @@ from flask import request
 from flask import Response
 
 from . import context
+from . import tracking
 from .cli import sidelog_group
 from .config import Settings
 from .engine import create_log_engine
@@ -39,6 +40,7 @@ if t.TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
 
 F = t.TypeVar("F", bound=t.Callable[..., t.Any])
+M = t.TypeVar("M", bound=type)
 
 _LEVEL_OF_OUTCOME = {"success": "info", "failure": "warning", "error": "error"}
 
@@ -48,6 +50,7 @@ class MainSession(sa_orm.Session):
     Flask-SQLAlchemy: bound to the current app's main database."""
 
     def __init__(self, **kwargs: t.Any) -> None:
+        # sessionmaker passes bind=None itself, so setdefault would keep it.
         if kwargs.get("bind") is None:
             kwargs["bind"] = _app_state().main_engine
         super().__init__(**kwargs)
@@ -189,6 +192,7 @@ class SideLog:
 
     def __init__(self, app: Flask | None = None, db: SQLAlchemy | None = None) -> None:
         self._actor_loader: t.Callable[[], str | None] = _default_actor
+        self._tracker = tracking.Tracker()
         #: The main session for apps without Flask-SQLAlchemy: scoped to the
         #: app context and removed at its teardown.
         self.session: sa_orm.scoped_session[MainSession] = sa_orm.scoped_session(
@@ -206,6 +210,7 @@ class SideLog:
         main_session = db.session if db is not None else self.session
         app.extensions["sidelog"] = _AppState(self, app, db, main_session)
         context.track_main_session(main_session.session_factory.class_)
+        tracking.listen(main_session.session_factory.class_)
         app.after_request(self._after_request)
         app.teardown_appcontext(self._teardown)
         # Run last, after Flask-SQLAlchemy closed the main session: its
@@ -220,6 +225,74 @@ class SideLog:
         ``current_user.get_id()`` for an authenticated user."""
         self._actor_loader = loader
         return loader
+
+    def track(self, model: type, *, exclude: t.Iterable[str] = ()) -> None:
+        """Record every attempted change to rows of ``model``, each with
+        whether the main transaction that carried it committed.
+
+        Each flush of the main session writes one entry per changed row,
+        event ``<table>.insert|update|delete``; bulk ``update()``,
+        ``delete()`` and ``insert()`` statements one entry each, event
+        ``<table>.bulk_update|bulk_delete|bulk_insert``. See
+        :doc:`/change-history`. Works before :meth:`init_app`.
+
+        :param model: a mapped model class; its subclasses are tracked too.
+        :param exclude: column (or attribute) names whose values are never
+            stored; the primary key cannot be excluded.
+        :raise TypeError: if ``model`` is not mapped.
+        :raise ValueError: for an unknown or primary key column in ``exclude``.
+
+        .. versionadded:: 0.1
+        """
+        self._tracker.track(model, exclude)
+
+    @t.overload
+    def tracked(self, model: M, *, exclude: t.Iterable[str] = ()) -> M: ...
+    @t.overload
+    def tracked(
+        self, model: None = None, *, exclude: t.Iterable[str] = ()
+    ) -> t.Callable[[M], M]: ...
+    def tracked(
+        self, model: M | None = None, *, exclude: t.Iterable[str] = ()
+    ) -> M | t.Callable[[M], M]:
+        """Class decorator form of :meth:`track`: ``@sidelog.tracked`` or
+        ``@sidelog.tracked(exclude={"password_hash"})``.
+
+        .. versionadded:: 0.1
+        """
+
+        def decorator(cls: M) -> M:
+            self.track(cls, exclude=exclude)
+            return cls
+
+        return decorator if model is None else decorator(model)
+
+    def track_all(self, *, exclude_tables: t.Iterable[str] = ()) -> None:
+        """:meth:`track` every mapped model the main session writes, except
+        those whose table is named in ``exclude_tables``. A model also given
+        to :meth:`track` keeps its ``exclude``.
+
+        .. versionadded:: 0.1
+        """
+        self._tracker.track_all(exclude_tables)
+
+    def history(
+        self, table: str, pk: t.Any, only: str | None = None
+    ) -> list[dict[str, t.Any]]:
+        """Every recorded change of one row, oldest first.
+
+        Bulk statements are not tied to a row and are not included; read them
+        with ``entries(event="<table>.bulk_update")``.
+
+        :param table: the table name, as in the events (``"account"``).
+        :param pk: the primary key: one value (``7`` or ``"7"``), a mapping
+            ``{"k1": v1, "k2": v2}``, or the text ``"k1=v1,k2=v2"``.
+        :param only: ``"committed"`` or ``"rolled_back"`` to keep one fate.
+        :raise ValueError: for an unreadable ``pk`` or an unknown ``only``.
+
+        .. versionadded:: 0.1
+        """
+        return tracking.row_history(_app_state(), table, pk, only)
 
     def _actor(self) -> str | None:
         try:

@@ -1,0 +1,648 @@
+"""Change capture: every attempted change to a tracked model, with its fate.
+
+Row changes are read from the main session in ``after_flush`` (or, for a flush
+that fails, in the ``after_rollback`` it causes, before the session forgets
+them) and bulk statements in ``do_orm_execute``. Each change waits in
+:attr:`ContextState.changes <flask_sidelog.context.ContextState.changes>`
+under the transaction or savepoint that carries it, until that ends:
+
+- a released savepoint hands its changes to the enclosing transaction;
+- a committed outermost transaction writes them with ``main_tx="committed"``;
+- a savepoint or transaction that ends any other way (rollback, a failed
+  flush, the session closed at teardown) writes them with
+  ``main_tx="rolled_back"``.
+
+They are written through the extension's normal write path, on the log
+engine, after the main transaction has ended: nothing is added to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import decimal
+import math
+import os
+import typing as t
+import uuid
+from datetime import date
+from datetime import datetime
+from datetime import time
+
+import sqlalchemy as sa
+import sqlalchemy.orm as sa_orm
+from flask import current_app
+from flask import has_app_context
+
+from . import context
+from .entry import _INT_RANGE
+from .entry import check_event
+from .entry import clean_text
+from .entry import cut
+from .entry import is_redacted
+from .entry import make_entry
+from .entry import MAX_DATA_BYTES
+from .entry import REDACTED
+from .entry import storable_data
+from .entry import to_storable
+from .entry import utcnow
+from .model import COLUMN_LIMITS
+from .query import row_to_dict
+
+if t.TYPE_CHECKING:
+    from .extension import _AppState
+
+_PLAIN = frozenset({type(None), bool, int, float, str})
+_NO_VALUE = sa_orm.base.NO_VALUE
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """How to record one mapped class: its table, its primary key and the
+    columns to keep, as ``(attribute key, column name)`` pairs."""
+
+    table: str
+    pk: tuple[tuple[str, str], ...]
+    columns: dict[str, str]
+    exclude: frozenset[str]
+
+
+@dataclasses.dataclass(slots=True)
+class Change:
+    """One captured change, made into an entry once its fate is known."""
+
+    event: str
+    data: dict[str, t.Any]
+    actor: str | None
+    at: datetime
+
+
+class Tracker:
+    """Which models one :class:`~flask_sidelog.SideLog` tracks."""
+
+    def __init__(self) -> None:
+        self._models: dict[type, frozenset[str]] = {}
+        self._all_except: frozenset[str] | None = None
+        self._specs: dict[sa_orm.Mapper[t.Any], _Spec | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._models) or self._all_except is not None
+
+    def track(self, model: type, exclude: t.Iterable[str]) -> None:
+        mapper: sa_orm.Mapper[t.Any] | None = sa.inspect(model, raiseerr=False)
+        if not isinstance(mapper, sa_orm.Mapper):
+            raise TypeError(
+                f"track() takes a mapped model class such as a db.Model subclass,"
+                f" got {model!r}."
+            )
+        if isinstance(exclude, str):
+            raise TypeError(
+                f"exclude takes a set of column names, got the string {exclude!r};"
+                f" write exclude={{{exclude!r}}}."
+            )
+        names = frozenset(exclude)
+        columns = _columns(mapper)
+        known = {key for key, _ in columns} | {column.name for _, column in columns}
+        unknown = sorted(names - known)
+        if unknown:
+            raise ValueError(
+                f"{model.__name__} has no column {', '.join(map(repr, unknown))};"
+                f" exclude one of: {', '.join(sorted(known))}."
+            )
+        pk_names = {c.name for c in mapper.primary_key} | {
+            key for key, column in columns if column in mapper.primary_key
+        }
+        if names & pk_names:
+            raise ValueError(
+                f"The primary key of {model.__name__} cannot be excluded: it is"
+                " how each change and 'flask sidelog history' find the row."
+            )
+        self._models[model] = names
+        self._specs.clear()
+
+    def track_all(self, exclude_tables: t.Iterable[str]) -> None:
+        if isinstance(exclude_tables, str):
+            raise TypeError(
+                "exclude_tables takes a set of table names, got the string"
+                f" {exclude_tables!r}; write exclude_tables={{{exclude_tables!r}}}."
+            )
+        self._all_except = frozenset(exclude_tables)
+        self._specs.clear()
+
+    def spec(self, mapper: sa_orm.Mapper[t.Any]) -> _Spec | None:
+        """How to record rows of ``mapper``, or None if it is not tracked."""
+        try:
+            return self._specs[mapper]
+        except KeyError:
+            pass
+        spec = None
+        exclude = next(
+            (self._models[c] for c in mapper.class_.__mro__ if c in self._models), None
+        )
+        table = mapper.local_table
+        name = t.cast(str, getattr(table, "name", str(table)))
+        if exclude is None and self._all_except is not None:
+            exclude = None if name in self._all_except else frozenset()
+        if exclude is not None:
+            columns = _columns(mapper)
+            by_column: dict[t.Any, str] = {column: key for key, column in columns}
+            pk = tuple(
+                (by_column[c], str(c.name))
+                for c in mapper.primary_key
+                if c in by_column
+            )
+            kept = {
+                key: str(column.name)
+                for key, column in columns
+                if key not in exclude and column.name not in exclude
+            }
+            # Plain str, not quoted_name: the entries' short path checks types.
+            spec = _Spec(str(name), pk, kept, exclude)
+        self._specs[mapper] = spec
+        return spec
+
+
+def _columns(mapper: sa_orm.Mapper[t.Any]) -> list[tuple[str, sa.Column[t.Any]]]:
+    # mapper.columns is set when the class is mapped, so this works before
+    # the other mappers are configured (a decorator runs at class creation).
+    return [
+        (key, column)
+        for key, column in mapper.columns.items()
+        if isinstance(column, sa.Column)
+    ]
+
+
+def _value(value: t.Any) -> t.Any:
+    """A JSON-friendly copy of a column value, taken when it is captured."""
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return str(value)
+    return to_storable(value)
+
+
+def _found(
+    session: sa_orm.Session,
+) -> tuple[_AppState, Tracker, context.ContextState] | None:
+    """This app's tracker and context state, if ``session`` is its main
+    session and it tracks anything."""
+    if not has_app_context():
+        return None
+    app_state: _AppState | None = current_app.extensions.get("sidelog")
+    if app_state is None or not app_state.extension._tracker:
+        return None
+    state = context._main_session_state(session)
+    if state is None:
+        return None
+    return app_state, app_state.extension._tracker, state
+
+
+def _carrier(transaction: sa_orm.SessionTransaction) -> sa_orm.SessionTransaction:
+    """The savepoint or outermost transaction that ``transaction`` is part of."""
+    while not transaction.nested and transaction.parent is not None:
+        transaction = transaction.parent
+    return transaction
+
+
+def _current_carrier(session: sa_orm.Session) -> sa_orm.SessionTransaction | None:
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    return None if transaction is None else _carrier(transaction)
+
+
+def _add(
+    session: sa_orm.Session, state: context.ContextState, changes: list[Change]
+) -> None:
+    carrier = _current_carrier(session)
+    if changes and carrier is not None:
+        state.changes.setdefault(carrier, []).extend(changes)
+
+
+def _row_changes(
+    app_state: _AppState, tracker: Tracker, session: sa_orm.Session
+) -> list[Change]:
+    """One change per tracked row in the session's pending flush."""
+    at: datetime | None = None
+    actor: str | None = None
+    found: list[Change] = []
+
+    def add(spec: _Spec, op: str, data: dict[str, t.Any]) -> None:
+        nonlocal at, actor
+        if at is None:
+            # Resolved once a flush, while the request context is alive.
+            at = utcnow()
+            actor = app_state.extension._actor()
+        found.append(Change(f"{spec.table}.{op}", data, actor, at))
+
+    instance_state = sa_orm.attributes.instance_state
+    for obj in session.new:
+        st = instance_state(obj)
+        spec = tracker.spec(st.mapper)
+        if spec is not None:
+            d = st.dict
+            changes = {
+                column: [None, _value(d[key])]
+                for key, column in spec.columns.items()
+                if key in d
+            }
+            add(spec, "insert", _data(spec, d, st, changes))
+    for obj in session.dirty:
+        st = instance_state(obj)
+        spec = tracker.spec(st.mapper)
+        if spec is None:
+            continue
+        d = st.dict
+        changes = {}
+        for key, old in st.committed_state.items():
+            column = spec.columns.get(key)
+            if column is None:
+                continue
+            new = d.get(key)
+            if old is _NO_VALUE:
+                old = None
+            elif old is new or old == new:
+                continue
+            changes[column] = [_value(old), _value(new)]
+        if changes:
+            add(spec, "update", _data(spec, d, st, changes))
+    for obj in session.deleted:
+        st = instance_state(obj)
+        spec = tracker.spec(st.mapper)
+        if spec is not None:
+            d = st.dict
+            committed = st.committed_state
+            changes = {}
+            for key, column in spec.columns.items():
+                old = committed.get(key, _NO_VALUE)
+                if old is _NO_VALUE:
+                    old = d.get(key, _NO_VALUE)
+                if old is not _NO_VALUE:
+                    changes[column] = [_value(old), None]
+            add(spec, "delete", _data(spec, d, st, changes))
+    return found
+
+
+def _data(
+    spec: _Spec,
+    d: dict[str, t.Any],
+    st: sa_orm.InstanceState[t.Any],
+    changes: dict[str, t.Any],
+) -> dict[str, t.Any]:
+    identity = st.key[1] if st.key is not None else None
+    pk = {}
+    for i, (key, column) in enumerate(spec.pk):
+        value = d.get(key)
+        if value is None and identity is not None:
+            value = identity[i]
+        pk[column] = _value(value)
+    return {"table": spec.table, "pk": pk, "changes": changes}
+
+
+def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
+    if session.new or session.dirty or session.deleted:
+        found = _found(session)
+        if found is not None:
+            found[2].flushing = True
+
+
+def _after_flush(session: sa_orm.Session, flush_context: t.Any) -> None:
+    _capture_flush(session, failed=False)
+
+
+def _after_rollback(session: sa_orm.Session) -> None:
+    # A flush that failed never reaches after_flush; the rollback it causes
+    # still sees what the flush tried to write, just before the session
+    # restores its snapshot and forgets it.
+    _capture_flush(session, failed=True)
+
+
+def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
+    found = _found(session)
+    if found is None or (failed and not found[2].flushing):
+        return
+    app_state, tracker, state = found
+    state.flushing = False
+    try:
+        changes = _row_changes(app_state, tracker, session)
+    except Exception:
+        # A session event that raises would break the main transaction.
+        current_app.logger.exception("flask-sidelog could not capture a flush.")
+        return
+    _add(session, state, changes)
+
+
+def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
+    op = (
+        "bulk_update"
+        if execute_state.is_update
+        else "bulk_delete"
+        if execute_state.is_delete
+        else "bulk_insert"
+        if execute_state.is_insert
+        else None
+    )
+    mapper = execute_state.bind_mapper
+    if op is None or mapper is None:
+        return None
+    session = execute_state.session
+    found = _found(session)
+    if found is None:
+        return None
+    app_state, tracker, state = found
+    spec = tracker.spec(mapper)
+    if spec is None:
+        return None
+    data: dict[str, t.Any] = {"table": spec.table, "where": None}
+    where = getattr(execute_state.statement, "whereclause", None)
+    if where is not None:
+        try:
+            data.update(_where(where, spec))
+        except Exception:  # a construct with no generic rendering
+            current_app.logger.exception("flask-sidelog could not render a WHERE.")
+            data["where"] = "[not rendered]"
+    at = utcnow()
+    actor = app_state.extension._actor()
+    result = execute_state.invoke_statement()
+    rowcount = getattr(result, "rowcount", None)
+    data["rowcount"] = rowcount if isinstance(rowcount, int) and rowcount >= 0 else None
+    if execute_state.is_executemany:
+        data["parameter_sets"] = len(t.cast(list[t.Any], execute_state.parameters))
+    _add(session, state, [Change(f"{spec.table}.{op}", data, actor, at)])
+    return result
+
+
+def _where(where: sa.ColumnElement[t.Any], spec: _Spec) -> dict[str, t.Any]:
+    # Rendered apart from any dialect, with each value as a named parameter:
+    # the text never holds a value, the params are redacted by name, and
+    # those of excluded columns are dropped.
+    compiled = where.compile(compile_kwargs={"render_postcompile": True})
+    return {
+        "where": str(compiled),
+        "params": {
+            name: _value(value)
+            for name, value in compiled.params.items()
+            if not _names_excluded(name, spec)
+        },
+    }
+
+
+def _names_excluded(param: str, spec: _Spec) -> bool:
+    return any(param == name or param.startswith(f"{name}_") for name in spec.exclude)
+
+
+def _after_commit(session: sa_orm.Session) -> None:
+    state = context._main_session_state(session) if has_app_context() else None
+    if state is None or not state.changes:
+        return
+    transaction = _current_carrier(session)
+    changes = state.changes.pop(transaction, None)
+    if not changes or transaction is None:
+        return
+    if transaction.nested and transaction.parent is not None:
+        state.changes.setdefault(_carrier(transaction.parent), []).extend(changes)
+    else:
+        _deliver(state, changes, "committed")
+
+
+def _after_transaction_end(
+    session: sa_orm.Session, transaction: sa_orm.SessionTransaction
+) -> None:
+    if not transaction.nested and transaction.parent is not None:
+        return
+    state = context._main_session_state(session) if has_app_context() else None
+    if state is None:
+        return
+    if transaction.parent is None:
+        state.flushing = False
+    # Still waiting at its end: the transaction did not commit.
+    changes = state.changes.pop(transaction, None)
+    if changes:
+        _deliver(state, changes, "rolled_back")
+
+
+def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -> None:
+    # Called from session events, which must not break the main session.
+    try:
+        app_state: _AppState = current_app.extensions["sidelog"]
+        entries = make_change_entries(
+            changes,
+            app_state.settings.redact_keys,
+            main_tx=main_tx,
+            request_id=state.request_id,
+            **state.request_fields,
+        )
+        app_state.extension._deliver(app_state, state, entries)
+    except Exception:
+        current_app.logger.exception(
+            "flask-sidelog could not record %d tracked change(s).", len(changes)
+        )
+
+
+def make_change_entries(
+    changes: list[Change], redact_keys: frozenset[str], **fields: t.Any
+) -> list[dict[str, t.Any]]:
+    """The entries of ``changes``, exactly as :func:`make_entry` makes them.
+
+    A flush can change thousands of rows, so the fields they share go through
+    :func:`make_entry` once, and each row's data takes a short path when it
+    holds only plain values; anything else takes :func:`storable_data`.
+    """
+    template = make_entry(changes[0].event, redact_keys=redact_keys, **fields)
+    events: dict[str, str] = {}
+    actors: dict[str | None, str | None] = {}
+    redacted: dict[str, bool] = {}
+    row_keys_plain = not any(
+        is_redacted(key, redact_keys) for key in ("table", "pk", "changes")
+    )
+    entries = []
+    for change in changes:
+        entry = template.copy()
+        entry["uuid"] = _uuid4()
+        event = events.get(change.event)
+        if event is None:
+            event = events[change.event] = check_event(change.event)
+        entry["event"] = event
+        if change.actor not in actors:
+            actors[change.actor] = cut(change.actor, COLUMN_LIMITS["actor"])
+        entry["actor"] = actors[change.actor]
+        entry["created_at"] = change.at
+        data = None
+        if row_keys_plain:
+            data = _plain_row_data(change.data, redact_keys, redacted)
+        if data is None:
+            data = t.cast("dict[str, t.Any]", storable_data(change.data, redact_keys))
+            if data.get("_truncated"):
+                # Keep what finds the row even when its values were too big.
+                data = t.cast(
+                    "dict[str, t.Any]",
+                    storable_data(
+                        {
+                            "table": change.data["table"],
+                            "pk": change.data.get("pk"),
+                            **data,
+                        },
+                        redact_keys,
+                    ),
+                )
+        entry["data"] = data
+        entries.append(entry)
+    return entries
+
+
+def _plain_row_data(
+    data: dict[str, t.Any], redact_keys: frozenset[str], redacted: dict[str, bool]
+) -> dict[str, t.Any] | None:
+    """What :func:`storable_data` makes of a row change holding only plain
+    values and well within :data:`MAX_DATA_BYTES`, or None for any other."""
+    table, pk, changes = data.get("table"), data.get("pk"), data.get("changes")
+    if (
+        len(data) != 3
+        or type(table) is not str
+        or type(pk) is not dict
+        or type(changes) is not dict
+    ):
+        return None
+    # An upper bound of the JSON size: 6 bytes a character covers escapes,
+    # 32 any number.
+    size = 6 * len(table) + 40
+    out_pk: dict[str, t.Any] = {}
+    for key, value in pk.items():
+        size += _plain_size(value) + 6 * len(key) + 8
+        if size > MAX_DATA_BYTES or not _plain_key(key, redact_keys, redacted):
+            return None
+        out_pk[key] = REDACTED if redacted[key] else _clean(value)
+    out_changes: dict[str, t.Any] = {}
+    for key, pair in changes.items():
+        if type(pair) is not list or len(pair) != 2:
+            return None
+        old, new = pair
+        size += _plain_size(old) + _plain_size(new) + 6 * len(key) + 8
+        if size > MAX_DATA_BYTES or not _plain_key(key, redact_keys, redacted):
+            return None
+        out_changes[key] = REDACTED if redacted[key] else [_clean(old), _clean(new)]
+    return {"table": clean_text(table), "pk": out_pk, "changes": out_changes}
+
+
+def _plain_key(
+    key: t.Any, redact_keys: frozenset[str], redacted: dict[str, bool]
+) -> bool:
+    """Whether ``key`` is a name stored as it is; notes in ``redacted``
+    whether its value is hidden."""
+    if key in redacted:
+        return True
+    if type(key) is not str or clean_text(key) != key:
+        return False
+    redacted[key] = is_redacted(key, redact_keys)
+    return True
+
+
+def _plain_size(value: t.Any) -> int:
+    """An upper bound of ``value``'s JSON size, or more than
+    :data:`MAX_DATA_BYTES` if it is not a plain JSON value."""
+    kind = type(value)
+    if kind is str:
+        return 6 * len(value) + 2
+    if value is None or kind is bool:
+        return 5
+    if kind is int and -_INT_RANGE <= value < _INT_RANGE:
+        return 20
+    if kind is float and math.isfinite(value):
+        return 32
+    return MAX_DATA_BYTES + 1
+
+
+def _clean(value: t.Any) -> t.Any:
+    # clean_text() encodes the whole string to find lone surrogates, which
+    # an ASCII string cannot hold.
+    if type(value) is str and ("\x00" in value or not value.isascii()):
+        return clean_text(value)
+    return value
+
+
+def _uuid4() -> str:
+    """``str(uuid.uuid4())``, without building a UUID object."""
+    h = int.from_bytes(os.urandom(16), "big")
+    h = (h & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    x = f"{h:032x}"
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+_listening: set[type[sa_orm.Session]] = set()
+
+
+def listen(session_class: type[sa_orm.Session]) -> None:
+    """Capture tracked changes made by main sessions of ``session_class``.
+
+    Registered after :func:`flask_sidelog.context.track_main_session`, so the
+    context's own listeners have updated the transaction's fate first.
+    """
+    if session_class in _listening:
+        return
+    _listening.add(session_class)
+    sa.event.listen(session_class, "before_flush", _before_flush)
+    sa.event.listen(session_class, "after_flush", _after_flush)
+    sa.event.listen(session_class, "after_rollback", _after_rollback)
+    sa.event.listen(session_class, "do_orm_execute", _do_orm_execute)
+    sa.event.listen(session_class, "after_commit", _after_commit)
+    sa.event.listen(session_class, "after_transaction_end", _after_transaction_end)
+
+
+_ROW_OPS = ("insert", "update", "delete")
+FATES = ("committed", "rolled_back")
+
+
+def parse_pk(pk: t.Any) -> dict[str, str] | str:
+    """A primary key as given to :meth:`SideLog.history`: a mapping, a
+    ``"k1=v1,k2=v2"`` string, or one value, with every value as text."""
+    if isinstance(pk, t.Mapping):
+        return {str(k): "" if v is None else str(v) for k, v in pk.items()}
+    if not isinstance(pk, str) or "=" not in pk:
+        return str(pk)
+    parsed: dict[str, str] = {}
+    for part in pk.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key or key in parsed:
+            raise ValueError(
+                f"Cannot read the primary key {pk!r}: give one value such as 7,"
+                " or every key column as k1=v1,k2=v2 (each column once)."
+            )
+        parsed[key] = value.strip()
+    return parsed
+
+
+def _pk_matches(stored: t.Any, wanted: dict[str, str] | str) -> bool:
+    if not isinstance(stored, dict):
+        return False
+    text = {k: "" if v is None else str(v) for k, v in stored.items()}
+    if isinstance(wanted, str):
+        return len(text) == 1 and next(iter(text.values())) == wanted
+    return text == wanted
+
+
+def row_history(
+    app_state: _AppState, table: str, pk: t.Any, only: str | None
+) -> list[dict[str, t.Any]]:
+    """The body of :meth:`SideLog.history`."""
+    if only is not None and only not in FATES:
+        raise ValueError(f"only must be 'committed' or 'rolled_back', got {only!r}.")
+    wanted = parse_pk(pk)
+    writer = app_state.writer
+    c = writer.table.c
+    # The event index narrows the read to this table's row changes; the
+    # primary key is compared here, since JSON paths differ between backends.
+    query = (
+        sa.select(writer.table)
+        .where(c.event.in_([f"{table}.{op}" for op in _ROW_OPS]))
+        .order_by(c.created_at, c.id)
+    )
+    if only is not None:
+        query = query.where(c.main_tx == only)
+    with writer.lock, writer.engine.connect() as conn:
+        rows = conn.execute(query).mappings().all()
+    found = []
+    for row in rows:
+        data = row["data"]
+        if isinstance(data, dict) and _pk_matches(data.get("pk"), wanted):
+            found.append(row_to_dict(row))
+    return found

@@ -1,0 +1,755 @@
+"""Change capture: each attempted change to a tracked model, with its fate."""
+
+from __future__ import annotations
+
+import json
+import typing as t
+from datetime import datetime
+from datetime import timezone
+
+import pytest
+import sqlalchemy as sa
+import sqlalchemy.orm as sa_orm
+from flask import Flask
+from flask.testing import FlaskClient
+from flask.testing import FlaskCliRunner
+from flask_sqlalchemy import SQLAlchemy
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from conftest import Account
+from conftest import Base
+from conftest import dispose
+from conftest import make_app
+from flask_sidelog import SideLog
+from flask_sidelog.config import DEFAULT_REDACT_KEYS
+from flask_sidelog.entry import make_entry
+from flask_sidelog.signals import entry_failed
+from flask_sidelog.tracking import Change
+from flask_sidelog.tracking import make_change_entries
+
+
+class Credential(Base):
+    __tablename__ = "tr_credential"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    login: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(80))
+    password_hash: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(200))
+    ssn: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+
+
+class Membership(Base):
+    __tablename__ = "tr_membership"
+    org_id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    user_id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    role: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+
+
+class Note(Base):
+    __tablename__ = "tr_note"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    text: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(200))
+
+
+OPS = ("insert", "update", "delete", "bulk_insert", "bulk_update", "bulk_delete")
+
+
+def changes(app: Flask, sidelog: SideLog, table: str = "") -> list[dict[str, t.Any]]:
+    """The change entries (of ``table``, or of every table), oldest first."""
+    with app.app_context():
+        found = sidelog.entries(limit=10_000)
+    found.sort(key=lambda e: (e["created_at"], e["id"]))
+    return [
+        e
+        for e in found
+        if e["event"].rpartition(".")[2] in OPS
+        and (not table or e["event"].startswith(f"{table}."))
+    ]
+
+
+def summary(entries: list[dict[str, t.Any]]) -> list[tuple[str, str, t.Any]]:
+    return [(e["event"], e["main_tx"], e["data"].get("changes")) for e in entries]
+
+
+def seed(app: Flask, db: SQLAlchemy, *accounts: tuple[str, int]) -> None:
+    with app.app_context():
+        db.session.add_all(Account(name=n, balance=b) for n, b in accounts)
+        db.session.commit()
+
+
+def balances(app: Flask, db: SQLAlchemy) -> dict[str, int]:
+    with app.app_context():
+        return dict(db.session.execute(sa.select(Account.name, Account.balance)).all())
+
+
+def test_insert_update_delete_committed(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    sidelog.track(Account)
+
+    @app.post("/accounts")
+    def create() -> str:
+        db.session.add(Account(name="alice", balance=10))
+        db.session.commit()
+        return "ok"
+
+    @app.patch("/accounts/<int:pk>")
+    def update(pk: int) -> str:
+        account = db.get_or_404(Account, pk)
+        account.name = "alice"  # set, but not changed: not recorded
+        account.balance = 25
+        db.session.commit()
+        return "ok"
+
+    @app.delete("/accounts/<int:pk>")
+    def delete(pk: int) -> str:
+        db.session.delete(db.get_or_404(Account, pk))
+        db.session.commit()
+        return "ok"
+
+    client.post("/accounts")
+    client.patch("/accounts/1")
+    client.delete("/accounts/1")
+
+    assert balances(app, db) == {}
+    found = changes(app, sidelog)
+    assert summary(found) == [
+        (
+            "account.insert",
+            "committed",
+            {"id": [None, 1], "name": [None, "alice"], "balance": [None, 10]},
+        ),
+        ("account.update", "committed", {"balance": [10, 25]}),
+        (
+            "account.delete",
+            "committed",
+            {"id": [1, None], "name": ["alice", None], "balance": [25, None]},
+        ),
+    ]
+    assert all(e["data"]["table"] == "account" for e in found)
+    assert all(e["data"]["pk"] == {"id": 1} for e in found)
+    assert all(e["request_id"] is not None for e in found)
+    assert [e["method"] for e in found] == ["POST", "PATCH", "DELETE"]
+
+
+def test_delete_of_an_expired_row_keeps_its_old_values(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """After a commit the row's attributes are expired; the delete loads
+    them (for its primary key), so every old value is recorded."""
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+
+    @app.post("/close")
+    def close() -> str:
+        account = db.get_or_404(Account, 1)
+        account.balance = 0
+        db.session.commit()
+        db.session.delete(account)
+        db.session.commit()
+        return "ok"
+
+    client.post("/close")
+    assert summary(changes(app, sidelog)) == [
+        ("account.update", "committed", {"balance": [10, 0]}),
+        (
+            "account.delete",
+            "committed",
+            {"id": [1, None], "name": ["alice", None], "balance": [0, None]},
+        ),
+    ]
+
+
+def test_rolled_back_by_exception_after_flush(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    seed(app, db, ("alice", 10), ("bob", 5))
+    sidelog.track(Account)
+
+    @app.post("/transfer")
+    def transfer() -> str:
+        alice = db.session.execute(
+            sa.select(Account).filter_by(name="alice")
+        ).scalar_one()
+        bob = db.session.execute(sa.select(Account).filter_by(name="bob")).scalar_one()
+        alice.balance -= 10
+        db.session.delete(bob)
+        db.session.add(Account(name="carol", balance=10))
+        db.session.flush()
+        raise RuntimeError("insufficient funds")
+
+    with pytest.raises(RuntimeError):
+        client.post("/transfer")
+
+    assert balances(app, db) == {"alice": 10, "bob": 5}
+    found = changes(app, sidelog)
+    assert {(e["event"], e["main_tx"]) for e in found} == {
+        ("account.insert", "rolled_back"),
+        ("account.update", "rolled_back"),
+        ("account.delete", "rolled_back"),
+    }
+    update = next(e for e in found if e["event"] == "account.update")
+    assert update["data"]["changes"] == {"balance": [10, 0]}
+    delete = next(e for e in found if e["event"] == "account.delete")
+    assert delete["data"]["changes"]["name"] == ["bob", None]
+
+
+def test_flushed_and_discarded_at_teardown(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    sidelog.track(Account)
+
+    @app.post("/forgot")
+    def forgot() -> str:
+        db.session.add(Account(name="never", balance=1))
+        db.session.flush()
+        return "ok"
+
+    assert client.post("/forgot").status_code == 200
+    assert balances(app, db) == {}
+    assert summary(changes(app, sidelog)) == [
+        (
+            "account.insert",
+            "rolled_back",
+            {"id": [None, 1], "name": [None, "never"], "balance": [None, 1]},
+        )
+    ]
+
+
+def test_integrity_error_at_commit(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    seed(app, db, ("taken", 0))
+    sidelog.track(Account)
+
+    @app.post("/signup")
+    def signup() -> str:
+        db.session.add(Account(name="taken", balance=3))
+        db.session.commit()
+        return "created"
+
+    with pytest.raises(sa.exc.IntegrityError):
+        client.post("/signup")
+
+    assert balances(app, db) == {"taken": 0}
+    (entry,) = changes(app, sidelog)
+    assert entry["event"] == "account.insert"
+    assert entry["main_tx"] == "rolled_back"
+    assert entry["data"]["changes"]["name"] == [None, "taken"]
+    assert entry["data"]["changes"]["balance"] == [None, 3]
+
+
+def test_savepoint_rolled_back_inside_committed_transaction(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+
+    @app.post("/")
+    @sidelog.audit("batch")
+    def batch() -> str:
+        alice = db.session.execute(sa.select(Account)).scalar_one()
+        alice.balance = 11
+        db.session.flush()
+        with db.session.begin_nested():  # released: kept
+            db.session.add(Account(name="kept", balance=1))
+        savepoint = db.session.begin_nested()
+        db.session.add(Account(name="dropped", balance=2))
+        alice.balance = 12
+        inner = db.session.begin_nested()
+        db.session.add(Account(name="inner", balance=3))
+        inner.commit()  # released into a savepoint that is rolled back
+        savepoint.rollback()
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    assert balances(app, db) == {"alice": 11, "kept": 1}
+    found = changes(app, sidelog)
+    fates = {
+        (e["event"], str(e["data"]["changes"].get("name")), e["main_tx"]) for e in found
+    }
+    assert fates == {
+        ("account.update", "None", "committed"),
+        ("account.insert", "[None, 'kept']", "committed"),
+        ("account.insert", "[None, 'dropped']", "rolled_back"),
+        ("account.update", "None", "rolled_back"),
+        ("account.insert", "[None, 'inner']", "rolled_back"),
+    }
+    updates = [e for e in found if e["event"] == "account.update"]
+    assert {
+        (e["main_tx"], tuple(e["data"]["changes"]["balance"])) for e in updates
+    } == {
+        ("committed", (10, 11)),
+        ("rolled_back", (11, 12)),
+    }
+    with app.app_context():
+        (audit,) = sidelog.entries(event="batch")
+    assert audit["main_tx"] == "committed"
+
+
+def test_failed_flush_in_savepoint_inside_committed_transaction(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """The common "try to insert, skip duplicates" pattern: the attempt is
+    recorded as rolled back, the rest of the transaction as committed."""
+    seed(app, db, ("taken", 0))
+    sidelog.track(Account)
+
+    @app.post("/")
+    def import_rows() -> str:
+        db.session.add(Account(name="new", balance=1))
+        db.session.flush()
+        try:
+            with db.session.begin_nested():
+                db.session.add(Account(name="taken", balance=2))
+        except sa.exc.IntegrityError:
+            pass
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    assert balances(app, db) == {"taken": 0, "new": 1}
+    found = changes(app, sidelog)
+    fates = {(e["data"]["changes"]["name"][1], e["main_tx"]) for e in found}
+    assert fates == {("new", "committed"), ("taken", "rolled_back")}
+    assert len(found) == 2
+
+
+def test_savepoint_released_then_outer_rolled_back(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    sidelog.track(Account)
+
+    @app.post("/")
+    @sidelog.audit("batch")
+    def batch() -> str:
+        db.session.add(Account(name="outer", balance=1))
+        db.session.flush()
+        with db.session.begin_nested():
+            db.session.add(Account(name="released", balance=2))
+        db.session.rollback()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    assert balances(app, db) == {}
+    assert {e["main_tx"] for e in changes(app, sidelog)} == {"rolled_back"}
+    assert len(changes(app, sidelog)) == 2
+    with app.app_context():
+        (audit,) = sidelog.entries(event="batch")
+    assert audit["main_tx"] == "rolled_back"
+
+
+def test_bulk_update_and_delete_with_where(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient, backend: str
+) -> None:
+    seed(app, db, ("alice", 10), ("bob", 50), ("carol", 500))
+    sidelog.track(Account)
+
+    @app.post("/reset")
+    def reset() -> str:
+        db.session.execute(
+            sa.update(Account)
+            .where(Account.balance < 100, Account.name.in_(["alice", "bob", "dave"]))
+            .values(balance=0)
+        )
+        db.session.execute(sa.delete(Account).where(Account.name == "carol"))
+        db.session.execute(
+            sa.insert(Account).values([{"name": "erin"}, {"name": "frank"}])
+        )
+        db.session.commit()
+        return "ok"
+
+    @app.post("/undone")
+    def undo() -> str:
+        db.session.execute(sa.delete(Account).where(Account.balance == 0))
+        db.session.rollback()
+        return "ok"
+
+    client.post("/reset")
+    client.post("/undone")
+
+    assert balances(app, db) == {"alice": 0, "bob": 0, "erin": 0, "frank": 0}
+    update, delete, insert, undone = changes(app, sidelog)
+    assert update["event"] == "account.bulk_update"
+    assert update["main_tx"] == "committed"
+    assert update["data"] == {
+        "table": "account",
+        "where": "account.balance < :balance_1"
+        " AND account.name IN (:name_1_1, :name_1_2, :name_1_3)",
+        "params": {
+            "balance_1": 100,
+            "name_1_1": "alice",
+            "name_1_2": "bob",
+            "name_1_3": "dave",
+        },
+        "rowcount": 2,
+    }
+    assert (delete["event"], delete["main_tx"]) == ("account.bulk_delete", "committed")
+    assert delete["data"]["where"] == "account.name = :name_1"
+    assert delete["data"]["params"] == {"name_1": "carol"}
+    assert delete["data"]["rowcount"] == 1
+    assert insert["event"] == "account.bulk_insert"
+    # psycopg reports no rowcount for a multi-row INSERT ... VALUES.
+    assert insert["data"]["rowcount"] == (None if backend == "postgres" else 2)
+    assert insert["data"]["where"] is None
+    assert undone["event"] == "account.bulk_delete"
+    assert undone["main_tx"] == "rolled_back"
+    assert undone["data"]["rowcount"] == 4
+
+
+def test_untracked_model_produces_nothing(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.post("/")
+    def write() -> str:
+        db.session.add(Note(text="hello"))
+        db.session.add(Account(name="alice"))
+        db.session.commit()
+        db.session.execute(sa.update(Note).values(text="bye"))
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+    with app.app_context():
+        sidelog.create_table()
+        assert sidelog.entries() == []
+
+    sidelog.track(Account)
+    with app.app_context():
+        db.session.execute(sa.delete(Account))
+        db.session.commit()
+    client.post("/")
+    assert [e["event"] for e in changes(app, sidelog)] == [
+        "account.bulk_delete",
+        "account.insert",
+    ]
+
+
+def test_excluded_and_redacted_columns_never_stored(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    sidelog.track(Credential, exclude={"ssn"})
+
+    @app.post("/")
+    def lifecycle() -> str:
+        cred = Credential(login="alice", password_hash="HASH-ONE", ssn="SSN-111")
+        db.session.add(cred)
+        db.session.commit()
+        cred.password_hash = "HASH-TWO"
+        cred.ssn = "SSN-222"
+        db.session.commit()
+        db.session.execute(
+            sa.update(Credential)
+            .where(Credential.ssn == "SSN-333", Credential.password_hash == "HASH-3")
+            .values(login="bob")
+        )
+        db.session.delete(cred)
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+
+    found = changes(app, sidelog)
+    assert [e["event"] for e in found] == [
+        "tr_credential.insert",
+        "tr_credential.update",
+        "tr_credential.bulk_update",
+        "tr_credential.delete",
+    ]
+    insert, update, bulk, delete = found
+    assert insert["data"]["changes"] == {
+        "id": [None, 1],
+        "login": [None, "alice"],
+        "password_hash": "[redacted]",
+    }
+    assert update["data"]["changes"] == {"password_hash": "[redacted]"}
+    assert bulk["data"]["params"] == {"password_hash_1": "[redacted]"}
+    assert "ssn" not in delete["data"]["changes"]
+    with app.app_context(), sidelog.log_session() as s:
+        table = app.extensions["sidelog"].table
+        rows = s.execute(sa.select(table)).mappings()
+        stored = json.dumps([dict(row) for row in rows], default=str)
+    for secret in ("HASH-ONE", "HASH-TWO", "HASH-3", "SSN-111", "SSN-222", "SSN-333"):
+        assert secret not in stored
+
+
+def test_change_entries_share_request_id_and_actor(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    sidelog.track(Account)
+    sidelog.actor_loader(lambda: "alice")
+
+    @app.post("/")
+    @sidelog.audit("account.open")
+    def open_account() -> str:
+        db.session.add(Account(name="a"))
+        db.session.flush()
+        db.session.execute(sa.update(Account).values(balance=5))
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+    with app.app_context():
+        (audit,) = sidelog.entries(event="account.open")
+    found = changes(app, sidelog, "account")
+    assert [e["event"] for e in found] == ["account.insert", "account.bulk_update"]
+    assert {e["request_id"] for e in found} == {audit["request_id"]}
+    assert audit["request_id"] is not None
+    assert {e["actor"] for e in found} == {"alice"}
+
+
+def test_outside_a_request(app: Flask, db: SQLAlchemy, sidelog: SideLog) -> None:
+    """A CLI command or job in an app context is recorded too, with no
+    request id."""
+    sidelog.track(Account)
+    with app.app_context():
+        db.session.add(Account(name="job"))
+        db.session.commit()
+    (entry,) = changes(app, sidelog)
+    assert (entry["event"], entry["main_tx"]) == ("account.insert", "committed")
+    assert entry["request_id"] is None
+
+
+def test_log_failure_does_not_break_the_main_transaction(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    app, db, sidelog = make_app(
+        database_uri,
+        str(tmp_path / "instance"),
+        {"SIDELOG_CREATE_TABLE": False, "SIDELOG_TABLE": "missing_table"},
+    )
+    assert db is not None
+    sidelog.track(Account)
+    failed: list[str] = []
+
+    def record(sender: Flask, entry: dict[str, t.Any], error: BaseException) -> None:
+        failed.append(entry["event"])
+
+    try:
+        with app.app_context():
+            Base.metadata.create_all(db.engine)
+        with entry_failed.connected_to(record, app), app.app_context():
+            db.session.add(Account(name="kept"))
+            db.session.commit()
+            assert db.session.scalars(sa.select(Account.name)).all() == ["kept"]
+        assert failed == ["account.insert"]
+    finally:
+        dispose(app)
+
+
+def test_tracked_decorator_before_init_app_and_track_all(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    sidelog = SideLog()
+    assert sidelog.tracked(Membership) is Membership
+    assert sidelog.tracked(exclude={"ssn"})(Credential) is Credential
+    sidelog.track_all(exclude_tables={"tr_note"})
+    app = Flask("tracked", instance_path=str(tmp_path / "instance"))
+    app.config.update(SQLALCHEMY_DATABASE_URI=database_uri, SIDELOG_CREATE_TABLE=True)
+    db = SQLAlchemy()
+    db.init_app(app)
+    sidelog.init_app(app, db)
+    try:
+        with app.app_context():
+            Base.metadata.create_all(db.engine)
+            db.session.add(Membership(org_id=1, user_id=2, role="owner"))
+            db.session.add(Credential(login="a", password_hash="h", ssn="SSN-9"))
+            db.session.add(Account(name="a"))
+            db.session.add(Note(text="not tracked"))
+            db.session.commit()
+        found = changes(app, sidelog)
+        assert sorted(e["event"] for e in found) == [
+            "account.insert",
+            "tr_credential.insert",
+            "tr_membership.insert",
+        ]
+        membership = next(e for e in found if e["event"] == "tr_membership.insert")
+        assert membership["data"]["pk"] == {"org_id": 1, "user_id": 2}
+        credential = next(e for e in found if e["event"] == "tr_credential.insert")
+        assert "ssn" not in credential["data"]["changes"]
+    finally:
+        dispose(app)
+
+
+def test_track_rejects_bad_arguments(sidelog: SideLog) -> None:
+    with pytest.raises(TypeError, match="mapped model class"):
+        sidelog.track(dict)
+    with pytest.raises(TypeError, match=r"exclude=\{'ssn'\}"):
+        sidelog.track(Credential, exclude="ssn")
+    with pytest.raises(ValueError, match="no column 'pasword_hash'; exclude one of"):
+        sidelog.track(Credential, exclude={"pasword_hash"})
+    with pytest.raises(
+        ValueError, match="primary key of Credential cannot be excluded"
+    ):
+        sidelog.track(Credential, exclude={"id"})
+    with pytest.raises(TypeError, match=r"exclude_tables=\{'tr_note'\}"):
+        sidelog.track_all(exclude_tables="tr_note")
+
+
+def test_history(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    runner: FlaskCliRunner,
+) -> None:
+    sidelog.track(Account)
+    sidelog.track(Membership)
+    sidelog.actor_loader(lambda: "alice")
+
+    @app.post("/")
+    def work() -> str:
+        db.session.add(Account(name="a", balance=1))
+        db.session.add(Account(name="other", balance=1))
+        db.session.add(Membership(org_id=1, user_id=2, role="member"))
+        db.session.commit()
+        account = db.get_or_404(Account, 1)
+        account.balance = 100
+        db.session.flush()
+        db.session.rollback()
+        db.get_or_404(Account, 1).balance = 2
+        db.get_or_404(Membership, (1, 2)).role = "owner"
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+
+    with app.app_context():
+        life = sidelog.history("account", 1)
+        assert [(e["event"], e["main_tx"]) for e in life] == [
+            ("account.insert", "committed"),
+            ("account.update", "rolled_back"),
+            ("account.update", "committed"),
+        ]
+        assert sidelog.history("account", "id=1", only="rolled_back") == [life[1]]
+        assert len(sidelog.history("tr_membership", {"org_id": 1, "user_id": 2})) == 2
+        assert sidelog.history("tr_membership", 1) == []
+        with pytest.raises(ValueError, match="only must be"):
+            sidelog.history("account", 1, only="stuck")
+
+    result = runner.invoke(args=["sidelog", "history", "account", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 3
+    assert "committed" in lines[0] and "insert" in lines[0]
+    assert 'name: null -> "a"' in lines[0]
+    assert "ROLLED BACK" in lines[1] and "balance: 1 -> 100" in lines[1]
+    assert "committed" in lines[2] and "balance: 1 -> 2" in lines[2]
+    assert all("actor=alice" in line and "request=" in line for line in lines)
+    assert life[0]["request_id"] in lines[0]
+
+    only = runner.invoke(
+        args=["sidelog", "history", "account", "1", "--only-committed"]
+    )
+    assert only.output.splitlines() == [lines[0], lines[2]]
+    only = runner.invoke(
+        args=["sidelog", "history", "account", "1", "--only-rolled-back"]
+    )
+    assert only.output.splitlines() == [lines[1]]
+
+    composite = runner.invoke(
+        args=["sidelog", "history", "tr_membership", "user_id=2,org_id=1"]
+    )
+    assert composite.exit_code == 0
+    assert len(composite.output.splitlines()) == 2
+    assert 'role: "member" -> "owner"' in composite.output
+
+    nothing = runner.invoke(args=["sidelog", "history", "account", "99"])
+    assert nothing.exit_code == 0
+    assert nothing.output == "No recorded changes for account 99.\n"
+
+    both = runner.invoke(
+        args=[
+            "sidelog",
+            "history",
+            "account",
+            "1",
+            "--only-committed",
+            "--only-rolled-back",
+        ]
+    )
+    assert both.exit_code == 2
+    assert "exclude each other" in both.output
+    bad = runner.invoke(args=["sidelog", "history", "tr_membership", "org_id=1,=2"])
+    assert bad.exit_code == 2
+    assert "k1=v1,k2=v2" in bad.output
+    assert "Traceback" not in bad.output
+
+
+plain = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.sampled_from(["a\x00b", "x\ud800y", "é"]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from(["a", "api_key"]), st.integers(), max_size=2),
+)
+columns = st.sampled_from(["id", "name", "password_hash", "Token", "n\x00", "x\ud800"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    pk=st.dictionaries(columns, plain, max_size=2),
+    row=st.dictionaries(columns, st.lists(plain, min_size=2, max_size=2), max_size=4),
+    big=st.booleans(),
+    redact=st.sampled_from([DEFAULT_REDACT_KEYS, ("pk",), ()]),
+)
+def test_change_entries_are_those_make_entry_makes(
+    pk: dict[str, t.Any], row: dict[str, t.Any], big: bool, redact: tuple[str, ...]
+) -> None:
+    """The per-row short path stores exactly what make_entry would."""
+    if big:
+        row["name"] = ["x" * 70_000, None]
+    data = {"table": "account", "pk": pk, "changes": row}
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    change = Change("account.update", data, "alice", at)
+    keys = frozenset(redact)
+    fields = {"main_tx": "committed", "request_id": "r", "path": "/p"}
+    (entry,) = make_change_entries([change], keys, **fields)
+    expected = make_entry(
+        "account.update",
+        data=data,
+        redact_keys=keys,
+        actor="alice",
+        created_at=at,
+        **fields,
+    )
+    if expected["data"].get("_truncated"):
+        assert entry["data"]["table"] == "account"
+        assert entry["data"]["_size"] == expected["data"]["_size"]
+        expected["data"] = entry["data"]
+    assert entry.pop("uuid") != expected.pop("uuid")
+    assert entry == expected
+
+
+def test_without_flask_sqlalchemy(database_uri: str, tmp_path: t.Any) -> None:
+    """SideLog's own main session is tracked the same way."""
+    app, _, sidelog = make_app(database_uri, str(tmp_path / "instance"), with_db=False)
+    sidelog.track(Account)
+
+    @app.post("/<name>")
+    def create(name: str) -> str:
+        sidelog.session.add(Account(name=name))
+        sidelog.session.flush()
+        if name == "undo":
+            sidelog.session.rollback()
+        else:
+            sidelog.session.commit()
+        return "ok"
+
+    try:
+        with app.app_context():
+            Base.metadata.create_all(app.extensions["sidelog"].main_engine)
+        client = app.test_client()
+        client.post("/kept")
+        client.post("/undo")
+        found = changes(app, sidelog)
+        assert [(e["data"]["changes"]["name"][1], e["main_tx"]) for e in found] == [
+            ("kept", "committed"),
+            ("undo", "rolled_back"),
+        ]
+    finally:
+        dispose(app)
