@@ -12,6 +12,8 @@ import typing as t
 import sqlalchemy as sa
 from flask import Flask
 
+from .entry import normalise_key
+
 DEFAULT_REDACT_KEYS = (
     "password",
     "passwd",
@@ -79,7 +81,7 @@ class Settings:
             bind_key=c["SIDELOG_BIND_KEY"],
             table=c["SIDELOG_TABLE"],
             create_table=c["SIDELOG_CREATE_TABLE"],
-            redact_keys=frozenset(k.lower() for k in c["SIDELOG_REDACT_KEYS"]),
+            redact_keys=frozenset(normalise_key(k) for k in c["SIDELOG_REDACT_KEYS"]),
             engine_options=dict(c["SIDELOG_ENGINE_OPTIONS"]),
             main_database_uri=c["SIDELOG_MAIN_DATABASE_URI"]
             or c.get("SQLALCHEMY_DATABASE_URI"),

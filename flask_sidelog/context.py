@@ -26,7 +26,9 @@ from werkzeug.exceptions import HTTPException
 from .entry import is_redacted
 from .entry import REDACTED
 
-_READ_ONLY_SQL = ("select", "with", "show", "explain", "pragma", "values")
+# A text statement counts as a write unless it starts like a read. WITH is
+# not among these: "WITH ... INSERT" writes.
+_READ_ONLY_SQL = ("select", "show", "explain", "pragma", "values")
 #: What an incoming request id must look like to be used as is.
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -53,13 +55,17 @@ class ContextState:
     #: Tracked row changes waiting for their fate, by the transaction or
     #: savepoint that carries them (see :mod:`flask_sidelog.tracking`).
     changes: dict[t.Any, list[t.Any]] = dataclasses.field(default_factory=dict)
+    #: Entries logged while this context holds a SQLite log_session().
+    log_session_held: list[dict[str, t.Any]] | None = None
     #: A flush of the main session started and has not finished yet.
     flushing: bool = False
 
     @property
     def main_tx(self) -> str:
-        """``rolled_back`` if any write of the main session was lost,
-        ``committed`` if its writes were committed, ``none`` if it wrote nothing."""
+        """``rolled_back`` if a transaction of the main session ended with
+        writes it did not commit, ``committed`` if its writes were committed,
+        ``none`` if it wrote nothing. A savepoint the app rolled back inside a
+        committed transaction is the app's choice: ``committed``."""
         if self.rolled_back or self.pending_write:
             return "rolled_back"
         return "committed" if self.committed else "none"
@@ -68,13 +74,17 @@ class ContextState:
         """The audited view's outcome, status code and error text."""
         exc = self.exception
         status = self.status_code
+        unhandled = False
         if status is None:
             # after_request did not run: the exception went past it.
             if isinstance(exc, HTTPException):
                 status = exc.code or 500
             else:
                 status = 200 if exc is None else 500
-        if status >= 500 or not isinstance(exc, (HTTPException, type(None))):
+            unhandled = exc is not None and not isinstance(exc, HTTPException)
+        # An exception an errorhandler turned into a response is judged by
+        # that response's status; its text is kept in ``error`` all the same.
+        if status >= 500 or unhandled:
             outcome = "error"
         elif status >= 400:
             outcome = "failure"
@@ -94,13 +104,17 @@ def describe_error(exc: BaseException | None) -> str | None:
         name = f"{cls.__module__}.{name}"
     if isinstance(exc, HTTPException):
         message = f"{exc.code} {exc.name}"
-    elif isinstance(exc, sa.exc.DBAPIError):
+    elif isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
         message = str(exc.orig)
     else:
         message = str(exc)
     return f"{name}: {message.strip()}" if message else name
 
 
+@t.overload
+def current_state(create: t.Literal[True] = ...) -> ContextState: ...
+@t.overload
+def current_state(create: bool) -> ContextState | None: ...
 def current_state(create: bool = True) -> ContextState | None:
     """The current app context's state, created on first use."""
     state: ContextState | None = g.get("_sidelog")

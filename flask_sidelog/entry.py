@@ -7,12 +7,15 @@ database, and anything cut short says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import typing as t
 import uuid
 from datetime import datetime
 from datetime import timezone
+
+from werkzeug.datastructures import Headers
 
 from .model import COLUMN_LIMITS
 from .model import EVENT_MAX
@@ -64,9 +67,30 @@ def cut(value: str | None, limit: int) -> str | None:
     return value
 
 
+def normalise_key(key: str) -> str:
+    """Lower case without ``-``, ``_`` and spaces: ``X-Api-Key``, ``apiKey``
+    and ``api_key`` all read ``xapikey`` or ``apikey``."""
+    return key.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
 def is_redacted(key: str, redact_keys: frozenset[str]) -> bool:
-    lowered = key.lower()
-    return any(word in lowered for word in redact_keys)
+    """Whether ``key`` contains one of ``redact_keys`` (normalised names)."""
+    name = normalise_key(key)
+    return any(word in name for word in redact_keys)
+
+
+def _as_mapping(value: object) -> t.Mapping[t.Any, t.Any] | None:
+    """The fields of a mapping-like value, so its keys can be redacted: a
+    ``repr()`` would store ``Login(password='...')`` in clear."""
+    if isinstance(value, t.Mapping):
+        return value
+    if isinstance(value, Headers):
+        return dict(value.items())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return t.cast("t.Mapping[t.Any, t.Any]", value._asdict())
+    return None
 
 
 def _safe_repr(value: object) -> str:
@@ -85,8 +109,9 @@ def to_storable(
 ) -> t.Any:
     """Return ``value`` as plain JSON, with redacted keys replaced.
 
-    Keys are redacted when their lower-cased name contains any of
-    ``redact_keys``, in nested dicts and lists too. Keys that are not strings
+    Keys are redacted when their name contains any of ``redact_keys`` (both
+    compared by :func:`normalise_key`), in nested mappings, lists, dataclasses
+    and named tuples too. Keys that are not strings
     are stored as their ``repr()``; a key whose text repeats an earlier one gets
     ``~`` appended, so no value is lost. Values JSON cannot hold are
     kept faithfully as text: ``repr()`` for unknown objects and bytes, ``"NaN"``
@@ -111,13 +136,14 @@ def to_storable(
         return "Infinity" if value > 0 else "-Infinity"
     if _depth >= MAX_DEPTH:
         return "[max depth]"
-    if isinstance(value, (dict, list, tuple, set, frozenset)):
+    mapping = _as_mapping(value)
+    if mapping is not None or isinstance(value, (list, tuple, set, frozenset)):
         if id(value) in _seen:
             return "[recursive]"
         seen = _seen | {id(value)}
-        if isinstance(value, dict):
+        if mapping is not None:
             out: dict[str, t.Any] = {}
-            for key, item in value.items():
+            for key, item in mapping.items():
                 name = clean_text(key) if isinstance(key, str) else _safe_repr(key)
                 # 1 and "1", or "a\x00" and "a\\x00", are one JSON key:
                 # keep both values under distinct names.
@@ -128,7 +154,8 @@ def to_storable(
                 else:
                     out[name] = to_storable(item, redact_keys, _depth + 1, seen)
             return out
-        return [to_storable(item, redact_keys, _depth + 1, seen) for item in value]
+        items = t.cast("t.Iterable[t.Any]", value)
+        return [to_storable(item, redact_keys, _depth + 1, seen) for item in items]
     if isinstance(value, datetime):
         return value.isoformat()
     return _safe_repr(value)

@@ -17,15 +17,19 @@ from flask import has_app_context
 from flask import has_request_context
 from flask import request
 from flask import Response
+from flask.globals import app_ctx
+from werkzeug.exceptions import HTTPException
 
 from . import context
 from . import tracking
 from .cli import sidelog_group
 from .config import Settings
 from .engine import create_log_engine
+from .engine import is_sqlite
 from .engine import is_sqlite_memory
 from .engine import resolve_url
 from .engine import sqlite_path
+from .entry import check_event
 from .entry import make_entry
 from .model import make_entries_table
 from .query import entry_filters
@@ -108,7 +112,10 @@ class _AppState:
             return resolve_url(s.database_uri, self.app.instance_path)
         if s.bind_key is not None:
             if self.db is None:
-                raise RuntimeError("SIDELOG_BIND_KEY needs a Flask-SQLAlchemy db.")
+                raise RuntimeError(
+                    "SIDELOG_BIND_KEY names a Flask-SQLAlchemy bind: pass the db to"
+                    " init_app(app, db), or set SIDELOG_DATABASE_URI instead."
+                )
             return self.db.engines[s.bind_key].url
         return self.main_engine.url
 
@@ -319,13 +326,13 @@ class SideLog:
         :param event: what happened, such as ``"login.failed"``; 1 to 200 characters.
         :param actor: who did it; default: the actor loader's answer.
         :param level: ``"info"``, ``"warning"`` or ``"error"``.
-        :return: the entry as stored.
+        :return: the entry; written, or deferred, spooled or buffered as the
+            situation and ``SIDELOG_WRITE_MODE`` say.
         :raise ValueError: for an empty or too long event or an unknown level.
         :raise RuntimeError: outside an app context.
         """
         app_state = _app_state()
         state = context.current_state()
-        assert state is not None
         entry = make_entry(
             event,
             level=level,
@@ -345,7 +352,15 @@ class SideLog:
         entries: list[dict[str, t.Any]],
     ) -> None:
         writer = app_state.writer
-        if app_state.defer_while_main_writes and state.pending_write:
+        if state.log_session_held is not None:
+            # This thread holds the SQLite log in a log_session(): writing now
+            # would join (memory database) or wait for (file) that session.
+            # log_session() writes these as it ends.
+            state.log_session_held.extend(entries)
+            return
+        if app_state.defer_while_main_writes and (
+            state.pending_write or _main_holds_sqlite_lock(app_state)
+        ):
             # The main session holds SQLite's only write lock until the end of
             # its transaction; writing now would wait for ourselves until
             # "database is locked". The teardown writes these.
@@ -361,16 +376,20 @@ class SideLog:
         Works on ``async def`` views too.
 
         :param event: the event name; default: the endpoint name.
+        :raise ValueError: at decoration, for an event :meth:`log` would refuse.
         """
         if callable(event):
             return self.audit()(event)
+        if event is not None:
+            check_event(event)
 
         def decorator(view: F) -> F:
             @functools.wraps(view)
             def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
-                state = context.current_state()
-                assert state is not None
-                if state.audit_event is not None:  # an outer view is audited
+                state = context.current_state(create=has_request_context())
+                # Not a request (called as a plain function), or an outer view
+                # is audited already: only run it.
+                if state is None or state.audit_event is not None:
                     return current_app.ensure_sync(view)(*args, **kwargs)
                 state.audit_event = event or request.endpoint or view.__name__
                 state.started = time.perf_counter()
@@ -412,16 +431,32 @@ class SideLog:
         """
         app_state = _app_state()
         writer = app_state.writer
-        state = context.current_state(create=False)
-        if app_state.defer_while_main_writes and state and state.pending_write:
+        state = context.current_state()
+        if app_state.defer_while_main_writes and (
+            state.pending_write or _main_holds_sqlite_lock(app_state)
+        ):
             raise RuntimeError(
                 "log_session() cannot write to the SQLite file the main session"
                 " holds locked until its transaction ends. Open it before the main"
                 " session writes, or set SIDELOG_DATABASE_URI to another file."
             )
         writer.ensure_table()
-        with writer.lock, sa_orm.Session(writer.engine) as session, session.begin():
-            yield session
+        nested = state.log_session_held is not None
+        if not nested and is_sqlite(writer.engine.url):
+            state.log_session_held = []
+        try:
+            with (
+                writer.lock,
+                sa_orm.Session(writer.engine) as session,
+                session.begin(),
+            ):
+                yield session
+        finally:
+            held, state.log_session_held = state.log_session_held, None
+            if nested:
+                state.log_session_held = held
+            elif held:
+                self._deliver(app_state, state, held)
 
     def create_table(self) -> bool:
         """Create the entries table if it is missing.
@@ -511,6 +546,10 @@ class SideLog:
         if state.audit_event is not None:
             if state.exception is None and exc is not None:
                 state.exception = exc
+                if not isinstance(exc, HTTPException):
+                    # Raised past our after_request (by a later one, with
+                    # TESTING): the client got no response of that status.
+                    state.status_code = None
             outcome, status, error = state.outcome()
             entries.append(
                 make_entry(
@@ -532,7 +571,23 @@ class SideLog:
             app_state.writer.write(entries)
 
 
-def _app_context_id() -> int:
-    from flask.globals import _cv_app
+def _main_holds_sqlite_lock(app_state: _AppState) -> bool:
+    """Whether this context's main session has a SQLite write transaction
+    open, however it wrote (flush, ``connection().execute``, raw SQL)."""
+    scoped = app_state.main_session
+    if not scoped.registry.has():
+        return False
+    session = scoped.registry()
+    if not session.in_transaction():
+        return False
+    try:
+        dbapi = session.connection().connection.dbapi_connection
+    except Exception:  # a failed transaction: assume it still holds the lock
+        return True
+    return bool(getattr(dbapi, "in_transaction", False))
 
-    return id(_cv_app.get(None))
+
+def _app_context_id() -> int:
+    """The scope of :attr:`SideLog.session`: the app context, as
+    Flask-SQLAlchemy scopes ``db.session``."""
+    return id(app_ctx._get_current_object())  # type: ignore[attr-defined]

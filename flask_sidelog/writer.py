@@ -107,6 +107,7 @@ class Writer:
         # SQLite has one writer per file and a memory database has one
         # connection: writers of this process take turns instead of waiting on
         # SQLite's busy timeout (or interleaving on the shared connection).
+        self._table_lock = threading.Lock()
         self.lock: t.ContextManager[t.Any] = (
             TimedLock(timeout) if is_sqlite(engine.url) else contextlib.nullcontext()
         )
@@ -153,10 +154,20 @@ class Writer:
 
     def ensure_table(self) -> None:
         """Create the table on first use when ``SIDELOG_CREATE_TABLE`` is on."""
-        if self._create_table:
-            with self.lock:
+        if not self._create_table:
+            return
+        # Its own lock: on PostgreSQL self.lock does not serialise anything,
+        # and threads racing to CREATE TABLE would lose their first entries.
+        with self._table_lock:
+            if not self._create_table:
+                return
+            try:
                 self.table.create(self.engine, checkfirst=True)
-                self._create_table = False
+            except sa.exc.DatabaseError:
+                # Another process created it between the check and the create.
+                if not sa.inspect(self.engine).has_table(self.table.name):
+                    raise
+            self._create_table = False
 
     def write(self, entries: list[dict[str, t.Any]]) -> bool:
         """Commit ``entries``; report the result and never raise but

@@ -215,3 +215,92 @@ def test_own_pool_under_concurrency(
         assert len({e["request_id"] for e in entries}) == 16
     finally:
         dispose(app)
+
+
+def test_sqlite_connection_level_write_is_waited_for(
+    tmp_path: t.Any, failures_of: t.Callable[[Flask], list[BaseException]]
+) -> None:
+    """A write the session's events do not see (straight on its connection)
+    holds the lock all the same: the entry waits for it, none fails."""
+    app, db, sidelog = make_app(
+        f"sqlite:///{tmp_path / 'same.db'}",
+        str(tmp_path),
+        {"SIDELOG_WRITE_TIMEOUT": 0.5},
+    )
+    assert db is not None
+    errors = failures_of(app)
+    with app.app_context():
+        Account.metadata.create_all(db.engine)
+
+    @app.post("/")
+    @sidelog.audit
+    def view() -> str:
+        db.session.connection().execute(sa.insert(Account).values(name="raw"))
+        sidelog.log("after.raw.insert")
+        db.session.commit()
+        return "ok"
+
+    assert app.test_client().post("/").status_code == 200
+    with app.app_context():
+        assert [e["event"] for e in sidelog.entries()] == ["after.raw.insert", "view"]
+        assert db.session.scalars(sa.select(Account.name)).all() == ["raw"]
+    dispose(app)
+    assert errors == []
+
+
+@pytest.fixture
+def failures_of() -> t.Iterator[t.Callable[[Flask], list[BaseException]]]:
+    found: list[BaseException] = []
+
+    def record(sender: Flask, entry: dict[str, t.Any], error: BaseException) -> None:
+        found.append(error)
+
+    def connect(app: Flask) -> list[BaseException]:
+        entry_failed.connect(record, app)
+        return found
+
+    yield connect
+    entry_failed.disconnect(record)
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "sqlite_memory"])
+def test_log_inside_log_session_waits_for_it(
+    app: Flask, sidelog: SideLog, failures: list[BaseException]
+) -> None:
+    """On SQLite the log_session holds the log database: an entry logged
+    inside it is written when it ends, and its rollback does not take the
+    entry with it."""
+    with app.app_context():
+        with sidelog.log_session() as s:
+            s.execute(sa.text("CREATE TABLE note (text VARCHAR(20))"))
+        with pytest.raises(KeyError), sidelog.log_session() as s:
+            s.execute(sa.text("INSERT INTO note VALUES ('rolled back')"))
+            sidelog.log("inside.log_session")
+            raise KeyError("abandon")
+        assert [e["event"] for e in sidelog.entries()] == ["inside.log_session"]
+        with sidelog.log_session() as s:
+            notes = s.execute(sa.text("SELECT text FROM note")).all()
+    assert notes == []
+    assert failures == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_first_writes_racing_to_create_the_table(
+    app: Flask, sidelog: SideLog, failures: list[BaseException]
+) -> None:
+    """SIDELOG_CREATE_TABLE on PostgreSQL, 8 threads writing first at once."""
+    start = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        with app.app_context():
+            start.wait()
+            sidelog.log("first", data={"i": i})
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    with app.app_context():
+        assert sorted(e["data"]["i"] for e in sidelog.entries()) == list(range(8))
+    assert failures == []

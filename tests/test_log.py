@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import threading
+import types
+import typing as t
 
 import click
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskCliRunner
+from werkzeug.datastructures import Headers
 
 from flask_sidelog import SideLog
+from flask_sidelog.context import describe_error
 from flask_sidelog.entry import MAX_DATA_BYTES
 from flask_sidelog.entry import REDACTED
 
@@ -162,3 +169,49 @@ def test_text_no_database_can_hold_is_escaped_visibly(
     assert entry["event"] == "nul\\x00event"
     assert entry["actor"] == "a\\udc80"
     assert entry["data"] == {"v": "x\\x00\\ud800"}
+
+
+@dataclasses.dataclass
+class Login:
+    user: str
+    password: str
+
+
+class Pair(t.NamedTuple):
+    name: str
+    secret: str
+
+
+def test_mapping_likes_are_redacted_not_stored_as_repr(
+    app: Flask, sidelog: SideLog
+) -> None:
+    headers = Headers({"Authorization": "Bearer SECRET", "Accept": "text/html"})
+    data = {
+        "headers": headers,
+        "login": Login("bob", "hunter2"),
+        "pair": Pair("k", "s3"),
+        "proxy": types.MappingProxyType({"passwd": "x", "n": 1}),
+        "X-Api-Key": "k1",
+        "apiKey": "k2",
+        "refresh-token": "k3",
+    }
+    with app.app_context():
+        sidelog.log("mapping.likes", data=data)
+        (entry,) = sidelog.entries()
+    assert entry["data"] == {
+        "headers": {"Authorization": REDACTED, "Accept": "text/html"},
+        "login": {"user": "bob", "password": REDACTED},
+        "pair": {"name": "k", "secret": REDACTED},
+        "proxy": {"passwd": REDACTED, "n": 1},
+        "X-Api-Key": REDACTED,
+        "apiKey": REDACTED,
+        "refresh-token": REDACTED,
+    }
+    assert "hunter2" not in json.dumps(entry["data"])
+
+
+def test_statement_errors_keep_the_driver_message_only() -> None:
+    error = sa.exc.StatementError(
+        "bad value", "INSERT ...", {"password": "hunter2"}, ValueError("bad value")
+    )
+    assert describe_error(error) == "sqlalchemy.exc.StatementError: bad value"

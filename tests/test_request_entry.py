@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing as t
+
 import pytest
 import sqlalchemy as sa
 from flask import abort
@@ -254,3 +256,111 @@ def test_nested_audit_writes_the_outer_event(
     assert client.get("/outer").get_data(as_text=True) == "inner"
     with app.app_context():
         assert [e["event"] for e in sidelog.entries()] == ["outer"]
+
+
+# pysqlite without SQLAlchemy's documented savepoint recipe commits at RELEASE.
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_savepoint_released_then_outer_rolled_back(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """Releasing a savepoint fires after_commit; the request still lost it all."""
+
+    @app.post("/")
+    @sidelog.audit
+    def view() -> str:
+        with db.session.begin_nested():
+            db.session.add(Account(name="inner"))
+        db.session.rollback()
+        return "ok"
+
+    client.post("/")
+    assert names(app, db) == []
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["main_tx"] == "rolled_back"
+
+
+# pysqlite begins a transaction only before a statement that starts with
+# INSERT/UPDATE/DELETE: its "WITH ... INSERT" commits at once.
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_text_cte_insert_counts_as_a_write(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.post("/")
+    @sidelog.audit
+    def view() -> str:
+        db.session.execute(
+            sa.text(
+                "WITH n AS (SELECT 'cte' AS name)"
+                " INSERT INTO account (name, balance) SELECT name, 0 FROM n"
+            )
+        )
+        raise LookupError("after the insert")
+
+    with pytest.raises(LookupError):
+        client.post("/")
+    assert names(app, db) == []
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["main_tx"]) == ("error", "rolled_back")
+
+
+class NotThere(Exception):
+    pass
+
+
+def test_exception_turned_into_a_response_by_an_errorhandler(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.errorhandler(NotThere)
+    def not_there(e: NotThere) -> tuple[str, int]:
+        return "not there", 404
+
+    @app.get("/")
+    @sidelog.audit
+    def view() -> str:
+        raise NotThere("no such account")
+
+    assert client.get("/").status_code == 404
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["status_code"]) == ("failure", 404)
+    assert entry["error"] == "test_request_entry.NotThere: no such account"
+
+
+def test_after_request_that_raises_in_testing(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    @app.get("/")
+    @sidelog.audit
+    def view() -> str:
+        return "ok"
+
+    def explode(response: t.Any) -> t.Any:
+        raise OSError("after_request failed")
+
+    # after_request hooks run last-registered first: this one runs after ours.
+    app.after_request_funcs.setdefault(None, []).insert(0, explode)
+    with pytest.raises(OSError):
+        client.get("/")
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["status_code"]) == ("error", 500)
+    assert entry["error"] == "OSError: after_request failed"
+
+
+def test_audit_checks_the_event_when_it_decorates(sidelog: SideLog) -> None:
+    with pytest.raises(ValueError, match="at most 200 characters"):
+        sidelog.audit("e" * 201)
+
+
+def test_audited_function_called_outside_a_request(
+    app: Flask, sidelog: SideLog
+) -> None:
+    @sidelog.audit
+    def helper() -> int:
+        return 7
+
+    with app.app_context():
+        assert helper() == 7
+        assert sidelog.entries() == []
