@@ -25,9 +25,14 @@ from .engine import resolve_url
 from .engine import sqlite_path
 from .entry import make_entry
 from .model import make_entries_table
+from .query import as_utc
+from .query import count_by_event_and_outcome
 from .query import entry_filters
+from .query import newer_than
 from .query import newest_first
+from .query import oldest_first
 from .query import row_to_dict
+from .query import stream
 from .writer import Writer
 
 if t.TYPE_CHECKING:
@@ -348,9 +353,16 @@ class SideLog:
         request_id: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        level: str | None = None,
     ) -> list[dict[str, t.Any]]:
         """The newest ``limit`` entries that match every given filter, newest
         last. ``since`` is inclusive, ``until`` exclusive; naive times are UTC.
+
+        :param event: an event name, or a glob such as ``"login.*"`` where
+            ``*`` matches anything.
+
+        .. versionchanged:: 0.1
+            Added ``level`` and globs in ``event``.
         """
         if limit < 0:
             raise ValueError(f"limit must be 0 or more, got {limit}.")
@@ -360,6 +372,7 @@ class SideLog:
             event=event,
             actor=actor,
             outcome=outcome,
+            level=level,
             request_id=request_id,
             since=since,
             until=until,
@@ -369,6 +382,101 @@ class SideLog:
             found = [row_to_dict(row) for row in rows.mappings()]
         found.reverse()
         return found
+
+    def iter_entries(
+        self,
+        *,
+        event: str | None = None,
+        actor: str | None = None,
+        outcome: str | None = None,
+        level: str | None = None,
+        request_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_id: int | None = None,
+    ) -> t.Iterator[dict[str, t.Any]]:
+        """Every entry that matches the filters (as in :meth:`entries`),
+        oldest first, streamed in constant memory.
+
+        Iterate it to the end or close it: until then it holds a connection
+        (and, on SQLite, the log's in-process lock).
+
+        :param after_id: only entries inserted after the one with this id, in
+            insertion order: what ``flask sidelog show --follow`` polls for.
+        """
+        writer = _app_state().writer
+        clauses = entry_filters(
+            writer.table,
+            event=event,
+            actor=actor,
+            outcome=outcome,
+            level=level,
+            request_id=request_id,
+            since=since,
+            until=until,
+        )
+        if after_id is None:
+            query = oldest_first(writer.table, *clauses)
+        else:
+            query = newer_than(writer.table, after_id, *clauses)
+        with writer.lock, writer.engine.connect() as conn:
+            yield from stream(conn, query)
+
+    def stats(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[dict[str, t.Any]]:
+        """How many entries each event had with each outcome between ``since``
+        and ``until``: failures and errors first, then by count.
+
+        :return: dicts with ``event``, ``outcome`` (None for entries written
+            with :meth:`log`), ``count`` and ``last_at``.
+        """
+        writer = _app_state().writer
+        clauses = entry_filters(writer.table, since=since, until=until)
+        query = count_by_event_and_outcome(writer.table).where(*clauses)
+        with writer.lock, writer.engine.connect() as conn:
+            rows = [dict(row) for row in conn.execute(query).mappings()]
+        for row in rows:
+            row["last_at"] = as_utc(row["last_at"])
+        rows.sort(
+            key=lambda r: (
+                r["outcome"] not in ("failure", "error"),
+                -r["count"],
+                r["event"],
+                r["outcome"] or "",
+            )
+        )
+        return rows
+
+    def prune(
+        self, before: datetime, *, dry_run: bool = False, batch_size: int = 5000
+    ) -> int:
+        """Delete the entries created before ``before``, ``batch_size`` at a
+        time, each batch in a transaction of its own so that no lock is held
+        for long and writers go on meanwhile.
+
+        :param dry_run: only count them.
+        :return: how many entries were (or, with ``dry_run``, would be) deleted.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be 1 or more, got {batch_size}.")
+        writer = _app_state().writer
+        table = writer.table
+        (older,) = entry_filters(table, until=before)
+        if dry_run:
+            count = sa.select(sa.func.count()).select_from(table).where(older)
+            with writer.lock, writer.engine.connect() as conn:
+                return int(conn.scalar(count) or 0)
+        deleted = 0
+        batch = sa.select(table.c.id).where(older).order_by(table.c.id)
+        while True:
+            with writer.lock, writer.engine.begin() as conn:
+                ids = list(conn.scalars(batch.limit(batch_size)))
+                if ids:
+                    conn.execute(table.delete().where(table.c.id.in_(ids)))
+            deleted += len(ids)
+            if len(ids) < batch_size:
+                return deleted
 
     def _after_request(self, response: Response) -> Response:
         state = context.current_state(create=False)

@@ -1,4 +1,5 @@
-"""Reading entries back: the filters that :meth:`SideLog.entries` and the CLI share."""
+"""Reading entries back: the filters and queries that :class:`SideLog` and the
+CLI share. Every filter value is a bound parameter."""
 
 from __future__ import annotations
 
@@ -8,6 +9,26 @@ from datetime import timezone
 
 import sqlalchemy as sa
 
+#: Rows fetched at a time when streaming; the client holds at most this many.
+STREAM_BATCH = 1000
+
+
+def event_clause(column: sa.ColumnElement[str], event: str) -> sa.ColumnElement[bool]:
+    """``column = event``, or a ``LIKE`` when ``event`` is a glob with ``*``.
+
+    ``%``, ``_`` and ``\\`` in the glob match themselves; ``*`` matches any
+    run of characters. SQLite's ``LIKE`` ignores the case of ASCII letters.
+    """
+    if "*" not in event:
+        return column == event
+    pattern = (
+        event.replace("\\", "\\\\")
+        .replace("%", "\\%")
+        .replace("_", "\\_")
+        .replace("*", "%")
+    )
+    return column.like(pattern, escape="\\")
+
 
 def entry_filters(
     table: sa.Table,
@@ -15,6 +36,7 @@ def entry_filters(
     event: str | None = None,
     actor: str | None = None,
     outcome: str | None = None,
+    level: str | None = None,
     request_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -22,10 +44,12 @@ def entry_filters(
     """WHERE clauses for the given filters, all bound parameters."""
     c = table.c
     clauses: list[sa.ColumnElement[bool]] = []
+    if event is not None:
+        clauses.append(event_clause(c.event, event))
     for column, value in (
-        (c.event, event),
         (c.actor, actor),
         (c.outcome, outcome),
+        (c.level, level),
         (c.request_id, request_id),
     ):
         if value is not None:
@@ -43,6 +67,37 @@ def newest_first(table: sa.Table, *clauses: sa.ColumnElement[bool]) -> sa.Select
         .where(*clauses)
         .order_by(table.c.created_at.desc(), table.c.id.desc())
     )
+
+
+def oldest_first(table: sa.Table, *clauses: sa.ColumnElement[bool]) -> sa.Select[t.Any]:
+    return sa.select(table).where(*clauses).order_by(table.c.created_at, table.c.id)
+
+
+def newer_than(
+    table: sa.Table, last_id: int, *clauses: sa.ColumnElement[bool]
+) -> sa.Select[t.Any]:
+    """Entries inserted after the one with id ``last_id``, in id order."""
+    return sa.select(table).where(table.c.id > last_id, *clauses).order_by(table.c.id)
+
+
+def stream(
+    conn: sa.Connection, query: sa.Select[t.Any]
+) -> t.Iterator[dict[str, t.Any]]:
+    """Rows of ``query`` as dicts, :data:`STREAM_BATCH` at a time: a server-side
+    cursor on PostgreSQL, SQLite's own row-by-row stepping on SQLite."""
+    result = conn.execution_options(yield_per=STREAM_BATCH).execute(query)
+    for row in result.mappings():
+        yield row_to_dict(row)
+
+
+def count_by_event_and_outcome(table: sa.Table) -> sa.Select[t.Any]:
+    c = table.c
+    return sa.select(
+        c.event,
+        c.outcome,
+        sa.func.count().label("count"),
+        sa.func.max(c.created_at).label("last_at"),
+    ).group_by(c.event, c.outcome)
 
 
 def as_utc(value: datetime) -> datetime:
