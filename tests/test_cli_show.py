@@ -29,7 +29,10 @@ def filled(app: Flask) -> Flask:
     add_entries(
         app,
         dict(
-            event="login.failed", actor="alice", level="warning", created_at=ago(hours=3)
+            event="login.failed",
+            actor="alice",
+            level="warning",
+            created_at=ago(hours=3),
         ),
         dict(event="login.ok", actor="alice", created_at=ago(hours=2)),
         dict(
@@ -217,7 +220,7 @@ def test_machine_formats_are_lossless(
         dict(
             event="nasty",
             actor="a\nb",
-            path="/p,q\"r",
+            path='/p,q"r',
             outcome="failure",
             status_code=403,
             data=NASTY,
@@ -242,9 +245,7 @@ def test_machine_formats_are_lossless(
     assert set(read) == set(written) | {"id"}
 
 
-def test_missing_table(
-    backend: str, database_uri: str, tmp_path: t.Any
-) -> None:
+def test_missing_table(backend: str, database_uri: str, tmp_path: t.Any) -> None:
     app, _, _ = make_app(database_uri, str(tmp_path / "instance"))
     try:
         runner = app.test_cli_runner()
@@ -266,7 +267,9 @@ def test_unreachable_database(tmp_path: t.Any) -> None:
     app, _, _ = make_app(
         "sqlite://",
         str(tmp_path / "instance"),
-        {"SIDELOG_DATABASE_URI": f"postgresql+psycopg://me:s3cret@127.0.0.1:{port}/log"},
+        {
+            "SIDELOG_DATABASE_URI": f"postgresql+psycopg://me:s3cret@127.0.0.1:{port}/log"
+        },
     )
     try:
         for command in (["show"], ["init"], ["export"]):
