@@ -134,7 +134,7 @@ class Table:
             for key, value in (entry.get("data") or {}).items()
         )
         if entry.get("error"):
-            summary = f"{entry['error']} {summary}".rstrip()
+            summary = f"{summary} {entry['error']}".lstrip()
         return self._line(
             {
                 "time": entry["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
