@@ -51,15 +51,16 @@ def to_json(value: t.Any) -> t.Any:
 
 #: Characters that JSON leaves raw but Python's ``str.splitlines`` and some
 #: JavaScript parsers take as line ends.
-_LINE_BREAKING = str.maketrans(
-    {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-)
+_LINE_BREAKING = (("\x85", "\\u0085"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def to_json_text(value: t.Any) -> str:
     """``value`` as JSON on one line, readable UTF-8 text otherwise."""
     text = json.dumps(value, default=to_json, ensure_ascii=False)
-    return text.translate(_LINE_BREAKING)
+    for char, escaped in _LINE_BREAKING:
+        if char in text:  # rare: checking is much cheaper than replacing
+            text = text.replace(char, escaped)
+    return text
 
 
 def json_line(entry: dict[str, t.Any]) -> str:
