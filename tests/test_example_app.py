@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import typing as t
 
 import pytest
 import sqlalchemy as sa
-from example_app import create_app
-from example_app.demo import seed
-from example_app.extensions import db
-from example_app.extensions import sidelog
-from example_app.models import Account
 from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import dispose
+
+# The example lives next to tests/, outside the package under test. Appended,
+# not prepended, so that flask_sidelog still comes from the installed wheel.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from example_app import create_app  # noqa: E402
+from example_app.demo import seed  # noqa: E402
+from example_app.extensions import db  # noqa: E402
+from example_app.extensions import sidelog  # noqa: E402
+from example_app.models import Account  # noqa: E402
 
 
 @pytest.fixture
