@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import os
 import shutil
 import sys
 import time
@@ -126,10 +128,21 @@ def with_log_database(*, need_table: bool = True) -> t.Callable[[F], F]:
                 raise click.ClickException(
                     f"the sidelog database {where} failed: {_reason(e)}"
                 ) from None
+            except BrokenPipeError:
+                _stop_writing()
+                sys.exit(1)
 
         return t.cast(F, wrapper)
 
     return decorator
+
+
+def _stop_writing() -> None:
+    """The reader went away (``sidelog export | head``): point standard output
+    at /dev/null, so that Python's final flush has nowhere to fail."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _extension() -> SideLog:

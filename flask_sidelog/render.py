@@ -100,7 +100,7 @@ class Table:
     """Formats entries as lines that fit ``width`` columns."""
 
     #: Widths of the columns whose content has a bounded length.
-    _TIME, _OUTCOME, _MAIN_TX, _REQUEST_ID = 19, 11, 11, 8
+    _TIME, _OUTCOME, _MAIN_TX, _REQUEST_ID = 20, 11, 11, 8
     _BOUNDED = _TIME + _OUTCOME + _MAIN_TX + _REQUEST_ID
     #: Most columns a variable width field takes before the data gets the rest.
     _EVENT, _ACTOR, _WHERE = 28, 16, 28
@@ -138,7 +138,7 @@ class Table:
             summary = f"{summary} {entry['error']}".lstrip()
         return self._line(
             {
-                "time": entry["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+                "time": entry["created_at"].strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "event": entry["event"],
                 "actor": entry.get("actor") or "-",
                 "outcome": outcome,
