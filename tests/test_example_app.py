@@ -163,7 +163,7 @@ def test_seed_demo_then_show(app: Flask) -> None:
     shown = runner.invoke(args=["sidelog", "show", "--event", "funds.*"])
     assert shown.exit_code == 0, shown.output
     rows = shown.output.splitlines()[1:]
-    assert [row.split()[4:7] for row in rows] == [
+    assert [row.split()[3:6] for row in rows] == [
         ["success", "302", "committed"],
         ["failure", "409", "rolled_back"],
         ["failure", "403", "none"],
