@@ -301,3 +301,31 @@ def test_colour_only_on_a_terminal_without_no_color() -> None:
     assert not use_colour(False, {})
     assert not use_colour(True, {"NO_COLOR": "1"})
     assert use_colour(True, {"NO_COLOR": ""})
+
+
+def test_table_colours_outcomes_and_still_escapes() -> None:
+    from datetime import datetime
+    from datetime import timezone
+
+    from flask_sidelog.render import Table
+
+    entry = {
+        "created_at": datetime(2024, 5, 1, 12, 30, 5, tzinfo=timezone.utc),
+        "event": "funds.transfer",
+        "actor": "\x1b[32mroot",
+        "outcome": "error",
+        "status_code": 500,
+        "main_tx": "rolled_back",
+        "method": "POST",
+        "path": "/t",
+        "request_id": "0123456789abcdef",
+        "data": {"note": "\x9b2J"},
+    }
+    plain = Table(160, colour=False).row(entry)
+    coloured = Table(160, colour=True).row(entry)
+    assert plain.startswith("2024-05-01T12:30:05Z funds.transfer")
+    assert "01234567 " in plain and "89abcdef" not in plain
+    assert "\x1b" not in plain
+    assert "\x1b[31merror 500" in coloured
+    assert "\\x1b[32mroot" in coloured and "\\x9b2J" in coloured
+    assert "\x9b" not in coloured
