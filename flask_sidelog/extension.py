@@ -20,6 +20,7 @@ from flask import Response
 from . import context
 from .config import Settings
 from .engine import create_log_engine
+from .engine import is_sqlite
 from .engine import is_sqlite_memory
 from .engine import resolve_url
 from .engine import sqlite_path
@@ -31,6 +32,7 @@ from .query import entry_filters
 from .query import newer_than
 from .query import newest_first
 from .query import oldest_first
+from .query import pages
 from .query import row_to_dict
 from .query import stream
 from .writer import Writer
@@ -396,10 +398,11 @@ class SideLog:
         after_id: int | None = None,
     ) -> t.Iterator[dict[str, t.Any]]:
         """Every entry that matches the filters (as in :meth:`entries`),
-        oldest first, streamed in constant memory.
+        oldest first, streamed in constant memory: through a server-side
+        cursor in one statement on PostgreSQL, one short query per 1,000
+        entries on SQLite (so writers are not locked out meanwhile).
 
-        Iterate it to the end or close it: until then it holds a connection
-        (and, on SQLite, the log's in-process lock).
+        Iterate it to the end or close it: until then it may hold a connection.
 
         :param after_id: only entries inserted after the one with this id, in
             insertion order: what ``flask sidelog show --follow`` polls for.
@@ -415,10 +418,16 @@ class SideLog:
             since=since,
             until=until,
         )
-        if after_id is None:
-            query = oldest_first(writer.table, *clauses)
-        else:
+        if after_id is not None:
             query = newer_than(writer.table, after_id, *clauses)
+        elif is_sqlite(writer.engine.url):
+            # A read that lasts the whole export would hold SQLite's shared
+            # lock and make every writer of the file, the app's too, fail
+            # with "database is locked": read page by page instead.
+            yield from pages(writer.engine, writer.lock, writer.table, clauses)
+            return
+        else:
+            query = oldest_first(writer.table, *clauses)
         with writer.lock, writer.engine.connect() as conn:
             yield from stream(conn, query)
 

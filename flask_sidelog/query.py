@@ -90,6 +90,31 @@ def stream(
         yield row_to_dict(row)
 
 
+def pages(
+    engine: sa.Engine,
+    lock: t.ContextManager[t.Any],
+    table: sa.Table,
+    clauses: list[sa.ColumnElement[bool]],
+) -> t.Iterator[dict[str, t.Any]]:
+    """Rows of :func:`oldest_first` as dicts, one short query per
+    :data:`STREAM_BATCH` rows, each continuing after the last row seen."""
+    c = table.c
+    query = oldest_first(table, *clauses).limit(STREAM_BATCH)
+    after: sa.ColumnElement[bool] | None = None
+    while True:
+        page = query if after is None else query.where(after)
+        with lock, engine.connect() as conn:
+            rows = [row_to_dict(row) for row in conn.execute(page).mappings()]
+        yield from rows
+        if len(rows) < STREAM_BATCH:
+            return
+        last = rows[-1]
+        after = sa.tuple_(c.created_at, c.id) > sa.tuple_(
+            sa.literal(last["created_at"], c.created_at.type),
+            sa.literal(last["id"], c.id.type),
+        )
+
+
 def count_by_event_and_outcome(table: sa.Table) -> sa.Select[t.Any]:
     c = table.c
     return sa.select(

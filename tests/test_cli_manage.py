@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from flask import Flask
 from flask.testing import FlaskCliRunner
 
 import flask_sidelog
+import flask_sidelog.query
 from _entries import add_entries
 from _entries import ago
 from conftest import dispose
@@ -121,6 +123,46 @@ def test_export_streams_through_a_server_side_cursor(
         assert len(list(sidelog.iter_entries(event="e"))) == 3
         sa.event.remove(engine, "before_cursor_execute", record)
     assert cursors and cursors[-1]  # a named cursor is a server-side one
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "sqlite_memory"])
+def test_export_reads_sqlite_page_by_page(
+    app: Flask, sidelog: SideLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flask_sidelog.query, "STREAM_BATCH", 2)
+    same = ago(minutes=5)
+    written = add_entries(
+        app,
+        *[dict(event=f"tie{i}", created_at=same) for i in range(3)],
+        dict(event="later", created_at=ago(minutes=1)),
+        dict(event="first", created_at=ago(minutes=9)),
+        dict(event="skip", created_at=ago(minutes=4)),
+    )
+    with app.app_context():
+        found = [e["event"] for e in sidelog.iter_entries()]
+    assert found == ["first", "tie0", "tie1", "tie2", "skip", "later"]
+    assert len(written) == 6
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_export_does_not_lock_out_sqlite_writers(
+    app: Flask, sidelog: SideLog, database_uri: str
+) -> None:
+    add_entries(app, *[dict(event="e")] * 5)
+    path = sa.make_url(database_uri).database
+    assert path is not None
+    with app.app_context():
+        entries = sidelog.iter_entries()
+        assert next(entries)["event"] == "e"
+        # Another process writing the file, and not willing to wait.
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            with other:
+                other.execute("CREATE TABLE other (x)")
+                other.execute("INSERT INTO other VALUES (1)")
+        finally:
+            other.close()
+        assert len(list(entries)) == 4
 
 
 def test_prune(app: Flask, runner: FlaskCliRunner) -> None:
