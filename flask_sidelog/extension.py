@@ -362,9 +362,6 @@ class SideLog:
 
         :param event: an event name, or a glob such as ``"login.*"`` where
             ``*`` matches anything.
-
-        .. versionchanged:: 0.1
-            Added ``level`` and globs in ``event``.
         """
         if limit < 0:
             raise ValueError(f"limit must be 0 or more, got {limit}.")
