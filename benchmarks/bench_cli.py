@@ -38,6 +38,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
 
 from _postgres import ThrowawayPostgres  # noqa: E402
 from flask_sidelog import SideLog  # noqa: E402
+from flask_sidelog.entry import make_entry  # noqa: E402
 from flask_sidelog.query import entry_filters  # noqa: E402
 from flask_sidelog.query import newest_first  # noqa: E402
 
@@ -148,7 +149,11 @@ def load(app: Flask, sidelog: SideLog, rows: int) -> float:
             # own bind processors: what SQLAlchemy stores, without its
             # per-row overhead.
             names = [c.name for c in table.columns if c.name != "id"]
-            convert = [table.c[n].type.bind_processor(engine.dialect) for n in names]
+            dialect = engine.dialect
+            convert = [
+                table.c[n].type.dialect_impl(dialect).bind_processor(dialect)
+                for n in names
+            ]
             insert = (
                 f"INSERT INTO {table.name} ({', '.join(names)})"
                 f" VALUES ({', '.join('?' * len(names))})"
@@ -173,6 +178,16 @@ def load(app: Flask, sidelog: SideLog, rows: int) -> float:
             finally:
                 raw.close()
         with engine.begin() as conn:
+            # The bulk load must store what the writer stores.
+            written = make_entry("bench.check", created_at=datetime(2024, 5, 1, 12))
+            conn.execute(table.insert(), [written])
+            stored = conn.execute(
+                sa.select(sa.cast(table.c.created_at, sa.String)).order_by(
+                    table.c.id.desc()
+                )
+            ).all()
+            assert len({len(text) for (text,) in stored[:2]}) == 1, stored[:2]
+            conn.execute(table.delete().where(table.c.event == "bench.check"))
             for index in table.indexes:
                 index.create(conn)
             if engine.dialect.name == "postgresql":
@@ -280,7 +295,7 @@ sys.exit(code)
 """
 
 
-def measure_export(uri: str, fmt: str, workdir: str) -> dict[str, t.Any]:
+def measure_export(uri: str, fmt: str, workdir: str, rows: int) -> dict[str, t.Any]:
     """Export every entry from a real ``flask`` process; its peak RSS."""
     out = os.path.join(workdir, f"export.{fmt}")
     env = dict(
@@ -308,6 +323,9 @@ def measure_export(uri: str, fmt: str, workdir: str) -> dict[str, t.Any]:
         lines = sum(1 for _ in f)
     size = os.path.getsize(out)
     os.remove(out)
+    expected = rows + (fmt == "csv")
+    if lines != expected:
+        raise SystemExit(f"export {fmt} wrote {lines} lines, not {expected}")
     return {
         "format": fmt,
         "seconds": results["export"]["seconds"],
@@ -362,7 +380,7 @@ def run_backend(name: str, uri: str, rows: int, workdir: str) -> dict[str, t.Any
         print("    " + result["plan"].replace("\n", "\n    "), flush=True)
     exports = []
     for fmt in ("jsonl", "csv"):
-        result = measure_export(uri, fmt, workdir)
+        result = measure_export(uri, fmt, workdir, rows)
         exports.append(result)
         print(
             f"[{name}] export {fmt}: {result['lines']:,} lines,"
