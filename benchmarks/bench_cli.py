@@ -178,16 +178,18 @@ def load(app: Flask, sidelog: SideLog, rows: int) -> float:
             finally:
                 raw.close()
         with engine.begin() as conn:
-            # The bulk load must store what the writer stores.
-            written = make_entry("bench.check", created_at=datetime(2024, 5, 1, 12))
-            conn.execute(table.insert(), [written])
-            stored = conn.execute(
-                sa.select(sa.cast(table.c.created_at, sa.String)).order_by(
-                    table.c.id.desc()
-                )
-            ).all()
-            assert len({len(text) for (text,) in stored[:2]}) == 1, stored[:2]
-            conn.execute(table.delete().where(table.c.event == "bench.check"))
+            if engine.dialect.name == "sqlite":
+                # SQLite stores times as text: the bulk load must write the
+                # same text as the writer does.
+                check = make_entry("check", created_at=datetime(2024, 5, 1, 12))
+                conn.execute(table.insert(), [check])
+                stored = conn.execute(
+                    sa.select(sa.cast(table.c.created_at, sa.String))
+                    .order_by(table.c.id.desc())
+                    .limit(2)
+                ).all()
+                assert len({len(text) for (text,) in stored}) == 1, stored
+                conn.execute(table.delete().where(table.c.event == "check"))
             for index in table.indexes:
                 index.create(conn)
             if engine.dialect.name == "postgresql":
