@@ -426,6 +426,13 @@ class SideLog:
         else:
             query = oldest_first(writer.table, *clauses)
         with writer.lock, writer.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # The log engine's timeouts keep writes from hanging; a long
+                # read goes at its reader's pace (export | less) instead.
+                conn.exec_driver_sql(
+                    "SET LOCAL statement_timeout = 0;"
+                    " SET LOCAL idle_in_transaction_session_timeout = 0"
+                )
             yield from stream(conn, query)
 
     def stats(
