@@ -265,15 +265,15 @@ def stats_command(since: datetime) -> None:
     """Count entries per event and outcome, the failed ones first."""
     rows = _extension().stats(since=since)
     if not rows:
-        click.echo(f"No entries since {since:%Y-%m-%d %H:%M:%S} UTC.")
+        click.echo(f"No entries since {since:%Y-%m-%dT%H:%M:%SZ}.")
         return
     colour = use_colour(sys.stdout.isatty())
-    click.echo(f"{'count':>8}  {'outcome':<8}  {'last (UTC)':<19}  event")
+    click.echo(f"{'count':>8}  {'outcome':<8}  {'last (UTC)':<20}  event")
     for row in rows:
         outcome = row["outcome"] or "-"
         line = (
             f"{row['count']:>8}  {outcome:<8}"
-            f"  {row['last_at']:%Y-%m-%d %H:%M:%S}  {escape(row['event'])}"
+            f"  {row['last_at']:%Y-%m-%dT%H:%M:%SZ}  {escape(row['event'])}"
         )
         if colour and outcome in ("failure", "error"):
             line = click.style(line, fg="red" if outcome == "error" else "yellow")
@@ -330,7 +330,7 @@ def export_command(fmt: str, output: str, **filters: t.Any) -> None:
 def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
     """Delete entries older than --before, in small batches."""
     sidelog = _extension()
-    when = f"{before:%Y-%m-%d %H:%M:%S} UTC"
+    when = f"{before:%Y-%m-%dT%H:%M:%SZ}"
     count = sidelog.prune(before, dry_run=True)
     if dry_run or count == 0:
         click.echo(f"{count} entries created before {when} would be deleted.")
