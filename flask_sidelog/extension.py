@@ -29,6 +29,9 @@ from .model import make_entries_table
 from .query import as_utc
 from .query import count_by_event_and_outcome
 from .query import entry_filters
+from .query import event_names
+from .query import glob_matcher
+from .query import GLOB_NAMES_MAX
 from .query import newer_than
 from .query import newest_first
 from .query import oldest_first
@@ -366,9 +369,9 @@ class SideLog:
         if limit < 0:
             raise ValueError(f"limit must be 0 or more, got {limit}.")
         writer = _app_state().writer
+        table = writer.table
         clauses = entry_filters(
-            writer.table,
-            event=event,
+            table,
             actor=actor,
             outcome=outcome,
             level=level,
@@ -377,10 +380,26 @@ class SideLog:
             until=until,
         )
         with writer.lock, writer.engine.connect() as conn:
-            rows = conn.execute(newest_first(writer.table, *clauses).limit(limit))
-            found = [row_to_dict(row) for row in rows.mappings()]
-        found.reverse()
-        return found
+            by_event = entry_filters(table, event=event)
+            queries = [newest_first(table, *clauses, *by_event)]
+            if event is not None and "*" in event:
+                # A time-ordered scan for a glob reads every entry in range
+                # when the names it matches are rare; each name's own index
+                # finds its newest entries at once.
+                matches = glob_matcher(event)
+                names = [n for n in event_names(conn, table) if matches(n)]
+                if len(names) <= GLOB_NAMES_MAX:
+                    queries = [
+                        newest_first(table, *clauses, table.c.event == name)
+                        for name in names
+                    ]
+            found = [
+                row_to_dict(row)
+                for query in queries
+                for row in conn.execute(query.limit(limit)).mappings()
+            ]
+        found.sort(key=lambda e: (e["created_at"], e["id"]))
+        return found[len(found) - limit :] if limit else []
 
     def iter_entries(
         self,

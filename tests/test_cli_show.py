@@ -329,3 +329,33 @@ def test_table_colours_outcomes_and_still_escapes() -> None:
     assert "\x1b[31merror 500" in coloured
     assert "\\x1b[32mroot" in coloured and "\\x9b2J" in coloured
     assert "\x9b" not in coloured
+
+
+@pytest.mark.parametrize("names_max", [50, 1])
+def test_glob_reads_each_matching_name(
+    app: Flask, runner: FlaskCliRunner, monkeypatch: pytest.MonkeyPatch, names_max: int
+) -> None:
+    """Up to GLOB_NAMES_MAX names, each matching name's newest entries come
+    from its own index; above, a scan by time. The answer is the same."""
+    import flask_sidelog.extension
+
+    monkeypatch.setattr(flask_sidelog.extension, "GLOB_NAMES_MAX", names_max)
+    names = ("login.a", "login.b", "other")
+    add_entries(
+        app,
+        *[dict(event=names[i % 3], created_at=ago(minutes=i)) for i in range(12)],
+        dict(event="a*b", created_at=ago(minutes=30)),
+        dict(event="Login.C", created_at=ago(minutes=31)),
+    )
+    found = show(runner, "-n", "4", "--event", "login.*")
+    assert [(e["event"], e["created_at"]) for e in found] == [
+        ("login.b", ago(minutes=4).isoformat()),
+        ("login.a", ago(minutes=3).isoformat()),
+        ("login.b", ago(minutes=1).isoformat()),
+        ("login.a", ago(minutes=0).isoformat()),
+    ]
+    assert events(runner, "--event", "a*") == [("a*b", None)]
+    assert events(runner, "--event", "*.C") == [("Login.C", None)]
+    assert show(runner, "--event", "nothing.*") == []
+    if names_max > 1:  # exact case, where SQLite's LIKE would take Login.C
+        assert len(show(runner, "--event", "login*")) == 8
