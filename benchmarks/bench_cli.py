@@ -39,8 +39,6 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
 from _postgres import ThrowawayPostgres  # noqa: E402
 from flask_sidelog import SideLog  # noqa: E402
 from flask_sidelog.entry import make_entry  # noqa: E402
-from flask_sidelog.query import entry_filters  # noqa: E402
-from flask_sidelog.query import newest_first  # noqa: E402
 
 SHOW_TARGET_S = 0.3
 EXPORT_TARGET_MB = 100
@@ -250,7 +248,8 @@ def time_show(app: Flask, args: list[str], repeat: int = 5) -> dict[str, t.Any]:
 
 
 def plan(app: Flask, args: list[str]) -> str:
-    """The plan of the query ``show`` runs for ``args``."""
+    """The plans of the statements ``show`` runs for ``args``: those that
+    ``SideLog.entries`` executes, captured and explained one by one."""
     from flask_sidelog.cli import show_command
 
     ctx = show_command.make_context("show", list(args))
@@ -259,34 +258,38 @@ def plan(app: Flask, args: list[str]) -> str:
         for k, v in ctx.params.items()
         if k in ("event", "actor", "outcome", "level", "request_id", "since", "until")
     }
+    captured: list[tuple[str, t.Any]] = []
+
+    def capture(
+        conn: t.Any,
+        cursor: t.Any,
+        statement: str,
+        parameters: t.Any,
+        context: t.Any,
+        executemany: bool,
+    ) -> None:
+        captured.append((statement, parameters))
+
     with app.app_context():
-        writer = app.extensions["sidelog"].writer
-        query = newest_first(
-            writer.table, *entry_filters(writer.table, **params)
-        ).limit(50)
-        captured: list[tuple[str, t.Any]] = []
-
-        def capture(
-            conn: t.Any,
-            cursor: t.Any,
-            statement: str,
-            parameters: t.Any,
-            context: t.Any,
-            executemany: bool,
-        ) -> None:
-            captured.append((statement, parameters))
-
-        with writer.engine.connect() as conn:
-            sa.event.listen(conn, "before_cursor_execute", capture)
-            conn.execute(query).all()
-            sa.event.remove(conn, "before_cursor_execute", capture)
-            statement, parameters = captured[0]
-            if writer.engine.dialect.name == "postgresql":
-                explain = f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement}"
-                lines = [r[0] for r in conn.exec_driver_sql(explain, parameters)]
-            else:
-                explain = f"EXPLAIN QUERY PLAN {statement}"
-                lines = [r[-1] for r in conn.exec_driver_sql(explain, parameters)]
+        engine = app.extensions["sidelog"].writer.engine
+        sa.event.listen(engine, "before_cursor_execute", capture)
+        try:
+            app.extensions["sidelog"].extension.entries(limit=50, **params)
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", capture)
+        lines = []
+        with engine.connect() as conn:
+            for statement, parameters in captured:
+                if len(captured) > 1:
+                    lines.append("-- " + " ".join(statement.split())[:70] + " ...")
+                if engine.dialect.name == "postgresql":
+                    explain = f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement}"
+                    rows = conn.exec_driver_sql(explain, parameters)
+                    lines += [r[0] for r in rows]
+                else:
+                    explain = f"EXPLAIN QUERY PLAN {statement}"
+                    rows = conn.exec_driver_sql(explain, parameters)
+                    lines += [r[-1] for r in rows]
     return "\n".join(lines)
 
 
