@@ -1,9 +1,18 @@
-"""The ``flask sidelog`` command group."""
+"""The ``flask sidelog`` command group: each command wraps a public method of
+:class:`~flask_sidelog.SideLog`."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
+import os
+import shutil
+import sys
+import time
 import typing as t
+from datetime import datetime
 
 import click
 import sqlalchemy as sa
@@ -11,15 +20,142 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .engine import safe_url
+from .entry import LEVELS
+from .entry import OUTCOMES
+from .render import csv_writer
+from .render import escape
+from .render import json_line
+from .render import Table
+from .render import to_json_text
+from .render import use_colour
+from .times import ACCEPTED
+from .times import parse_time
 from .tracking import parse_pk
+
+if t.TYPE_CHECKING:
+    from .extension import _AppState
+    from .extension import SideLog
+
+F = t.TypeVar("F", bound=t.Callable[..., t.Any])
+
+#: Seconds between two looks for new entries in ``show --follow``.
+FOLLOW_INTERVAL = 1.0
 
 sidelog_group = AppGroup("sidelog", help="Read and manage the flask-sidelog audit log.")
 
 
+class TimeType(click.ParamType):  # type: ignore[type-arg]
+    """An ISO 8601 date or date-time, or a relative time such as ``2h``."""
+
+    name = "time"
+
+    def convert(
+        self, value: t.Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_time(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+TIME = TimeType()
+
+
+def filter_options(command: F) -> F:
+    """The filters that ``show`` and ``export`` share."""
+    options = [
+        click.option(
+            "--event",
+            help="Event name, exact or a glob with * such as 'login.*'.",
+        ),
+        click.option("--actor", help="Who did it, exactly."),
+        click.option(
+            "--outcome",
+            type=click.Choice(OUTCOMES),
+            help="Outcome of an audited request.",
+        ),
+        click.option("--level", type=click.Choice(LEVELS), help="Entry level."),
+        click.option("--request-id", help="All entries of one request."),
+        click.option("--since", type=TIME, help=f"Entries at or after: {ACCEPTED}."),
+        click.option(
+            "--until", type=TIME, help="Entries before this time (as --since)."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _state() -> _AppState:
+    return t.cast("_AppState", current_app.extensions["sidelog"])
+
+
+def _reason(error: Exception) -> str:
+    """The driver's first line, without SQLAlchemy's SQL and parameters."""
+    orig = getattr(error, "orig", None)
+    lines = str(orig if orig is not None else error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def with_log_database(*, need_table: bool = True) -> t.Callable[[F], F]:
+    """Run the command against the log database, turning what can go wrong
+    there into one line and exit status 1 instead of a traceback."""
+
+    def decorator(command: F) -> F:
+        @functools.wraps(command)
+        def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            state = _state()
+            try:
+                writer = state.writer
+            except (RuntimeError, sa.exc.ArgumentError) as e:
+                raise click.ClickException(str(e)) from None
+            where = safe_url(writer.engine.url)
+            try:
+                with writer.lock, writer.engine.connect() as conn:
+                    exists = sa.inspect(conn).has_table(writer.table.name)
+            except sa.exc.SQLAlchemyError as e:
+                raise click.ClickException(
+                    f"cannot reach the sidelog database {where}: {_reason(e)}"
+                ) from None
+            if need_table and not exists:
+                raise click.ClickException(
+                    "no sidelog entries table in DB: run `flask sidelog init`"
+                    f" (looked for {writer.table.name} in {where})"
+                )
+            try:
+                return command(*args, **kwargs)
+            except sa.exc.SQLAlchemyError as e:
+                raise click.ClickException(
+                    f"the sidelog database {where} failed: {_reason(e)}"
+                ) from None
+            except BrokenPipeError:
+                _stop_writing()
+                sys.exit(1)
+
+        return t.cast(F, wrapper)
+
+    return decorator
+
+
+def _stop_writing() -> None:
+    """The reader went away (``sidelog export | head``): point standard output
+    at /dev/null, so that Python's final flush has nowhere to fail."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _extension() -> SideLog:
+    return _state().extension
+
+
 @sidelog_group.command("init")
+@with_log_database(need_table=False)
 def init_command() -> None:
     """Create the entries table if it does not exist (safe to run again)."""
-    state = current_app.extensions["sidelog"]
+    state = _state()
     created = state.extension.create_table()
     where = f"{state.writer.table.name} in {safe_url(state.writer.engine.url)}"
     click.echo(f"Created {where}." if created else f"{where} already exists.")
@@ -59,6 +195,7 @@ def replay_command() -> None:
     is_flag=True,
     help="Show only the changes whose transaction was rolled back.",
 )
+@with_log_database()
 def history_command(
     table: str, pk: str, only_committed: bool, only_rolled_back: bool
 ) -> None:
@@ -79,22 +216,20 @@ def history_command(
         parse_pk(pk)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="PK") from None
-    try:
-        changes = current_app.extensions["sidelog"].extension.history(table, pk, only)
-    except sa.exc.SQLAlchemyError as e:
-        raise click.ClickException(f"Could not read the log: {e}") from None
+    changes = _extension().history(table, pk, only)
     if not changes:
-        click.echo(f"No recorded changes for {table} {pk}.")
+        click.echo(f"No recorded changes for {escape(table)} {escape(pk)}.")
         return
     for entry in changes:
         data = entry["data"] or {}
         stuck = "committed" if entry["main_tx"] == "committed" else "ROLLED BACK"
+        # Actors and values came from requests: escaped like show's table.
         click.echo(
             f"{entry['created_at'].isoformat(timespec='seconds')}"
             f"  {stuck:<11}  {entry['event'].rpartition('.')[2]:<6}"
-            f"  actor={entry['actor'] or '-'}"
-            f"  request={entry['request_id'] or '-'}"
-            f"  {_describe_changes(data.get('changes'))}"
+            f"  actor={escape(entry['actor'] or '-')}"
+            f"  request={escape(entry['request_id'] or '-')}"
+            f"  {escape(_describe_changes(data.get('changes')))}"
         )
 
 
@@ -109,3 +244,185 @@ def _describe_changes(changes: t.Any) -> str:
         else:
             parts.append(f"{column}: {json.dumps(value, ensure_ascii=False)}")
     return ", ".join(parts)
+
+
+class _Output:
+    """Writes entries in one format to one stream."""
+
+    def __init__(self, fmt: str, stream: t.TextIO) -> None:
+        self.fmt = fmt
+        self.stream = stream
+        self.collected: list[dict[str, t.Any]] = []
+        self._csv: t.Callable[[dict[str, t.Any]], None] | None = None
+        self._table: Table | None = None
+        if fmt == "table":
+            self._table = Table(
+                shutil.get_terminal_size().columns,
+                use_colour(sys.stdout.isatty()),
+            )
+            click.echo(self._table.header(), file=stream)
+        elif fmt == "csv":
+            self._csv = csv_writer(stream)
+
+    def write(self, entry: dict[str, t.Any]) -> None:
+        if self._table is not None:
+            click.echo(self._table.row(entry), file=self.stream)
+        elif self._csv is not None:
+            self._csv(entry)
+        elif self.fmt == "jsonl":
+            self.stream.write(json_line(entry) + "\n")
+        else:
+            self.collected.append(entry)
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write(to_json_text(self.collected) + "\n")
+        self.stream.flush()
+
+
+@sidelog_group.command("show")
+@click.option(
+    "-n",
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="How many of the newest matching entries to show.",
+)
+@filter_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(("table", "json", "jsonl", "csv")),
+    default="table",
+    show_default=True,
+    help="json is one array; csv has a header row and every field.",
+)
+@click.option(
+    "-f",
+    "--follow",
+    is_flag=True,
+    help="Keep printing new entries as they land, until Ctrl-C.",
+)
+@click.option("--reverse", is_flag=True, help="Newest first.")
+@with_log_database()
+def show_command(
+    limit: int, fmt: str, follow: bool, reverse: bool, **filters: t.Any
+) -> None:
+    """Show the newest matching entries, oldest first (like tail)."""
+    if follow and (reverse or fmt == "json"):
+        raise click.UsageError(
+            "--follow prints entries as they land: use it without --reverse,"
+            " with --format table, jsonl or csv."
+        )
+    sidelog = _extension()
+    entries = sidelog.entries(limit=limit, **filters)
+    if reverse:
+        entries.reverse()
+    out = _Output(fmt, sys.stdout)
+    for entry in entries:
+        out.write(entry)
+    out.close()
+    if not follow:
+        return
+    if entries:
+        last = max(entry["id"] for entry in entries)
+    else:  # with --limit 0, start after the newest match
+        newest = sidelog.entries(limit=1, **filters) if limit == 0 else []
+        last = newest[0]["id"] if newest else 0
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(FOLLOW_INTERVAL)
+            for entry in sidelog.iter_entries(after_id=last, **filters):
+                out.write(entry)
+                last = entry["id"]
+            out.close()
+
+
+@sidelog_group.command("stats")
+@click.option(
+    "--since",
+    type=TIME,
+    default="24h",
+    show_default=True,
+    help=f"Count entries at or after: {ACCEPTED}.",
+)
+@with_log_database()
+def stats_command(since: datetime) -> None:
+    """Count entries per event and outcome, the failed ones first."""
+    rows = _extension().stats(since=since)
+    if not rows:
+        click.echo(f"No entries since {since:%Y-%m-%dT%H:%M:%SZ}.")
+        return
+    colour = use_colour(sys.stdout.isatty())
+    click.echo(f"{'count':>8}  {'outcome':<8}  {'last (UTC)':<20}  event")
+    for row in rows:
+        outcome = row["outcome"] or "-"
+        line = (
+            f"{row['count']:>8}  {outcome:<8}"
+            f"  {row['last_at']:%Y-%m-%dT%H:%M:%SZ}  {escape(row['event'])}"
+        )
+        if colour and outcome in ("failure", "error"):
+            line = click.style(line, fg="red" if outcome == "error" else "yellow")
+        click.echo(line)
+
+
+@sidelog_group.command("export")
+@filter_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(("jsonl", "csv")),
+    default="jsonl",
+    show_default=True,
+    help="One JSON object a line, or CSV with a header row.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, allow_dash=True),
+    default="-",
+    help="File to write; default: standard output.",
+)
+@with_log_database()
+def export_command(fmt: str, output: str, **filters: t.Any) -> None:
+    """Write every matching entry, oldest first, streaming in constant memory."""
+    count = 0
+    with contextlib.ExitStack() as stack:
+        if output == "-":
+            stream = sys.stdout
+        else:
+            stream = stack.enter_context(
+                open(output, "w", encoding="utf-8", newline="")
+            )
+        out = _Output(fmt, stream)
+        for entry in _extension().iter_entries(**filters):
+            out.write(entry)
+            count += 1
+        out.close()
+    where = "" if output == "-" else f" to {output}"
+    click.echo(f"Exported {count} entr{'y' if count == 1 else 'ies'}{where}.", err=True)
+
+
+@sidelog_group.command("prune")
+@click.option(
+    "--before",
+    type=TIME,
+    required=True,
+    help=f"Delete entries created before: {ACCEPTED}.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@with_log_database()
+def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
+    """Delete entries older than --before, in small batches."""
+    sidelog = _extension()
+    when = f"{before:%Y-%m-%dT%H:%M:%SZ}"
+    count = sidelog.prune(before, dry_run=True)
+    if dry_run or count == 0:
+        click.echo(f"{count} entries created before {when} would be deleted.")
+        return
+    if not yes:
+        click.confirm(f"Delete {count} entries created before {when}?", abort=True)
+    deleted = sidelog.prune(before)
+    click.echo(f"Deleted {deleted} entries created before {when}.")

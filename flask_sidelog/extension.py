@@ -32,9 +32,18 @@ from .engine import sqlite_path
 from .entry import check_event
 from .entry import make_entry
 from .model import make_entries_table
+from .query import as_utc
+from .query import count_by_event_and_outcome
 from .query import entry_filters
+from .query import event_names
+from .query import glob_matcher
+from .query import GLOB_NAMES_MAX
+from .query import newer_than
 from .query import newest_first
+from .query import oldest_first
+from .query import pages
 from .query import row_to_dict
+from .query import stream
 from .spool import ReplayResult
 from .spool import Spool
 from .writer import spool_on_error
@@ -171,6 +180,13 @@ def _app_state() -> _AppState:
             "SideLog is not registered on this app: call 'sidelog.init_app(app, db)'."
         )
     return t.cast(_AppState, state)
+
+
+def _ready_writer() -> Writer:
+    """The writer, its table created first when ``SIDELOG_CREATE_TABLE`` says so."""
+    writer = _app_state().writer
+    writer.ensure_table()
+    return writer
 
 
 def _default_actor() -> str | None:
@@ -479,30 +495,159 @@ class SideLog:
         request_id: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        level: str | None = None,
     ) -> list[dict[str, t.Any]]:
         """The newest ``limit`` entries that match every given filter, newest
         last. ``since`` is inclusive, ``until`` exclusive; naive times are UTC.
+
+        :param event: an event name, or a glob such as ``"login.*"`` where
+            ``*`` matches anything.
         """
         if limit < 0:
             raise ValueError(f"limit must be 0 or more, got {limit}.")
         # Beyond what any table holds, and what a 32-bit LIMIT parameter takes.
         limit = min(limit, 2**31 - 1)
-        writer = _app_state().writer
+        writer = _ready_writer()
+        table = writer.table
+        clauses = entry_filters(
+            table,
+            actor=actor,
+            outcome=outcome,
+            level=level,
+            request_id=request_id,
+            since=since,
+            until=until,
+        )
+        with writer.lock, writer.engine.connect() as conn:
+            by_event = entry_filters(table, event=event)
+            queries = [newest_first(table, *clauses, *by_event)]
+            if event is not None and "*" in event:
+                # A time-ordered scan for a glob reads every entry in range
+                # when the names it matches are rare; each name's own index
+                # finds its newest entries at once.
+                matches = glob_matcher(event)
+                names = [n for n in event_names(conn, table) if matches(n)]
+                if len(names) <= GLOB_NAMES_MAX:
+                    queries = [
+                        newest_first(table, *clauses, table.c.event == name)
+                        for name in names
+                    ]
+            found = [
+                row_to_dict(row)
+                for query in queries
+                for row in conn.execute(query.limit(limit)).mappings()
+            ]
+        found.sort(key=lambda e: (e["created_at"], e["id"]))
+        return found[len(found) - limit :] if limit else []
+
+    def iter_entries(
+        self,
+        *,
+        event: str | None = None,
+        actor: str | None = None,
+        outcome: str | None = None,
+        level: str | None = None,
+        request_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_id: int | None = None,
+    ) -> t.Iterator[dict[str, t.Any]]:
+        """Every entry that matches the filters (as in :meth:`entries`),
+        oldest first, streamed in constant memory: through a server-side
+        cursor in one statement on PostgreSQL, one short query per 1,000
+        entries on SQLite (so writers are not locked out meanwhile).
+
+        Iterate it to the end or close it: until then it may hold a connection.
+
+        :param after_id: only entries inserted after the one with this id, in
+            insertion order: what ``flask sidelog show --follow`` polls for.
+        """
+        writer = _ready_writer()
         clauses = entry_filters(
             writer.table,
             event=event,
             actor=actor,
             outcome=outcome,
+            level=level,
             request_id=request_id,
             since=since,
             until=until,
         )
-        writer.ensure_table()
+        if after_id is not None:
+            query = newer_than(writer.table, after_id, *clauses)
+        elif is_sqlite(writer.engine.url):
+            # A read that lasts the whole export would hold SQLite's shared
+            # lock and make every writer of the file, the app's too, fail
+            # with "database is locked": read page by page instead.
+            yield from pages(writer.engine, writer.lock, writer.table, clauses)
+            return
+        else:
+            query = oldest_first(writer.table, *clauses)
         with writer.lock, writer.engine.connect() as conn:
-            rows = conn.execute(newest_first(writer.table, *clauses).limit(limit))
-            found = [row_to_dict(row) for row in rows.mappings()]
-        found.reverse()
-        return found
+            if conn.dialect.name == "postgresql":
+                # The log engine's timeouts keep writes from hanging; a long
+                # read goes at its reader's pace (export | less) instead.
+                conn.exec_driver_sql(
+                    "SET LOCAL statement_timeout = 0;"
+                    " SET LOCAL idle_in_transaction_session_timeout = 0"
+                )
+            yield from stream(conn, query)
+
+    def stats(
+        self, since: datetime | None = None, until: datetime | None = None
+    ) -> list[dict[str, t.Any]]:
+        """How many entries each event had with each outcome between ``since``
+        and ``until``: failures and errors first, then by count.
+
+        :return: dicts with ``event``, ``outcome`` (None for entries written
+            with :meth:`log`), ``count`` and ``last_at``.
+        """
+        writer = _ready_writer()
+        clauses = entry_filters(writer.table, since=since, until=until)
+        query = count_by_event_and_outcome(writer.table).where(*clauses)
+        with writer.lock, writer.engine.connect() as conn:
+            rows = [dict(row) for row in conn.execute(query).mappings()]
+        for row in rows:
+            row["last_at"] = as_utc(row["last_at"])
+        rows.sort(
+            key=lambda r: (
+                r["outcome"] not in ("failure", "error"),
+                -r["count"],
+                r["event"],
+                r["outcome"] or "",
+            )
+        )
+        return rows
+
+    def prune(
+        self, before: datetime, *, dry_run: bool = False, batch_size: int = 5000
+    ) -> int:
+        """Delete the entries created before ``before``, ``batch_size`` at a
+        time, each batch in a transaction of its own so that no lock is held
+        for long and writers go on meanwhile.
+
+        :param dry_run: only count them.
+        :return: how many entries were (or, with ``dry_run``, would be) deleted.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be 1 or more, got {batch_size}.")
+        writer = _ready_writer()
+        table = writer.table
+        (older,) = entry_filters(table, until=before)
+        if dry_run:
+            count = sa.select(sa.func.count()).select_from(table).where(older)
+            with writer.lock, writer.engine.connect() as conn:
+                return int(conn.scalar(count) or 0)
+        deleted = 0
+        batch = sa.select(table.c.id).where(older).order_by(table.c.id)
+        while True:
+            with writer.lock, writer.engine.begin() as conn:
+                ids = list(conn.scalars(batch.limit(batch_size)))
+                if ids:
+                    conn.execute(table.delete().where(table.c.id.in_(ids)))
+            deleted += len(ids)
+            if len(ids) < batch_size:
+                return deleted
 
     def replay(self) -> ReplayResult:
         """Move the entries of the spool (``SIDELOG_SPOOL_PATH``) into the log

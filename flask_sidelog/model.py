@@ -58,6 +58,7 @@ def make_entries_table(name: str, metadata: sa.MetaData | None = None) -> sa.Tab
         sa.Index(f"ix_{name}_actor", "actor", "created_at"),
         sa.Index(f"ix_{name}_request_id", "request_id"),
         sa.Index(f"ix_{name}_outcome", "outcome", "created_at"),
+        sa.Index(f"ix_{name}_level", "level", "created_at"),
     )
 
 

@@ -1,7 +1,9 @@
-"""Reading entries back: the filters that :meth:`SideLog.entries` and the CLI share."""
+"""Reading entries back: the filters and queries that :class:`SideLog` and the
+CLI share. Every filter value is a bound parameter."""
 
 from __future__ import annotations
 
+import re
 import typing as t
 from datetime import datetime
 from datetime import timezone
@@ -10,6 +12,51 @@ import sqlalchemy as sa
 
 from .entry import clean_text
 
+#: Rows fetched at a time when streaming; the client holds at most this many.
+STREAM_BATCH = 1000
+#: ``show`` reads the newest entries of each event name a glob matches, one
+#: indexed query per name, up to this many names; above, it scans by time.
+GLOB_NAMES_MAX = 50
+
+
+def event_clause(column: sa.ColumnElement[str], event: str) -> sa.ColumnElement[bool]:
+    """``column = event``, or a ``LIKE`` when ``event`` is a glob with ``*``.
+
+    ``%``, ``_`` and ``\\`` in the glob match themselves; ``*`` matches any
+    run of characters. SQLite's ``LIKE`` ignores the case of ASCII letters.
+    """
+    if "*" not in event:
+        return column == event
+    pattern = (
+        event.replace("\\", "\\\\")
+        .replace("%", "\\%")
+        .replace("_", "\\_")
+        .replace("*", "%")
+    )
+    return column.like(pattern, escape="\\")
+
+
+def glob_matcher(glob: str) -> t.Callable[[str], bool]:
+    """Whether a name matches ``glob``, where ``*`` matches anything: exactly,
+    case and all, on every database."""
+    pattern = re.compile(".*".join(re.escape(part) for part in glob.split("*")), re.S)
+    return lambda name: pattern.fullmatch(name) is not None
+
+
+def event_names(conn: sa.Connection, table: sa.Table) -> list[str]:
+    """Every distinct event name, in one statement of one index seek per name
+    (a loose index scan on the ``(event, created_at)`` index)."""
+    c = table.c
+    first = sa.select(sa.select(sa.func.min(c.event)).scalar_subquery().label("name"))
+    names = first.cte("sidelog_event_names", recursive=True)
+    previous = names.alias("previous")
+    after = c.event > previous.c.name
+    following = sa.select(sa.func.min(c.event)).where(after).scalar_subquery()
+    names = names.union_all(
+        sa.select(following.label("name")).where(previous.c.name.is_not(None))
+    )
+    return list(conn.scalars(sa.select(names.c.name).where(names.c.name.is_not(None))))
+
 
 def entry_filters(
     table: sa.Table,
@@ -17,6 +64,7 @@ def entry_filters(
     event: str | None = None,
     actor: str | None = None,
     outcome: str | None = None,
+    level: str | None = None,
     request_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -24,10 +72,12 @@ def entry_filters(
     """WHERE clauses for the given filters, all bound parameters."""
     c = table.c
     clauses: list[sa.ColumnElement[bool]] = []
+    if event is not None:
+        clauses.append(event_clause(c.event, clean_text(event)))
     for column, value in (
-        (c.event, event),
         (c.actor, actor),
         (c.outcome, outcome),
+        (c.level, level),
         (c.request_id, request_id),
     ):
         if value is not None:
@@ -47,6 +97,62 @@ def newest_first(table: sa.Table, *clauses: sa.ColumnElement[bool]) -> sa.Select
         .where(*clauses)
         .order_by(table.c.created_at.desc(), table.c.id.desc())
     )
+
+
+def oldest_first(table: sa.Table, *clauses: sa.ColumnElement[bool]) -> sa.Select[t.Any]:
+    return sa.select(table).where(*clauses).order_by(table.c.created_at, table.c.id)
+
+
+def newer_than(
+    table: sa.Table, last_id: int, *clauses: sa.ColumnElement[bool]
+) -> sa.Select[t.Any]:
+    """Entries inserted after the one with id ``last_id``, in id order."""
+    return sa.select(table).where(table.c.id > last_id, *clauses).order_by(table.c.id)
+
+
+def stream(
+    conn: sa.Connection, query: sa.Select[t.Any]
+) -> t.Iterator[dict[str, t.Any]]:
+    """Rows of ``query`` as dicts, :data:`STREAM_BATCH` at a time: a server-side
+    cursor on PostgreSQL, SQLite's own row-by-row stepping on SQLite."""
+    result = conn.execution_options(yield_per=STREAM_BATCH).execute(query)
+    for row in result.mappings():
+        yield row_to_dict(row)
+
+
+def pages(
+    engine: sa.Engine,
+    lock: t.ContextManager[t.Any],
+    table: sa.Table,
+    clauses: list[sa.ColumnElement[bool]],
+) -> t.Iterator[dict[str, t.Any]]:
+    """Rows of :func:`oldest_first` as dicts, one short query per
+    :data:`STREAM_BATCH` rows, each continuing after the last row seen."""
+    c = table.c
+    query = oldest_first(table, *clauses).limit(STREAM_BATCH)
+    after: sa.ColumnElement[bool] | None = None
+    while True:
+        page = query if after is None else query.where(after)
+        with lock, engine.connect() as conn:
+            rows = [row_to_dict(row) for row in conn.execute(page).mappings()]
+        yield from rows
+        if len(rows) < STREAM_BATCH:
+            return
+        last = rows[-1]
+        after = sa.tuple_(c.created_at, c.id) > sa.tuple_(
+            sa.literal(last["created_at"], c.created_at.type),
+            sa.literal(last["id"], c.id.type),
+        )
+
+
+def count_by_event_and_outcome(table: sa.Table) -> sa.Select[t.Any]:
+    c = table.c
+    return sa.select(
+        c.event,
+        c.outcome,
+        sa.func.count().label("count"),
+        sa.func.max(c.created_at).label("last_at"),
+    ).group_by(c.event, c.outcome)
 
 
 def as_utc(value: datetime) -> datetime:

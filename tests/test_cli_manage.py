@@ -1,0 +1,321 @@
+"""``flask sidelog`` stats, export, prune, and the commands as real processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import typing as t
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskCliRunner
+
+import flask_sidelog
+import flask_sidelog.query
+from _entries import add_entries
+from _entries import ago
+from conftest import dispose
+from conftest import make_app
+from flask_sidelog import SideLog
+
+
+def count(app: Flask) -> int:
+    with app.app_context():
+        return len(app.extensions["sidelog"].extension.entries(limit=10_000))
+
+
+def test_stats_failed_first(app: Flask, runner: FlaskCliRunner) -> None:
+    add_entries(
+        app,
+        *[dict(event="funds.transfer", outcome="success", created_at=ago(hours=1))] * 5,
+        *[dict(event="funds.transfer", outcome="failure", created_at=ago(hours=2))] * 2,
+        dict(event="login.failed", created_at=ago(hours=3)),
+        dict(event="admin.wipe", outcome="error", created_at=ago(hours=4)),
+        dict(event="funds.transfer", outcome="error", created_at=ago(days=2)),
+    )
+    result = runner.invoke(args=["sidelog", "stats"])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.splitlines()
+    assert header.split() == ["count", "outcome", "last", "(UTC)", "event"]
+    assert [(r.split()[0], r.split()[1], r.split()[-1]) for r in rows] == [
+        ("2", "failure", "funds.transfer"),
+        ("1", "error", "admin.wipe"),
+        ("5", "success", "funds.transfer"),
+        ("1", "-", "login.failed"),
+    ]
+    result = runner.invoke(args=["sidelog", "stats", "--since", "90m"])
+    assert [r.split()[1] for r in result.output.splitlines()[1:]] == ["success"]
+    result = runner.invoke(args=["sidelog", "stats", "--since", "1s"])
+    assert result.output.startswith("No entries since ")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_export_to_a_file(
+    app: Flask, runner: FlaskCliRunner, tmp_path: t.Any, fmt: str
+) -> None:
+    written = add_entries(
+        app,
+        *[
+            dict(event=f"login.{i % 3}", actor=f"u{i}", data={"i": i, "s": "a\nb"})
+            for i in range(30)
+        ],
+        dict(event="other", created_at=ago(days=1)),
+    )
+    out = tmp_path / f"out.{fmt}"
+    result = runner.invoke(
+        args=[
+            "sidelog",
+            "export",
+            "--format",
+            fmt,
+            "-o",
+            str(out),
+            "--event",
+            "login.*",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"Exported 30 entries to {out}." in result.output
+    with open(out, encoding="utf-8", newline="") as f:
+        if fmt == "jsonl":
+            read = [json.loads(line) for line in f]
+        else:
+            read = list(csv.DictReader(f))
+            for row in read:
+                row["data"] = json.loads(row["data"])
+    assert [r["uuid"] for r in read] == [w["uuid"] for w in written[:30]]
+    assert [r["data"] for r in read] == [w["data"] for w in written[:30]]
+
+
+def test_export_to_stdout_oldest_first(app: Flask, runner: FlaskCliRunner) -> None:
+    add_entries(
+        app,
+        dict(event="new", created_at=ago(minutes=1)),
+        dict(event="old", created_at=ago(days=1)),
+    )
+    result = runner.invoke(args=["sidelog", "export"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [json.loads(line)["event"] for line in lines] == ["old", "new"]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_export_streams_through_a_server_side_cursor(
+    app: Flask, sidelog: SideLog
+) -> None:
+    add_entries(app, *[dict(event="e")] * 3)
+    cursors: list[str | None] = []
+    with app.app_context():
+        engine = app.extensions["sidelog"].writer.engine
+
+        @sa.event.listens_for(engine, "before_cursor_execute")
+        def record(conn: t.Any, cursor: t.Any, *args: t.Any) -> None:
+            cursors.append(getattr(cursor, "name", None))
+
+        assert len(list(sidelog.iter_entries(event="e"))) == 3
+        sa.event.remove(engine, "before_cursor_execute", record)
+    assert cursors and cursors[-1]  # a named cursor is a server-side one
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "sqlite_memory"])
+def test_export_reads_sqlite_page_by_page(
+    app: Flask, sidelog: SideLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flask_sidelog.query, "STREAM_BATCH", 2)
+    same = ago(minutes=5)
+    written = add_entries(
+        app,
+        *[dict(event=f"tie{i}", created_at=same) for i in range(3)],
+        dict(event="later", created_at=ago(minutes=1)),
+        dict(event="first", created_at=ago(minutes=9)),
+        dict(event="skip", created_at=ago(minutes=4)),
+    )
+    with app.app_context():
+        found = [e["event"] for e in sidelog.iter_entries()]
+    assert found == ["first", "tie0", "tie1", "tie2", "skip", "later"]
+    assert len(written) == 6
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_export_does_not_lock_out_sqlite_writers(
+    app: Flask, sidelog: SideLog, database_uri: str
+) -> None:
+    add_entries(app, *[dict(event="e")] * 5)
+    path = sa.make_url(database_uri).database
+    assert path is not None
+    with app.app_context():
+        entries = sidelog.iter_entries()
+        assert next(entries)["event"] == "e"
+        # Another process writing the file, and not willing to wait.
+        other = sqlite3.connect(path, timeout=0)
+        try:
+            with other:
+                other.execute("CREATE TABLE other (x)")
+                other.execute("INSERT INTO other VALUES (1)")
+        finally:
+            other.close()
+        assert len(list(entries)) == 4
+
+
+def test_prune(app: Flask, runner: FlaskCliRunner) -> None:
+    add_entries(
+        app,
+        *[dict(event="old", created_at=ago(days=40))] * 3,
+        *[dict(event="new", created_at=ago(days=1))] * 2,
+    )
+    args = ["sidelog", "prune", "--before", "30d"]
+    result = runner.invoke(args=[*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("3 entries created before ")
+    assert result.output.endswith(" would be deleted.\n")
+    assert count(app) == 5
+
+    result = runner.invoke(args=args, input="n\n")
+    assert result.exit_code == 1
+    assert "Delete 3 entries created before " in result.output
+    assert count(app) == 5
+
+    result = runner.invoke(args=args, input="y\n")
+    assert result.exit_code == 0, result.output
+    assert "Deleted 3 entries created before " in result.output
+    assert count(app) == 2
+
+    add_entries(app, dict(event="old", created_at=ago(days=31)))
+    result = runner.invoke(args=[*args, "--yes"])
+    assert result.output.startswith("Deleted 1 entries")
+    assert runner.invoke(args=args).output.startswith("0 entries created before")
+    assert count(app) == 2
+
+
+def test_prune_deletes_in_batches(app: Flask, sidelog: SideLog) -> None:
+    add_entries(
+        app,
+        *[dict(event="old", created_at=ago(days=2))] * 12,
+        dict(event="new", created_at=ago(hours=1)),
+    )
+    statements: list[str] = []
+    with app.app_context():
+        engine = app.extensions["sidelog"].writer.engine
+
+        @sa.event.listens_for(engine, "before_cursor_execute")
+        def record(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+            statements.append(statement)
+
+        assert sidelog.prune(ago(days=1), dry_run=True) == 12
+        assert not any(s.startswith("DELETE") for s in statements)
+        assert sidelog.prune(ago(days=1), batch_size=5) == 12
+        sa.event.remove(engine, "before_cursor_execute", record)
+        assert [e["event"] for e in sidelog.entries()] == ["new"]
+        with pytest.raises(ValueError, match="batch_size must be 1 or more"):
+            sidelog.prune(ago(days=1), batch_size=0)
+    assert sum(s.startswith("DELETE") for s in statements) == 3
+
+
+APP_MODULE = """
+import os
+
+from flask import Flask
+
+from flask_sidelog import SideLog
+
+
+def create_app():
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["LOGAPP_URI"]
+    SideLog(app)
+    return app
+"""
+
+
+def flask_process(
+    tmp_path: t.Any, uri: str, *args: str, **popen: t.Any
+) -> subprocess.Popen[str]:
+    """``flask --app logapp sidelog ARGS`` as a process of its own."""
+    (tmp_path / "logapp.py").write_text(textwrap.dedent(APP_MODULE))
+    package_root = os.path.dirname(os.path.dirname(flask_sidelog.__file__))
+    env = dict(
+        os.environ,
+        LOGAPP_URI=uri,
+        PYTHONPATH=os.pathsep.join([str(tmp_path), package_root]),
+        COLUMNS="200",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "logapp", "sidelog", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+@pytest.fixture
+def file_app(tmp_path: t.Any) -> t.Iterator[tuple[Flask, str]]:
+    uri = f"sqlite:///{tmp_path / 'log.db'}"
+    app, _, _ = make_app(uri, str(tmp_path / "instance"), with_db=False)
+    yield app, uri
+    dispose(app)
+
+
+def test_show_as_a_real_process(file_app: tuple[Flask, str], tmp_path: t.Any) -> None:
+    app, uri = file_app
+    add_entries(app, dict(event="login.failed", actor="mallory\x1b[2J"))
+    proc = flask_process(tmp_path, uri, "show")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    header, row = out.splitlines()
+    assert header.startswith("time (UTC)")
+    assert "login.failed" in row
+    assert "mallory\\x1b[2J" in row
+
+    proc = flask_process(tmp_path, uri, "show", "--since", "someday")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "Invalid value for '--since': expected an ISO 8601 date" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_follow_until_ctrl_c(file_app: tuple[Flask, str], tmp_path: t.Any) -> None:
+    app, uri = file_app
+    add_entries(app, dict(event="first"), dict(event="skipped", actor="bob"))
+    lines: list[str] = []
+    got_line = threading.Event()
+    with flask_process(
+        tmp_path, uri, "show", "-f", "--format", "jsonl", "--event", "first*"
+    ) as proc:
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                got_line.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            assert got_line.wait(60), "show -f printed nothing"
+            got_line.clear()
+            add_entries(app, dict(event="later"), dict(event="first.again"))
+            assert got_line.wait(60), "show -f did not print the new entry"
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        reader.join(10)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+    assert proc.returncode == 0, err
+    assert err == ""
+    assert [json.loads(line)["event"] for line in lines] == ["first", "first.again"]
