@@ -1,2 +1,3 @@
+from .chain import VerifyResult as VerifyResult
 from .extension import SideLog as SideLog
 from .writer import SideLogWriteError as SideLogWriteError

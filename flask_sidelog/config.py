@@ -34,6 +34,8 @@ class Settings:
     engine_options: dict[str, t.Any]
     main_database_uri: str | sa.URL | None
     write_timeout: float
+    chain: bool
+    chain_key: bytes | None
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -46,11 +48,17 @@ class Settings:
         c.setdefault("SIDELOG_ENGINE_OPTIONS", {})
         c.setdefault("SIDELOG_MAIN_DATABASE_URI", None)
         c.setdefault("SIDELOG_WRITE_TIMEOUT", 5.0)
+        c.setdefault("SIDELOG_CHAIN", True)
+        c.setdefault("SIDELOG_CHAIN_KEY", None)
         timeout = c["SIDELOG_WRITE_TIMEOUT"]
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(
                 "SIDELOG_WRITE_TIMEOUT must be a number of seconds above 0,"
                 f" got {timeout!r}."
+            )
+        if not isinstance(c["SIDELOG_CHAIN"], bool):
+            raise ValueError(
+                f"SIDELOG_CHAIN must be True or False, got {c['SIDELOG_CHAIN']!r}."
             )
         return cls(
             database_uri=c["SIDELOG_DATABASE_URI"],
@@ -62,4 +70,24 @@ class Settings:
             main_database_uri=c["SIDELOG_MAIN_DATABASE_URI"]
             or c.get("SQLALCHEMY_DATABASE_URI"),
             write_timeout=float(timeout),
+            chain=c["SIDELOG_CHAIN"],
+            chain_key=_chain_key(c["SIDELOG_CHAIN_KEY"]),
         )
+
+
+def _chain_key(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes):
+        raise ValueError(
+            "SIDELOG_CHAIN_KEY must be None or a secret str or bytes (e.g."
+            f" secrets.token_hex(32)), got {type(key).__name__}."
+        )
+    if len(key) < 16:
+        raise ValueError(
+            "SIDELOG_CHAIN_KEY must be at least 16 bytes long (e.g."
+            f" secrets.token_hex(32)); this one has {len(key)}."
+        )
+    return key

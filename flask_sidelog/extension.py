@@ -17,6 +17,7 @@ from flask import has_app_context
 from flask import has_request_context
 from flask import Response
 
+from . import chain
 from . import context
 from .config import Settings
 from .engine import create_log_engine
@@ -122,7 +123,14 @@ class _AppState:
                     self.defer_while_main_writes = (
                         log_path is not None and log_path == main_path
                     )
-                    self._writer = Writer(self.app, engine, self.table, create)
+                    key = self.settings.chain_key
+                    self._writer = Writer(
+                        self.app,
+                        engine,
+                        self.table,
+                        create,
+                        chain.Chain(key) if self.settings.chain else None,
+                    )
                 else:
                     engine.dispose()
         return self._writer
@@ -338,6 +346,31 @@ class SideLog:
             if not exists:
                 writer.table.create(conn)
         return not exists
+
+    def verify(
+        self, from_seq: int | None = None, expect_head: str | None = None
+    ) -> chain.VerifyResult:
+        """Walk the log's hash chain and report the first broken position.
+
+        :param from_seq: start at this ``seq``, trusting the entry before it;
+            default: the latest prune checkpoint, or the first entry.
+        :param expect_head: ``SEQ:HASH`` (or ``HASH``) of a head saved
+            earlier, which the chain must still contain.
+        :raise ValueError: for a ``from_seq`` or ``expect_head`` that cannot
+            be used; the message says what can.
+
+        .. versionadded:: 0.1
+        """
+        state = _app_state()
+        writer = state.writer
+        with writer.lock, writer.engine.connect() as conn:
+            return chain.verify(
+                conn,
+                writer.table,
+                key=state.settings.chain_key,
+                from_seq=from_seq,
+                expect_head=expect_head,
+            )
 
     def entries(
         self,

@@ -19,6 +19,8 @@ from .signals import entry_written
 if t.TYPE_CHECKING:
     from flask import Flask
 
+    from .chain import Chain
+
 
 class SideLogWriteError(Exception):
     """An entry could not be committed to the log database."""
@@ -29,12 +31,20 @@ class Writer:
 
     :param app: the app whose logger and signals report writes.
     :param create_table: create the table (if missing) before the first write.
+    :param chain: appends the entries to the hash chain; None when
+        ``SIDELOG_CHAIN`` is off.
     """
 
     def __init__(
-        self, app: Flask, engine: sa.Engine, table: sa.Table, create_table: bool
+        self,
+        app: Flask,
+        engine: sa.Engine,
+        table: sa.Table,
+        create_table: bool,
+        chain: Chain | None = None,
     ) -> None:
         self.app = app
+        self.chain = chain
         self.engine = engine
         self.table = table
         self._create_table = create_table
@@ -52,7 +62,13 @@ class Writer:
                 self.table.create(self.engine, checkfirst=True)
                 self._create_table = False
             with self.engine.begin() as conn:
-                conn.execute(self.table.insert(), entries)
+                rows = entries
+                if self.chain is not None:
+                    rows = self.chain.link(conn, self.table, entries)
+                conn.execute(self.table.insert(), rows)
+            if rows is not entries:
+                for entry, row in zip(entries, rows, strict=True):
+                    entry.update(seq=row["seq"], hash=row["hash"])
 
     def write(self, entries: list[dict[str, t.Any]]) -> bool:
         """Commit ``entries``; report the result and never raise.
