@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import itertools
 import json
 import typing as t
 import zlib
 from datetime import datetime
+from datetime import timezone
 
 import sqlalchemy as sa
 
@@ -61,43 +63,38 @@ Hasher = t.Callable[[bytes], str]
 
 
 def timestamp(value: datetime) -> str:
-    """``value`` as UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``; naive means UTC.
+    """``value`` as UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``; naive means UTC."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    # isoformat pads the year to 4 digits everywhere; strftime("%Y") does not.
+    return value.isoformat(timespec="microseconds") + "Z"
 
-    Written out by hand: ``strftime("%Y")`` does not pad years below 1000 the
-    same way on every platform.
-    """
-    v = as_utc(value)
-    return (
-        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}"
-        f":{v.second:02d}.{v.microsecond:06d}Z"
-    )
+
+_encode = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), sort_keys=True
+).encode
+
+
+def canonical_json(value: t.Any) -> str:
+    """JSON with sorted keys, no whitespace and only ASCII: how the log
+    engine stores ``data``, so that :func:`verify` can hash the stored text
+    as it is."""
+    return _encode(value)
 
 
 def record(values: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
     """The canonical serialisation of one entry: what its hash is computed over.
 
     :param values: the entry's :data:`HASHED_FIELDS`, in that order, as they
-        read back from the database.
+        read back from the database: text as ``str``, ``created_at`` as a
+        datetime, ``status_code`` as ``int``, ``duration_ms`` as ``float``,
+        ``data`` as decoded JSON, NULL as None.
     :param seq: its chain position.
     :param prev: the previous entry's hash (:data:`GENESIS` for the first).
     """
-    obj: dict[str, t.Any] = {"prev": prev, "seq": int(seq), "v": 1}
-    for name, value in zip(HASHED_FIELDS, values, strict=True):
-        if value is None:
-            obj[name] = None
-        elif name in _TEXT_FIELDS:
-            obj[name] = str(value)
-        elif name == "created_at":
-            obj[name] = timestamp(value)
-        elif name == "status_code":
-            obj[name] = int(value)
-        elif name == "duration_ms":
-            obj[name] = float(value)
-        else:
-            obj[name] = value
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True
-    ).encode("ascii")
+    fields = list(values)
+    fields[1] = timestamp(fields[1])
+    return _encode([1, seq, prev, *fields]).encode("ascii")
 
 
 def make_hasher(key: bytes | None) -> Hasher:
@@ -110,12 +107,22 @@ def make_hasher(key: bytes | None) -> Hasher:
 def _as_read_back(entry: t.Mapping[str, t.Any]) -> list[t.Any]:
     """An entry's hashed values as the database will return them: the chain
     covers what is stored, so that any reader can recompute it."""
-    values = [entry.get(name) for name in HASHED_FIELDS]
-    data = values[_INDEX["data"]]
-    if data is not None:
-        # What a JSON column returns: the same value after a trip through
-        # JSON text (tuples become lists, non-str keys become strings).
-        values[_INDEX["data"]] = json.loads(json.dumps(data))
+    values: list[t.Any] = []
+    for name in HASHED_FIELDS:
+        value = entry.get(name)
+        if value is None or name == "created_at":
+            pass
+        elif name == "status_code":
+            value = int(value)
+        elif name == "duration_ms":
+            value = float(value)
+        elif name == "data":
+            # What a JSON column returns: the same value after a trip through
+            # JSON text (tuples become lists, non-str keys become strings).
+            value = json.loads(json.dumps(value))
+        else:
+            value = str(value)
+        values.append(value)
     return values
 
 
@@ -335,12 +342,65 @@ def parse_head(text: str) -> tuple[int | None, str]:
     return int(seq_text), hash_text
 
 
-def _columns(table: sa.Table) -> list[sa.Column[t.Any]]:
-    return [table.c.seq, table.c.hash, *(table.c[name] for name in HASHED_FIELDS)]
+def _walk(
+    conn: sa.Connection, table: sa.Table, where: sa.ColumnElement[bool]
+) -> sa.CursorResult[t.Any]:
+    """The rows ``where`` selects, in ``seq`` order, streamed, as
+    ``(seq, hash, *HASHED_FIELDS)``; on SQLite and PostgreSQL ``data`` (and
+    SQLite's ``created_at``) as stored text, for :func:`_quick_message`."""
+    c = table.c
+    columns: list[sa.ColumnElement[t.Any]] = [c[name] for name in HASHED_FIELDS]
+    if conn.dialect.name == "sqlite":
+        columns[1] = sa.type_coerce(c.created_at, sa.String)
+        columns[-1] = sa.type_coerce(c.data, sa.String)
+    elif conn.dialect.name == "postgresql":
+        columns[-1] = sa.cast(c.data, sa.Text)
+    query = sa.select(c.seq, c.hash, *columns).where(where).order_by(c.seq)
+    return conn.execution_options(yield_per=5000).execute(query)
 
 
-def _matches(hasher: Hasher, row: t.Sequence[t.Any], seq: int, prev: str) -> bool:
-    return bool(hasher(record(row[2:], seq, prev)) == row[1])
+def _decoded(raw: t.Sequence[t.Any], dialect: str) -> t.Sequence[t.Any] | None:
+    """A :func:`_walk` row as :func:`record` takes it; None if a stored value
+    cannot be decoded (so it is not what the writer stored)."""
+    if dialect not in ("sqlite", "postgresql"):
+        return raw
+    row = list(raw)
+    try:
+        if isinstance(row[3], str):
+            row[3] = datetime.fromisoformat(row[3])
+        if row[-1] is not None:
+            row[-1] = json.loads(row[-1])
+    except ValueError:
+        return None
+    return row
+
+
+def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
+    """:func:`record` built from stored text without decoding it, which is
+    what makes a million entries fast.
+
+    It equals the record when ``data`` was stored as canonical JSON (the log
+    engine's serialiser) and SQLite's ``created_at`` in SQLAlchemy's format.
+    Otherwise it differs and the caller falls back to :func:`record`; it can
+    never match a hash that :func:`record` would not: every other field is one
+    JSON token, so equal bytes mean equal fields and equal data text.
+    """
+    created_at = raw[3]
+    if isinstance(created_at, str):
+        if len(created_at) != 26 or created_at[10] != " ":
+            return b""
+        created_at = f"{created_at[:10]}T{created_at[11:]}Z"
+    else:
+        created_at = timestamp(created_at)
+    head = _encode([1, seq, prev, raw[2], created_at, *raw[4:-1]])
+    data = raw[-1]
+    return f"{head[:-1]},{'null' if data is None else data}]".encode()
+
+
+def _matches(
+    hasher: Hasher, row: t.Sequence[t.Any] | None, seq: int, prev: str
+) -> bool:
+    return row is not None and hasher(record(row[2:], seq, prev)) == row[1]
 
 
 def _diagnose(
@@ -359,9 +419,9 @@ def _diagnose(
             "its hash was made without SIDELOG_CHAIN_KEY: a forged entry, or one"
             " written by a process that lacks the key"
         )
-    after = sa.select(*_columns(table)).where(table.c.seq > seq).order_by(table.c.seq)
-    with conn.execution_options(yield_per=1000).execute(after) as result:
-        following = iter(result)
+    dialect = conn.dialect.name
+    with _walk(conn, table, table.c.seq > seq) as result:
+        following = (_decoded(raw, dialect) or raw for raw in result)
         nxt = next(following, None)
         if nxt is None:
             return "modified", (
@@ -381,7 +441,7 @@ def _diagnose(
                 "this entry is not part of the chain: the entry now at seq"
                 f" {nxt_seq} belongs at seq {seq} (the later ones were renumbered)"
             )
-        for other in (nxt, *following):
+        for other in itertools.chain([nxt], following):
             if _matches(hasher, other, seq, prev):
                 return (
                     "reordered",
@@ -473,9 +533,11 @@ def verify(
                 ),
             )
 
-    walk = sa.select(*_columns(table)).where(c.seq >= start).order_by(c.seq)
-    with conn.execution_options(yield_per=5000).execute(walk) as result:
-        for row in result:
+    dialect = conn.dialect.name
+    quick = dialect in ("sqlite", "postgresql")
+    with _walk(conn, table, c.seq >= start) as result:
+        for raw in result:
+            row = t.cast("t.Sequence[t.Any]", raw)
             seq = int(row[0])
             if seq != last_seq + 1:
                 if seq <= last_seq:
@@ -486,9 +548,19 @@ def verify(
                     else f"the entries at seq {last_seq + 1} to {seq - 1} are missing"
                 )
                 return broken("missing", last_seq + 1, gap + " (deleted)")
-            if hasher(record(row[2:], seq, head_hash)) != row[1]:
-                problem, detail = _diagnose(conn, table, hasher, key, row, head_hash)
-                return broken(problem, seq, detail)
+            if not (quick and hasher(_quick_message(row, seq, head_hash)) == row[1]):
+                decoded = _decoded(row, dialect)
+                if decoded is None:
+                    return broken(
+                        "modified",
+                        seq,
+                        ("its data is not JSON or its created_at not a time"),
+                    )
+                if not _matches(hasher, decoded, seq, head_hash):
+                    problem, detail = _diagnose(
+                        conn, table, hasher, key, decoded, head_hash
+                    )
+                    return broken(problem, seq, detail)
             if (
                 expected is not None
                 and expected[0] in (None, seq)

@@ -498,17 +498,14 @@ def test_record_is_the_documented_format() -> None:
     values[2] = "user.login"
     values[3] = "info"
     values[4] = "\u00e9ve"
-    values[14] = 12
+    values[14] = 12.5
     values[16] = {"b": [1.5, 10**20], "a": "\u2603"}
     message = chain.record(values, 1, chain.GENESIS)
     assert message == (
-        b'{"actor":"\\u00e9ve","created_at":"2026-01-02T03:04:05.000006Z",'
-        b'"data":{"a":"\\u2603","b":[1.5,100000000000000000000]},'
-        b'"duration_ms":12.0,"endpoint":null,"error":null,"event":"user.login",'
-        b'"level":"info","main_tx":null,"method":null,"outcome":null,"path":null,'
-        b'"prev":"' + b"0" * 64 + b'","remote_addr":null,"request_id":null,'
-        b'"seq":1,"status_code":null,"user_agent":null,'
-        b'"uuid":"00000000-0000-4000-8000-000000000000","v":1}'
+        b'[1,1,"' + b"0" * 64 + b'","00000000-0000-4000-8000-000000000000",'
+        b'"2026-01-02T03:04:05.000006Z","user.login","info","\\u00e9ve",'
+        b"null,null,null,null,null,null,null,null,null,12.5,null,"
+        b'{"a":"\\u2603","b":[1.5,100000000000000000000]}]'
     )
     assert chain.make_hasher(None)(message) == hashlib.sha256(message).hexdigest()
 
