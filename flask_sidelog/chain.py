@@ -48,13 +48,6 @@ HASHED_FIELDS = (
     "error",
     "data",
 )
-_TEXT_FIELDS = frozenset(HASHED_FIELDS) - {
-    "created_at",
-    "status_code",
-    "duration_ms",
-    "data",
-}
-_INDEX = {name: i for i, name in enumerate(HASHED_FIELDS)}
 # pg_advisory_xact_lock(int, int): this constant, and the table name's CRC-32,
 # so that two log tables in one database have chains (and locks) of their own.
 _LOCK_CLASS = 0x5349_4C47  # "SILG"
@@ -421,17 +414,17 @@ def _diagnose(
         )
     dialect = conn.dialect.name
     with _walk(conn, table, table.c.seq > seq) as result:
-        following = (_decoded(raw, dialect) or raw for raw in result)
-        nxt = next(following, None)
-        if nxt is None:
+        # (seq, decoded row or None when undecodable) of each later entry
+        following = ((int(raw[0]), _decoded(raw, dialect)) for raw in result)
+        nxt_seq, nxt = next(following, (0, None))
+        if nxt_seq == 0:
             return "modified", (
                 "the newest entry does not match its hash: changed, or forged and"
                 " appended"
             )
-        nxt_seq = int(nxt[0])
         if _matches(hasher, nxt, nxt_seq, row[1]):
             return "modified", "its fields were changed: they no longer match its hash"
-        if nxt_seq == seq + 1 and _matches(hasher, nxt, seq, prev):
+        if nxt is not None and nxt_seq == seq + 1 and _matches(hasher, nxt, seq, prev):
             if _matches(hasher, row, nxt_seq, nxt[1]):
                 return (
                     "reordered",
@@ -441,11 +434,11 @@ def _diagnose(
                 "this entry is not part of the chain: the entry now at seq"
                 f" {nxt_seq} belongs at seq {seq} (the later ones were renumbered)"
             )
-        for other in itertools.chain([nxt], following):
+        for other_seq, other in itertools.chain([(nxt_seq, nxt)], following):
             if _matches(hasher, other, seq, prev):
                 return (
                     "reordered",
-                    f"the entry now at seq {other[0]} belongs at seq {seq}",
+                    f"the entry now at seq {other_seq} belongs at seq {seq}",
                 )
     return "modified", (
         "it does not match its hash, and the next entry does not follow from it"

@@ -508,6 +508,12 @@ def test_record_is_the_documented_format() -> None:
         b'{"a":"\\u2603","b":[1.5,100000000000000000000]}]'
     )
     assert chain.make_hasher(None)(message) == hashlib.sha256(message).hexdigest()
+    assert chain.make_hasher(None)(message) == (
+        "a0542203192daa57b0546fcff73b8efdcfa8c97fea73d684155021cfaa33dede"
+    )
+    assert chain.make_hasher(b"k" * 32)(message) == (
+        "32003dba2ec720c02aaad2e6875642fcb35c62e497300e01f08c8780d9aef0b5"
+    )
 
 
 def _write_from_process(uri: str, instance: str, threads: int, each: int) -> int:
@@ -566,5 +572,32 @@ def test_concurrent_writers_make_one_unbroken_chain(
             result = sidelog.verify()
         assert result.ok, str(result)
         assert (result.entries, result.head_seq) == (total, total)
+    finally:
+        dispose(app)
+
+
+def test_undecodable_stored_value_is_detected(
+    tmp_path: t.Any, request: pytest.FixtureRequest
+) -> None:
+    """SQLite stores any text in the JSON column; verify must not crash on it."""
+    uri = new_database_uri("sqlite_file", tmp_path, request)
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"))
+    try:
+        fill(app, sidelog, 4)
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = 'not json' WHERE seq = 2")
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = '{{' WHERE seq = 4")
+        code, out = verify(app.test_cli_runner())
+        assert code == 1
+        assert out.startswith(
+            "FAILED at seq 2: modified: its data is not JSON or its created_at"
+        )
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = '{{\"i\": 2}}' WHERE seq = 2")
+        code, out = verify(app.test_cli_runner())
+        assert out.startswith("FAILED at seq 4: modified: its data is not JSON")
+        # Diagnosing a change next to an undecodable entry does not crash.
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = 'x' WHERE seq = 3")
+        sql(app, sidelog, f"UPDATE {TABLE} SET actor = 'm' WHERE seq = 2")
+        code, out = verify(app.test_cli_runner())
+        assert out.startswith("FAILED at seq 2: modified: it does not match its hash")
     finally:
         dispose(app)
