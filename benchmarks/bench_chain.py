@@ -1,8 +1,9 @@
 """What the hash chain costs: throughput with ``SIDELOG_CHAIN`` on vs off,
 16 concurrent clients, PostgreSQL.
 
-Usage: ``python benchmarks/bench_chain.py [--seconds 10] [--rounds 3] [--only http|insert]``
-(from the checkout with ``PYTHONPATH=.``, or with flask-sidelog installed).
+Usage: ``python benchmarks/bench_chain.py [--seconds 10] [--rounds 3]
+[--only http|insert]`` (from the checkout with ``PYTHONPATH=.``, or with
+flask-sidelog installed).
 
 Two measurements, each on one throwaway PostgreSQL server, one fresh database
 per variant, rounds alternating off/on so that drift in the machine's load
@@ -35,8 +36,8 @@ from flask import Flask
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import apps  # noqa: E402
-from _postgres import ThrowawayPostgres  # noqa: E402
 
+from _postgres import ThrowawayPostgres  # noqa: E402
 from flask_sidelog import SideLog  # noqa: E402
 from flask_sidelog.entry import make_entry  # noqa: E402
 
@@ -66,6 +67,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _run_clients(client: t.Callable[[int], None]) -> None:
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 def _load(port: int, seconds: float) -> int:
     """Requests completed by :data:`CLIENTS` keep-alive clients in ``seconds``."""
     done = [0] * CLIENTS
@@ -82,11 +91,7 @@ def _load(port: int, seconds: float) -> int:
             done[n] += 1
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _run_clients(client)
     return sum(done)
 
 
@@ -182,11 +187,7 @@ def _insert_load(app: Flask, batch: int, seconds: float) -> int:
             writer.insert(entries)
             done[n] += batch
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    _run_clients(client)
     return sum(done)
 
 
@@ -210,7 +211,9 @@ def bench_insert(server: ThrowawayPostgres, seconds: float, rounds: int) -> None
                 f" on {rate['on']:8.1f} entries/s, on/off"
                 f" {rate['on'] / rate['off']:.3f}"
             )
-        print(f"insert batch {batch:2} overall on/off {totals['on'] / totals['off']:.3f}")
+        print(
+            f"insert batch {batch:2} overall on/off {totals['on'] / totals['off']:.3f}"
+        )
     for chain, (app, sidelog) in variants.items():
         with app.app_context():
             result = sidelog.verify()

@@ -28,8 +28,8 @@ from datetime import timezone
 import sqlalchemy as sa
 from flask import Flask
 
-from flask_sidelog import SideLog
 from flask_sidelog import chain
+from flask_sidelog import SideLog
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from _postgres import ThrowawayPostgres  # noqa: E402

@@ -51,6 +51,8 @@ HASHED_FIELDS = (
 # pg_advisory_xact_lock(int, int): this constant, and the table name's CRC-32,
 # so that two log tables in one database have chains (and locks) of their own.
 _LOCK_CLASS = 0x5349_4C47  # "SILG"
+# How many deleted entries a diagnosis of renumbering looks for.
+_RENUMBER_SEARCH = 1000
 
 Hasher = t.Callable[[bytes], str]
 
@@ -424,6 +426,14 @@ def _diagnose(
             )
         if _matches(hasher, nxt, nxt_seq, row[1]):
             return "modified", "its fields were changed: they no longer match its hash"
+        for gap in range(1, _RENUMBER_SEARCH + 1):
+            # The next entry follows from this one at a higher seq: entries
+            # before this one were deleted and the rest renumbered down.
+            if _matches(hasher, nxt, nxt_seq + gap, row[1]):
+                return "missing", (
+                    f"{gap} entr{'y was' if gap == 1 else 'ies were'} deleted"
+                    " here and the later ones renumbered"
+                )
         if nxt is not None and nxt_seq == seq + 1 and _matches(hasher, nxt, seq, prev):
             if _matches(hasher, row, nxt_seq, nxt[1]):
                 return (

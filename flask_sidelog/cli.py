@@ -42,4 +42,4 @@ def verify_command(from_seq: int | None, expect_head: str | None) -> None:
         raise click.UsageError(str(error)) from None
     click.echo(str(result))
     if not result.ok:
-        raise SystemExit(1)
+        click.get_current_context().exit(1)

@@ -180,27 +180,40 @@ def test_stored_values_hash_the_same_when_read_back(
     assert out.startswith("OK: 3 entries")
 
 
-def test_changed_field_is_detected(
-    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+@pytest.mark.parametrize(
+    ("statement", "report"),
+    [
+        pytest.param(
+            "UPDATE {t} SET actor = 'mallory' WHERE seq = 3",
+            "FAILED at seq 3: modified: its fields were changed: they no longer"
+            " match its hash (2 entries verified before it)",
+            id="field",
+        ),
+        pytest.param(
+            "UPDATE {t} SET status_code = 200 WHERE seq = 5",
+            "FAILED at seq 5: modified: the newest entry does not match its hash",
+            id="newest-field",
+        ),
+        pytest.param(
+            "UPDATE {t} SET hash = '" + "a" * 64 + "' WHERE seq = 2",
+            "FAILED at seq 2: modified: it does not match its hash, and the next",
+            id="hash",
+        ),
+        pytest.param(
+            "DELETE FROM {t} WHERE seq <= 2",
+            "FAILED at seq 1: missing: the entries at seq 1 to 2 are missing",
+            id="oldest-without-checkpoint",
+        ),
+    ],
+)
+def test_changed_entries_are_detected(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner, statement: str, report: str
 ) -> None:
     fill(app, sidelog, 5)
-    sql(app, sidelog, f"UPDATE {TABLE} SET actor = 'mallory' WHERE seq = 3")
+    sql(app, sidelog, statement.format(t=TABLE))
     code, out = verify(runner)
     assert code == 1
-    assert out == (
-        "FAILED at seq 3: modified: its fields were changed: they no longer match"
-        " its hash (2 entries verified before it)\n"
-    )
-
-
-def test_changed_newest_entry_is_detected(
-    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
-) -> None:
-    fill(app, sidelog, 3)
-    sql(app, sidelog, f"UPDATE {TABLE} SET status_code = 200 WHERE seq = 3")
-    code, out = verify(runner)
-    assert code == 1
-    assert out.startswith("FAILED at seq 3: modified: the newest entry")
+    assert out.startswith(report)
 
 
 def test_deleted_entry_in_the_middle_is_detected(
@@ -232,7 +245,10 @@ def test_deleted_entry_renumbered_is_detected(
     )
     code, out = verify(runner)
     assert code == 1
-    assert out.startswith("FAILED at seq 3: ")
+    assert out.startswith(
+        "FAILED at seq 3: missing: 1 entry was deleted here and the later ones"
+        " renumbered"
+    )
 
 
 def test_deleted_newest_entries_are_detected_by_the_expected_head(
@@ -307,7 +323,6 @@ def test_forged_entry_with_a_wrong_key_is_detected(
     assert out.startswith("FAILED at seq 3: modified: it does not match its hash")
     # Appended at the end, the forgery is found too.
     sql(app, sidelog, f"DELETE FROM {TABLE} WHERE seq >= 3")
-    sql(app, sidelog, f"UPDATE {TABLE} SET seq = seq - 1 WHERE seq > 3")
     assert verify(runner)[0] == 0
     forge(app, sidelog, 3)
     rehash(app, sidelog, 3, key=wrong)
@@ -339,16 +354,6 @@ def test_swapped_entries_are_detected(
     assert out.startswith(
         "FAILED at seq 3: reordered: the entries at seq 3 and 4 were swapped"
     )
-
-
-def test_changed_hash_is_detected(
-    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
-) -> None:
-    fill(app, sidelog, 4)
-    sql(app, sidelog, f"UPDATE {TABLE} SET hash = :h WHERE seq = 2", h="a" * 64)
-    code, out = verify(runner)
-    assert code == 1
-    assert out.startswith("FAILED at seq 2: modified: it does not match its hash")
 
 
 def prune(app: Flask, sidelog: SideLog, up_to: int, key: bytes | None = None) -> None:
@@ -395,16 +400,6 @@ def test_pruning_with_a_checkpoint_keeps_the_chain_verifiable(
     code, out = verify(runner)
     assert code == 0
     assert "OK: 1 entries" in out
-
-
-def test_pruning_without_a_checkpoint_is_detected(
-    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
-) -> None:
-    fill(app, sidelog, 5)
-    sql(app, sidelog, f"DELETE FROM {TABLE} WHERE seq <= 2")
-    code, out = verify(runner)
-    assert code == 1
-    assert out.startswith("FAILED at seq 1: missing: the entries at seq 1 to 2")
 
 
 def test_forged_checkpoint_is_detected_with_a_key(
