@@ -65,13 +65,15 @@ def make_entries_table(name: str, metadata: sa.MetaData | None = None) -> sa.Tab
     )
     checkpoints = make_checkpoints_table(name, metadata)
 
-    # Every way of creating the entries table (first write, init, create_all)
-    # creates the checkpoints table too, so pruning never finds it missing.
+    # Creating the entries table alone (first write, init) creates the
+    # checkpoints table too, so pruning never finds it missing; create_all
+    # on the metadata creates both itself.
     @sa.event.listens_for(table, "after_create")
     def _create_checkpoints(
         target: sa.Table, connection: sa.Connection, **kw: object
     ) -> None:
-        checkpoints.create(connection, checkfirst=True)
+        if not kw.get("_is_metadata_operation"):
+            checkpoints.create(connection, checkfirst=True)
 
     return table
 

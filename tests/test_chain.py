@@ -25,6 +25,7 @@ from conftest import new_database_uri
 from flask_sidelog import chain
 from flask_sidelog import SideLog
 from flask_sidelog.entry import make_entry
+from flask_sidelog.model import make_entries_table
 from flask_sidelog.signals import entry_failed
 
 KEY = "k" * 32
@@ -596,3 +597,18 @@ def test_undecodable_stored_value_is_detected(
         assert out.startswith("FAILED at seq 2: modified: it does not match its hash")
     finally:
         dispose(app)
+
+
+@pytest.mark.parametrize("how", ["table", "metadata"])
+def test_checkpoints_table_is_created_with_the_entries_table(
+    how: str, tmp_path: t.Any
+) -> None:
+    metadata = sa.MetaData()
+    table = make_entries_table("log", metadata)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    if how == "table":
+        table.create(engine)
+    else:
+        metadata.create_all(engine)
+    assert sorted(sa.inspect(engine).get_table_names()) == ["log", "log_checkpoints"]
+    engine.dispose()
