@@ -74,7 +74,10 @@ def canonical_json(value: t.Any) -> str:
     """JSON with sorted keys, no whitespace and only ASCII: how the log
     engine stores ``data``, so that :func:`verify` can hash the stored text
     as it is."""
-    return _encode(value)
+    try:
+        return _encode(value)
+    except TypeError:  # keys of mixed types sort only once they are JSON's str
+        return _encode(json.loads(json.dumps(value)))
 
 
 def record(values: t.Sequence[t.Any], seq: int, prev: str) -> bytes:

@@ -166,6 +166,7 @@ def test_stored_values_hash_the_same_when_read_back(
     with app.app_context():
         sidelog.log("tricky", data=tricky, actor="\u00e9ve")
         entry = make_entry("odd", duration_ms=5, status_code=200)
+        entry["data"] = {3: "int key, past make_entry", "a": (1, 2)}
         entry["created_at"] = datetime(
             1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=5))
         )
