@@ -344,14 +344,19 @@ def _walk(
     conn: sa.Connection, table: sa.Table, where: sa.ColumnElement[bool]
 ) -> sa.CursorResult[t.Any]:
     """The rows ``where`` selects, in ``seq`` order, streamed, as
-    ``(seq, hash, *HASHED_FIELDS)``; on SQLite and PostgreSQL ``data`` (and
-    SQLite's ``created_at``) as stored text, for :func:`_quick_message`."""
+    ``(seq, hash, *HASHED_FIELDS)``. On SQLite and PostgreSQL ``data`` comes
+    as stored text and ``created_at`` as text too (SQLite's as stored,
+    PostgreSQL's formatted by the server as :func:`timestamp` does), for
+    :func:`_quick_message`."""
     c = table.c
     columns: list[sa.ColumnElement[t.Any]] = [c[name] for name in HASHED_FIELDS]
     if conn.dialect.name == "sqlite":
         columns[1] = sa.type_coerce(c.created_at, sa.String)
         columns[-1] = sa.type_coerce(c.data, sa.String)
     elif conn.dialect.name == "postgresql":
+        columns[1] = sa.func.to_char(
+            sa.func.timezone("UTC", c.created_at), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+        )
         columns[-1] = sa.cast(c.data, sa.Text)
     query = sa.select(c.seq, c.hash, *columns).where(where).order_by(c.seq)
     return conn.execution_options(yield_per=5000).execute(query)
@@ -364,8 +369,8 @@ def _decoded(raw: t.Sequence[t.Any], dialect: str) -> t.Sequence[t.Any] | None:
         return raw
     row = list(raw)
     try:
-        if isinstance(row[3], str):
-            row[3] = datetime.fromisoformat(row[3])
+        # Python 3.10's fromisoformat does not read "Z".
+        row[3] = datetime.fromisoformat(row[3].replace("Z", "+00:00"))
         if row[-1] is not None:
             row[-1] = json.loads(row[-1])
     except ValueError:
@@ -374,8 +379,8 @@ def _decoded(raw: t.Sequence[t.Any], dialect: str) -> t.Sequence[t.Any] | None:
 
 
 def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
-    """:func:`record` built from stored text without decoding it, which is
-    what makes a million entries fast.
+    """:func:`record` built from a :func:`_walk` row without decoding it,
+    which is what makes a million entries fast.
 
     It equals the record when ``data`` was stored as canonical JSON (the log
     engine's serialiser) and SQLite's ``created_at`` in SQLAlchemy's format.
@@ -383,13 +388,11 @@ def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
     never match a hash that :func:`record` would not: every other field is one
     JSON token, so equal bytes mean equal fields and equal data text.
     """
-    created_at = raw[3]
-    if isinstance(created_at, str):
+    created_at: str = raw[3]
+    if created_at[-1] != "Z":  # SQLite's "YYYY-MM-DD HH:MM:SS.ffffff"
         if len(created_at) != 26 or created_at[10] != " ":
             return b""
         created_at = f"{created_at[:10]}T{created_at[11:]}Z"
-    else:
-        created_at = timestamp(created_at)
     head = _encode([1, seq, prev, raw[2], created_at, *raw[4:-1]])
     data = raw[-1]
     return f"{head[:-1]},{'null' if data is None else data}]".encode()
