@@ -13,9 +13,11 @@ hits both alike:
   ``--preload``) serves the ``POST /items`` app of :mod:`apps` with the view
   under ``@sidelog.audit``; 16 client threads with keep-alive connections send
   requests for ``--seconds``; requests/s.
-- ``insert``: ``Writer.insert`` called directly by 16 threads, with batches of
-  1 (sync mode's shape) and of 50 (the shape of the group and buffered
-  modes, which call ``Writer.insert(batch)``); entries/s.
+- ``insert``: ``Writer.insert`` called directly in a loop, entries/s: by 16
+  threads with batches of 1 (sync mode's shape), by 16 threads with batches
+  of 50 (the worst case of the group and buffered modes, which call
+  ``Writer.insert(batch)``), and by 2 threads with batches of 50 (one
+  flusher per gunicorn worker, as a buffered mode would run).
 
 The figure is on/off throughput per round and overall (sum of on / sum of off).
 """
@@ -67,8 +69,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_clients(client: t.Callable[[int], None]) -> None:
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+def _run_clients(client: t.Callable[[int], None], clients: int = CLIENTS) -> None:
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     for th in threads:
         th.start()
     for th in threads:
@@ -172,10 +174,10 @@ def _writer_app(url: str, chain: str) -> tuple[Flask, SideLog]:
     return app, sidelog
 
 
-def _insert_load(app: Flask, batch: int, seconds: float) -> int:
+def _insert_load(app: Flask, batch: int, writers: int, seconds: float) -> int:
     with app.app_context():
         writer = app.extensions["sidelog"].writer
-    done = [0] * CLIENTS
+    done = [0] * writers
     stop = time.monotonic() + seconds
 
     def client(n: int) -> None:
@@ -187,7 +189,7 @@ def _insert_load(app: Flask, batch: int, seconds: float) -> int:
             writer.insert(entries)
             done[n] += batch
 
-    _run_clients(client)
+    _run_clients(client, writers)
     return sum(done)
 
 
@@ -196,24 +198,23 @@ def bench_insert(server: ThrowawayPostgres, seconds: float, rounds: int) -> None
         c: _writer_app(server.create_database(f"chain_insert_{c}"), c)
         for c in ("off", "on")
     }
-    for batch in (1, 50):
+    for batch, writers in ((1, CLIENTS), (50, CLIENTS), (50, 2)):
+        name = f"insert batch {batch:2} x {writers:2} writers"
         totals = {"off": 0, "on": 0}
         for r in range(1, rounds + 1):
             rate = {}
             for chain in ("off", "on"):
                 app = variants[chain][0]
-                _insert_load(app, batch, 1)
-                n = _insert_load(app, batch, seconds)
+                _insert_load(app, batch, writers, 1)
+                n = _insert_load(app, batch, writers, seconds)
                 totals[chain] += n
                 rate[chain] = n / seconds
             print(
-                f"insert batch {batch:2} round {r}: off {rate['off']:8.1f} entries/s,"
+                f"{name} round {r}: off {rate['off']:8.1f} entries/s,"
                 f" on {rate['on']:8.1f} entries/s, on/off"
                 f" {rate['on'] / rate['off']:.3f}"
             )
-        print(
-            f"insert batch {batch:2} overall on/off {totals['on'] / totals['off']:.3f}"
-        )
+        print(f"{name} overall on/off {totals['on'] / totals['off']:.3f}")
     for chain, (app, sidelog) in variants.items():
         with app.app_context():
             result = sidelog.verify()

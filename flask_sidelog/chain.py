@@ -90,9 +90,13 @@ def record(values: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
     :param seq: its chain position.
     :param prev: the previous entry's hash (:data:`GENESIS` for the first).
     """
+    return _encode([1, seq, prev, *_fields(values)]).encode("ascii")
+
+
+def _fields(values: t.Sequence[t.Any]) -> list[t.Any]:
     fields = list(values)
     fields[1] = timestamp(fields[1])
-    return _encode([1, seq, prev, *fields]).encode("ascii")
+    return fields
 
 
 def make_hasher(key: bytes | None) -> Hasher:
@@ -147,9 +151,43 @@ def lock_head(conn: sa.Connection, table: sa.Table) -> None:
         if dbapi is not None and not dbapi.in_transaction:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
     elif dialect == "postgresql":
-        conn.execute(
-            sa.select(sa.func.pg_advisory_xact_lock(_LOCK_CLASS, _lock_key(table)))
-        )
+        conn.execute(_lock_statement(table))
+
+
+def lock_and_read_head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
+    """:func:`lock_head`, then :func:`head`. With psycopg both statements go
+    in one pipeline, one round trip: the lock is held until commit, and every
+    round trip made while holding it is a wait for every other writer."""
+    if conn.dialect.driver != "psycopg":
+        lock_head(conn, table)
+        return head(conn, table)
+    dbapi = t.cast(t.Any, conn.connection.dbapi_connection)
+    with dbapi.pipeline():
+        dbapi.execute(_literal_sql(conn, _lock_statement(table)))
+        found = dbapi.execute(_literal_sql(conn, _head_statement(table)))
+    row = found.fetchone()
+    if row is None:
+        return head(conn, table)  # new or fully pruned: the checkpoint's
+    return int(row[0]), str(row[1])
+
+
+def _literal_sql(conn: sa.Connection, statement: sa.Select[t.Any]) -> str:
+    return str(
+        statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+    )
+
+
+def _lock_statement(table: sa.Table) -> sa.Select[t.Any]:
+    return sa.select(sa.func.pg_advisory_xact_lock(_LOCK_CLASS, _lock_key(table)))
+
+
+def _head_statement(table: sa.Table) -> sa.Select[t.Any]:
+    return (
+        sa.select(table.c.seq, table.c.hash)
+        .where(table.c.seq.is_not(None))
+        .order_by(table.c.seq.desc())
+        .limit(1)
+    )
 
 
 def checkpoints_table(table: sa.Table) -> sa.Table:
@@ -235,12 +273,7 @@ def latest_checkpoint(conn: sa.Connection, table: sa.Table) -> Checkpoint | None
 
 def head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
     """The newest chain position and hash: ``(0, GENESIS)`` for a new chain."""
-    row = conn.execute(
-        sa.select(table.c.seq, table.c.hash)
-        .where(table.c.seq.is_not(None))
-        .order_by(table.c.seq.desc())
-        .limit(1)
-    ).first()
+    row = conn.execute(_head_statement(table)).first()
     if row is not None:
         return int(row[0]), str(row[1])
     checkpoint = latest_checkpoint(conn, table)  # everything was pruned
@@ -266,17 +299,22 @@ class Chain:
         """Lock the head and return ``entries`` as rows to insert: each with
         its ``seq`` and ``hash``, and ``created_at`` in UTC (SQLite stores the
         wall time without its offset). One lock for the whole batch."""
-        lock_head(conn, table)
-        seq, prev = head(conn, table)
+        # Everything but seq and prev is serialised before the lock is taken:
+        # the lock is held by one writer at a time, so it must be short.
         rows = []
+        tails = []
         for entry in entries:
-            seq += 1
             row = dict(entry)
             row["created_at"] = as_utc(entry["created_at"])
-            prev = self.hasher(record(_as_read_back(row), seq, prev))
+            rows.append(row)
+            tails.append(_encode(_fields(_as_read_back(row))))
+        seq, prev = lock_and_read_head(conn, table)
+        for row, tail in zip(rows, tails, strict=True):
+            seq += 1
+            # Equal to record(...): '[1,<seq>,"<prev>",' and the fields.
+            prev = self.hasher(f'[1,{seq},"{prev}",{tail[1:]}'.encode("ascii"))
             row["seq"] = seq
             row["hash"] = prev
-            rows.append(row)
         return rows
 
 
