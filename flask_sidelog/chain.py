@@ -10,6 +10,7 @@ is its definition.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import hmac
 import itertools
@@ -158,23 +159,36 @@ def lock_and_read_head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
     """:func:`lock_head`, then :func:`head`. With psycopg both statements go
     in one pipeline, one round trip: the lock is held until commit, and every
     round trip made while holding it is a wait for every other writer."""
-    if conn.dialect.driver != "psycopg":
+    if conn.dialect.driver != "psycopg" or not _pipeline_supported():
         lock_head(conn, table)
         return head(conn, table)
     dbapi = t.cast(t.Any, conn.connection.dbapi_connection)
+    lock_sql, head_sql = _pipeline_sql(conn.dialect, table)
     with dbapi.pipeline():
-        dbapi.execute(_literal_sql(conn, _lock_statement(table)))
-        found = dbapi.execute(_literal_sql(conn, _head_statement(table)))
+        dbapi.execute(lock_sql)
+        found = dbapi.execute(head_sql)
     row = found.fetchone()
     if row is None:
         return head(conn, table)  # new or fully pruned: the checkpoint's
     return int(row[0]), str(row[1])
 
 
-def _literal_sql(conn: sa.Connection, statement: sa.Select[t.Any]) -> str:
-    return str(
-        statement.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
-    )
+@functools.cache
+def _pipeline_supported() -> bool:
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())  # libpq 14 or later
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str]:
+    """The lock and head statements as SQL text, compiled once per table."""
+
+    def text(statement: sa.Select[t.Any]) -> str:
+        kwargs = {"literal_binds": True}
+        return str(statement.compile(dialect=dialect, compile_kwargs=kwargs))
+
+    return text(_lock_statement(table)), text(_head_statement(table))
 
 
 def _lock_statement(table: sa.Table) -> sa.Select[t.Any]:
