@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskCliRunner
+from flask_sqlalchemy import SQLAlchemy
 
 from conftest import dispose
 from conftest import make_app
@@ -30,6 +31,18 @@ from flask_sidelog.signals import entry_failed
 
 KEY = "k" * 32
 TABLE = "sidelog_entries"
+#: Every app here chains, whatever the default of SIDELOG_CHAIN.
+CHAINED = {"SIDELOG_CHAIN": True}
+
+
+@pytest.fixture
+def app_and_ext(
+    database_uri: str, tmp_path: t.Any
+) -> t.Iterator[tuple[Flask, SQLAlchemy | None, SideLog]]:
+    """conftest's app, chained."""
+    app, db, sidelog = make_app(database_uri, str(tmp_path / "instance"), CHAINED)
+    yield app, db, sidelog
+    dispose(app)
 
 
 @pytest.fixture
@@ -38,7 +51,7 @@ def keyed(
 ) -> t.Iterator[tuple[Flask, SideLog, FlaskCliRunner]]:
     """An app whose chain is keyed with :data:`KEY`."""
     app, _, sidelog = make_app(
-        database_uri, str(tmp_path / "instance"), {"SIDELOG_CHAIN_KEY": KEY}
+        database_uri, str(tmp_path / "instance"), {**CHAINED, "SIDELOG_CHAIN_KEY": KEY}
     )
     yield app, sidelog, app.test_cli_runner()
     dispose(app)
@@ -534,7 +547,9 @@ def _write_from_process(uri: str, instance: str, threads: int, each: int) -> int
     how many failed."""
     import threading
 
-    app, _, sidelog = make_app(uri, instance, {"SIDELOG_DATABASE_URI": uri}, False)
+    app, _, sidelog = make_app(
+        uri, instance, {**CHAINED, "SIDELOG_DATABASE_URI": uri}, False
+    )
     failed: list[object] = []
 
     def count(sender: Flask, **kwargs: t.Any) -> None:
@@ -569,7 +584,7 @@ def test_concurrent_writers_make_one_unbroken_chain(
     request: pytest.FixtureRequest,
 ) -> None:
     uri = new_database_uri(backend_name, tmp_path, request)
-    app, _, sidelog = make_app(uri, str(tmp_path / "i"))
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
     try:
         with app.app_context():
             sidelog.create_table()
@@ -594,7 +609,7 @@ def test_undecodable_stored_value_is_detected(
 ) -> None:
     """SQLite stores any text in the JSON column; verify must not crash on it."""
     uri = new_database_uri("sqlite_file", tmp_path, request)
-    app, _, sidelog = make_app(uri, str(tmp_path / "i"))
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
     try:
         fill(app, sidelog, 4)
         sql(app, sidelog, f"UPDATE {TABLE} SET data = 'not json' WHERE seq = 2")
