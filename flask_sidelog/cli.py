@@ -424,5 +424,33 @@ def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
         return
     if not yes:
         click.confirm(f"Delete {count} entries created before {when}?", abort=True)
-    deleted = sidelog.prune(before)
+    try:
+        deleted = sidelog.prune(before)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(f"Deleted {deleted} entries created before {when}.")
+
+
+@sidelog_group.command("verify")
+@click.option(
+    "--from",
+    "from_seq",
+    type=click.IntRange(min=1),
+    help="Start at this seq, trusting the entry before it (incremental checks).",
+)
+@click.option(
+    "--expect-head",
+    metavar="SEQ:HASH",
+    help="A head printed by an earlier verify; the chain must still contain it.",
+)
+def verify_command(from_seq: int | None, expect_head: str | None) -> None:
+    """Check the log's hash chain: exit 0 and print the head if every entry is
+    intact, else exit 1 at the first broken position and say what is wrong."""
+    state = current_app.extensions["sidelog"]
+    try:
+        result = state.extension.verify(from_seq=from_seq, expect_head=expect_head)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(str(result))
+    if not result.ok:
+        click.get_current_context().exit(1)

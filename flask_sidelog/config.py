@@ -43,6 +43,8 @@ class Settings:
     spool_path: str
     request_id_header: str | None
     request_id_response_header: str | None
+    chain: bool
+    chain_key: bytes | None
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -59,6 +61,10 @@ class Settings:
         c.setdefault("SIDELOG_SPOOL_PATH", None)
         c.setdefault("SIDELOG_REQUEST_ID_HEADER", None)
         c.setdefault("SIDELOG_REQUEST_ID_RESPONSE_HEADER", None)
+        # Off until its cost in the group and buffered modes is measured at
+        # most 10% (docs/tamper-evidence.rst, "Cost").
+        c.setdefault("SIDELOG_CHAIN", False)
+        c.setdefault("SIDELOG_CHAIN_KEY", None)
         timeout = c["SIDELOG_WRITE_TIMEOUT"]
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(
@@ -76,6 +82,10 @@ class Settings:
                 "SIDELOG_SPOOL_PATH must be a file path (relative ones are in the"
                 f" instance folder), got {spool_path!r}."
             )
+        if not isinstance(c["SIDELOG_CHAIN"], bool):
+            raise ValueError(
+                f"SIDELOG_CHAIN must be True or False, got {c['SIDELOG_CHAIN']!r}."
+            )
         return cls(
             database_uri=c["SIDELOG_DATABASE_URI"],
             bind_key=c["SIDELOG_BIND_KEY"],
@@ -92,6 +102,8 @@ class Settings:
             request_id_response_header=_header_name(
                 c, "SIDELOG_REQUEST_ID_RESPONSE_HEADER"
             ),
+            chain=c["SIDELOG_CHAIN"],
+            chain_key=_chain_key(c["SIDELOG_CHAIN_KEY"]),
         )
 
 
@@ -105,3 +117,21 @@ def _header_name(config: t.Mapping[str, t.Any], key: str) -> str | None:
             f' "X-Request-ID", got {name!r}.'
         )
     return name.strip()
+
+
+def _chain_key(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes):
+        raise ValueError(
+            "SIDELOG_CHAIN_KEY must be None or a secret str or bytes (e.g."
+            f" secrets.token_hex(32)), got {type(key).__name__}."
+        )
+    if len(key) < 16:
+        raise ValueError(
+            "SIDELOG_CHAIN_KEY must be at least 16 bytes long (e.g."
+            f" secrets.token_hex(32)); this one has {len(key)}."
+        )
+    return key

@@ -14,6 +14,8 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from .chain import canonical_json
+
 
 def is_sqlite(url: sa.URL) -> bool:
     return url.get_backend_name() == "sqlite"
@@ -58,7 +60,11 @@ def create_log_engine(
     ``options`` (``SIDELOG_ENGINE_OPTIONS``) are passed to
     :func:`sqlalchemy.create_engine` and win over these defaults.
     """
-    kwargs: dict[str, t.Any] = {"pool_pre_ping": True}
+    # Stored canonically, data can be hashed as stored: verify is faster.
+    kwargs: dict[str, t.Any] = {
+        "pool_pre_ping": True,
+        "json_serializer": canonical_json,
+    }
     connect_args: dict[str, t.Any] = {}
     if is_sqlite_memory(url):
         # A memory database lives in one connection: the log gets its own,

@@ -20,6 +20,7 @@ from flask import Response
 from flask.globals import app_ctx
 from werkzeug.exceptions import HTTPException
 
+from . import chain
 from . import context
 from . import tracking
 from .cli import sidelog_group
@@ -147,6 +148,7 @@ class _AppState:
                     self.defer_while_main_writes = (
                         log_path is not None and log_path == main_path
                     )
+                    key = self.settings.chain_key
                     self._writer = Writer(
                         self.app,
                         engine,
@@ -155,6 +157,7 @@ class _AppState:
                         on_error=self.settings.on_write_error,
                         spool=Spool(self.settings.spool_path),
                         timeout=self.settings.write_timeout,
+                        chain=chain.Chain(key) if self.settings.chain else None,
                     )
                 else:
                     engine.dispose()
@@ -486,6 +489,31 @@ class SideLog:
                 writer.table.create(conn)
         return not exists
 
+    def verify(
+        self, from_seq: int | None = None, expect_head: str | None = None
+    ) -> chain.VerifyResult:
+        """Walk the log's hash chain and report the first broken position.
+
+        :param from_seq: start at this ``seq``, trusting the entry before it;
+            default: the latest prune checkpoint, or the first entry.
+        :param expect_head: ``SEQ:HASH`` (or ``HASH``) of a head saved
+            earlier, which the chain must still contain.
+        :raise ValueError: for a ``from_seq`` or ``expect_head`` that cannot
+            be used; the message says what can.
+
+        .. versionadded:: 0.1
+        """
+        state = _app_state()
+        writer = state.writer
+        with writer.lock, writer.engine.connect() as conn:
+            return chain.verify(
+                conn,
+                writer.table,
+                key=state.settings.chain_key,
+                from_seq=from_seq,
+                expect_head=expect_head,
+            )
+
     def entries(
         self,
         limit: int = 50,
@@ -632,6 +660,8 @@ class SideLog:
         if batch_size < 1:
             raise ValueError(f"batch_size must be 1 or more, got {batch_size}.")
         writer = _ready_writer()
+        if writer.chain is not None:
+            return self._prune_chain(writer, before, dry_run, batch_size)
         table = writer.table
         (older,) = entry_filters(table, until=before)
         if dry_run:
@@ -648,6 +678,48 @@ class SideLog:
             deleted += len(ids)
             if len(ids) < batch_size:
                 return deleted
+
+    def _prune_chain(
+        self, writer: Writer, before: datetime, dry_run: bool, batch_size: int
+    ) -> int:
+        """Prune a chained log from its oldest entry up to the last one before
+        the first entry created at ``before`` or later, recording a checkpoint
+        with each batch so that ``verify`` keeps proving what is left.
+
+        Not "every entry created before": replayed entries keep their old
+        times at new positions, and deleting them would cut the chain."""
+        c = writer.table.c
+        (newer,) = entry_filters(writer.table, since=before)
+        with writer.lock, writer.engine.connect() as conn:
+            first_kept = conn.scalar(sa.select(sa.func.min(c.seq)).where(newer))
+            if first_kept is None:
+                last = conn.scalar(sa.select(sa.func.max(c.seq)))
+            else:
+                last = first_kept - 1
+            low = conn.scalar(sa.select(sa.func.min(c.seq)))
+            if last is None or low is None or last < low:
+                return 0
+            if dry_run:
+                count = sa.select(sa.func.count()).where(c.seq <= last)
+                return int(conn.scalar(count.select_from(writer.table)) or 0)
+        deleted = 0
+        key = _app_state().settings.chain_key
+        while low <= last:
+            upto = min(last, low + batch_size - 1)
+            with writer.lock, writer.engine.begin() as conn:
+                last_hash = conn.scalar(sa.select(c.hash).where(c.seq == upto))
+                if last_hash is None:
+                    raise RuntimeError(
+                        f"The entry at seq {upto} is missing, so the chain is"
+                        " broken: run 'flask sidelog verify' before pruning."
+                    )
+                gone = conn.execute(writer.table.delete().where(c.seq <= upto))
+                chain.record_checkpoint(
+                    conn, writer.table, upto, last_hash, gone.rowcount, key
+                )
+            deleted += gone.rowcount
+            low = upto + 1
+        return deleted
 
     def replay(self) -> ReplayResult:
         """Move the entries of the spool (``SIDELOG_SPOOL_PATH``) into the log

@@ -28,9 +28,10 @@ _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def make_entries_table(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
-    """Describe the entries table called ``name`` in its own metadata."""
+    """Describe the entries table called ``name`` in its own metadata, with its
+    checkpoints table (:func:`make_checkpoints_table`), created along with it."""
     metadata = metadata if metadata is not None else sa.MetaData()
-    return sa.Table(
+    table = sa.Table(
         name,
         metadata,
         sa.Column("id", _BigId, primary_key=True, autoincrement=True),
@@ -51,6 +52,9 @@ def make_entries_table(name: str, metadata: sa.MetaData | None = None) -> sa.Tab
         sa.Column("duration_ms", sa.Float),
         sa.Column("error", sa.Text),
         sa.Column("data", sa.JSON),
+        # The hash chain (flask_sidelog.chain); NULL when SIDELOG_CHAIN is off.
+        sa.Column("seq", sa.BigInteger, unique=True),
+        sa.Column("hash", sa.String(64)),
         # Newest-first reads filter on one column and a time range; these
         # indexes serve "WHERE x = ? AND created_at >= ? ORDER BY created_at DESC".
         sa.Index(f"ix_{name}_created_at", "created_at"),
@@ -59,6 +63,34 @@ def make_entries_table(name: str, metadata: sa.MetaData | None = None) -> sa.Tab
         sa.Index(f"ix_{name}_request_id", "request_id"),
         sa.Index(f"ix_{name}_outcome", "outcome", "created_at"),
         sa.Index(f"ix_{name}_level", "level", "created_at"),
+    )
+    checkpoints = make_checkpoints_table(name, metadata)
+
+    # Creating the entries table alone (first write, init) creates the
+    # checkpoints table too, so pruning never finds it missing; create_all
+    # on the metadata creates both itself.
+    @sa.event.listens_for(table, "after_create")
+    def _create_checkpoints(
+        target: sa.Table, connection: sa.Connection, **kw: object
+    ) -> None:
+        if not kw.get("_is_metadata_operation"):
+            checkpoints.create(connection, checkfirst=True)
+
+    return table
+
+
+def make_checkpoints_table(entries_name: str, metadata: sa.MetaData) -> sa.Table:
+    """Describe ``<entries_name>_checkpoints``: one row per prune, holding the
+    chain position and hash of the last entry it deleted."""
+    return sa.Table(
+        f"{entries_name}_checkpoints",
+        metadata,
+        sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+        sa.Column("seq", sa.BigInteger, nullable=False, unique=True),
+        sa.Column("hash", sa.String(64), nullable=False),
+        sa.Column("pruned", sa.BigInteger, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("seal", sa.String(64), nullable=False),
     )
 
 

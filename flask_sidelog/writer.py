@@ -23,6 +23,8 @@ from .spool import Spool
 if t.TYPE_CHECKING:
     from flask import Flask
 
+    from .chain import Chain
+
 
 class SideLogWriteError(Exception):
     """An entry could not be committed to the log database.
@@ -85,6 +87,8 @@ class Writer:
     :param on_error: ``"spool"`` or ``"raise"``, what :meth:`failed` does.
     :param spool: where failed entries are kept.
     :param timeout: longest wait for :attr:`lock` (``SIDELOG_WRITE_TIMEOUT``).
+    :param chain: appends the entries to the hash chain; None when
+        ``SIDELOG_CHAIN`` is off.
     """
 
     def __init__(
@@ -97,8 +101,10 @@ class Writer:
         on_error: str,
         spool: Spool,
         timeout: float,
+        chain: Chain | None = None,
     ) -> None:
         self.app = app
+        self.chain = chain
         self.on_error = on_error
         self.spool = spool
         self.engine = engine
@@ -117,7 +123,13 @@ class Writer:
         with self.lock:
             self.ensure_table()
             with self.engine.begin() as conn:
-                conn.execute(self.table.insert(), entries)
+                rows = entries
+                if self.chain is not None:
+                    rows = self.chain.link(conn, self.table, entries)
+                conn.execute(self.table.insert(), rows)
+            if rows is not entries:
+                for entry, row in zip(entries, rows, strict=True):
+                    entry.update(seq=row["seq"], hash=row["hash"])
 
     def insert_missing(self, entries: list[dict[str, t.Any]]) -> int:
         """Insert those of ``entries`` whose uuid is not stored yet, in one
@@ -134,7 +146,13 @@ class Writer:
         with self.lock:
             self.ensure_table()
             with self.engine.begin() as conn:
-                if upsert is not None and dialect.insert_returning:
+                # With the chain on, only entries that really land may take a
+                # chain position: choose them first, then link them.
+                if (
+                    self.chain is None
+                    and upsert is not None
+                    and dialect.insert_returning
+                ):
                     stmt = (
                         upsert(self.table)
                         .on_conflict_do_nothing(index_elements=["uuid"])
@@ -149,7 +167,10 @@ class Writer:
                 )
                 missing = [e for e in entries if e["uuid"] not in stored]
                 if missing:
-                    conn.execute(self.table.insert(), missing)
+                    rows = missing
+                    if self.chain is not None:
+                        rows = self.chain.link(conn, self.table, missing)
+                    conn.execute(self.table.insert(), rows)
                 return len(missing)
 
     def ensure_table(self) -> None:

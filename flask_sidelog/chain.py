@@ -1,0 +1,717 @@
+"""Tamper evidence: a hash chain over the entries.
+
+Each entry gets a chain position ``seq`` (1, 2, 3, ... with no gaps) and a
+``hash`` over its stored fields and the previous entry's hash, so changing,
+deleting, inserting or reordering entries breaks the chain where it happened.
+The format is documented in ``docs/tamper-evidence.rst``; :func:`record`
+is its definition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import hmac
+import itertools
+import json
+import queue
+import threading
+import typing as t
+import zlib
+from datetime import datetime
+from datetime import timezone
+
+import sqlalchemy as sa
+
+from .entry import utcnow
+from .query import as_utc
+
+#: The ``prev`` of the first entry.
+GENESIS = "0" * 64
+#: The stored fields a hash covers, besides ``seq`` and the previous hash.
+#: ``id`` is not among them: the database assigns it, and the chain's order
+#: is ``seq``.
+HASHED_FIELDS = (
+    "uuid",
+    "created_at",
+    "event",
+    "level",
+    "actor",
+    "outcome",
+    "status_code",
+    "main_tx",
+    "method",
+    "path",
+    "endpoint",
+    "remote_addr",
+    "user_agent",
+    "request_id",
+    "duration_ms",
+    "error",
+    "data",
+)
+# pg_advisory_xact_lock(int, int): this constant, and the table name's CRC-32,
+# so that two log tables in one database have chains (and locks) of their own.
+_LOCK_CLASS = 0x5349_4C47  # "SILG"
+# How many deleted entries a diagnosis of renumbering looks for.
+_RENUMBER_SEARCH = 1000
+
+Hasher = t.Callable[[bytes], str]
+
+
+def timestamp(value: datetime) -> str:
+    """``value`` as UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ``; naive means UTC."""
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    # isoformat pads the year to 4 digits everywhere; strftime("%Y") does not.
+    return value.isoformat(timespec="microseconds") + "Z"
+
+
+_encode = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), sort_keys=True
+).encode
+
+
+def canonical_json(value: t.Any) -> str:
+    """JSON with sorted keys, no whitespace and only ASCII: how the log
+    engine stores ``data``, so that :func:`verify` can hash the stored text
+    as it is."""
+    try:
+        return _encode(value)
+    except TypeError:  # keys of mixed types sort only once they are JSON's str
+        return _encode(json.loads(json.dumps(value)))
+
+
+def record(values: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
+    """The canonical serialisation of one entry: what its hash is computed over.
+
+    :param values: the entry's :data:`HASHED_FIELDS`, in that order, as they
+        read back from the database: text as ``str``, ``created_at`` as a
+        datetime, ``status_code`` as ``int``, ``duration_ms`` as ``float``,
+        ``data`` as decoded JSON, NULL as None.
+    :param seq: its chain position.
+    :param prev: the previous entry's hash (:data:`GENESIS` for the first).
+    """
+    return _encode([1, seq, prev, *_fields(values)]).encode("ascii")
+
+
+def _fields(values: t.Sequence[t.Any]) -> list[t.Any]:
+    fields = list(values)
+    fields[1] = timestamp(fields[1])
+    return fields
+
+
+def make_hasher(key: bytes | None) -> Hasher:
+    """SHA-256 of a record, or HMAC-SHA-256 with ``key``, as 64 hex digits."""
+    if key is None:
+        return lambda message: hashlib.sha256(message).hexdigest()
+    return lambda message: hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def _as_read_back(entry: t.Mapping[str, t.Any]) -> list[t.Any]:
+    """An entry's hashed values as the database will return them: the chain
+    covers what is stored, so that any reader can recompute it."""
+    values: list[t.Any] = []
+    for name in HASHED_FIELDS:
+        value = entry.get(name)
+        if value is None or name == "created_at":
+            pass
+        elif name == "status_code":
+            value = int(value)
+        elif name == "duration_ms":
+            value = float(value)
+        elif name == "data":
+            # What a JSON column returns: the same value after a trip through
+            # JSON text (tuples become lists, non-str keys become strings).
+            value = json.loads(json.dumps(value))
+        else:
+            value = str(value)
+        values.append(value)
+    return values
+
+
+def _lock_key(table: sa.Table) -> int:
+    crc = zlib.crc32(table.name.encode("utf-8"))
+    return crc - 2**32 if crc >= 2**31 else crc
+
+
+def lock_head(conn: sa.Connection, table: sa.Table) -> None:
+    """Take the lock that serialises appending to ``table``'s chain, until the
+    end of ``conn``'s transaction.
+
+    SQLite: ``BEGIN IMMEDIATE``, its database-wide write lock, taken before
+    the head is read (a deferred transaction would read first and collide with
+    another process's write later). PostgreSQL: a transaction-level advisory
+    lock. Elsewhere the unique ``seq`` is the guard: a concurrent append fails
+    instead of forking the chain.
+    """
+    dialect = conn.dialect.name
+    if dialect == "sqlite":
+        dbapi = conn.connection.dbapi_connection
+        # pysqlite begins lazily, before the first write; if an event recipe
+        # already emitted BEGIN, SQLite's own locking refuses a second writer.
+        if dbapi is not None and not dbapi.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif dialect == "postgresql":
+        conn.execute(_lock_statement(table))
+
+
+def lock_and_read_head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
+    """:func:`lock_head`, then :func:`head`. With psycopg both statements go
+    in one pipeline, one round trip: the lock is held until commit, and every
+    round trip made while holding it is a wait for every other writer."""
+    if conn.dialect.driver != "psycopg" or not _pipeline_supported():
+        lock_head(conn, table)
+        return head(conn, table)
+    dbapi = t.cast(t.Any, conn.connection.dbapi_connection)
+    lock_sql, head_sql = _pipeline_sql(conn.dialect, table)
+    with dbapi.pipeline():
+        dbapi.execute(lock_sql)
+        found = dbapi.execute(head_sql)
+    row = found.fetchone()
+    if row is None:
+        return head(conn, table)  # new or fully pruned: the checkpoint's
+    return int(row[0]), str(row[1])
+
+
+@functools.cache
+def _pipeline_supported() -> bool:
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())  # libpq 14 or later
+
+
+@functools.lru_cache(maxsize=64)
+def _pipeline_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str]:
+    """The lock and head statements as SQL text, compiled once per table."""
+
+    def text(statement: sa.Select[t.Any]) -> str:
+        kwargs = {"literal_binds": True}
+        return str(statement.compile(dialect=dialect, compile_kwargs=kwargs))
+
+    return text(_lock_statement(table)), text(_head_statement(table))
+
+
+def _lock_statement(table: sa.Table) -> sa.Select[t.Any]:
+    return sa.select(sa.func.pg_advisory_xact_lock(_LOCK_CLASS, _lock_key(table)))
+
+
+def _head_statement(table: sa.Table) -> sa.Select[t.Any]:
+    return (
+        sa.select(table.c.seq, table.c.hash)
+        .where(table.c.seq.is_not(None))
+        .order_by(table.c.seq.desc())
+        .limit(1)
+    )
+
+
+def checkpoints_table(table: sa.Table) -> sa.Table:
+    """The checkpoints table that goes with the entries ``table``."""
+    return table.metadata.tables[f"{table.name}_checkpoints"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What a prune left of the chain's beginning."""
+
+    #: Chain position of the last pruned entry.
+    seq: int
+    #: Its hash: the ``prev`` of the entry at ``seq + 1``.
+    hash: str
+    #: How many entries that prune deleted.
+    pruned: int
+    created_at: datetime
+    #: The hash of the checkpoint's own record (:func:`checkpoint_record`).
+    seal: str
+
+
+def checkpoint_record(seq: int, hash: str, pruned: int, created_at: datetime) -> bytes:
+    """The canonical serialisation of a checkpoint, which its seal covers."""
+    obj = {
+        "checkpoint": 1,
+        "created_at": timestamp(created_at),
+        "hash": hash,
+        "pruned": int(pruned),
+        "seq": int(seq),
+    }
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def record_checkpoint(
+    conn: sa.Connection,
+    table: sa.Table,
+    last_pruned_seq: int,
+    last_hash: str,
+    count: int,
+    key: bytes | None = None,
+) -> Checkpoint:
+    """Record that the entries up to ``last_pruned_seq`` are being deleted.
+
+    Call it in the transaction that deletes them, so that either both happen
+    or neither: :func:`verify` then starts after the checkpoint.
+
+    :param last_pruned_seq: ``seq`` of the newest entry deleted.
+    :param last_hash: that entry's ``hash``, read in the same transaction.
+    :param count: how many entries the prune deletes.
+    :param key: ``SIDELOG_CHAIN_KEY``, which seals the checkpoint.
+    """
+    created_at = utcnow()
+    seal = make_hasher(key)(
+        checkpoint_record(last_pruned_seq, last_hash, count, created_at)
+    )
+    conn.execute(
+        checkpoints_table(table).insert(),
+        {
+            "seq": last_pruned_seq,
+            "hash": last_hash,
+            "pruned": count,
+            "created_at": created_at,
+            "seal": seal,
+        },
+    )
+    return Checkpoint(last_pruned_seq, last_hash, count, created_at, seal)
+
+
+def latest_checkpoint(conn: sa.Connection, table: sa.Table) -> Checkpoint | None:
+    """The newest checkpoint, or None (also when its table does not exist:
+    it is created with the entries table, but a log may predate it)."""
+    cp = checkpoints_table(table)
+    if not sa.inspect(conn).has_table(cp.name):
+        return None
+    row = conn.execute(
+        sa.select(cp.c.seq, cp.c.hash, cp.c.pruned, cp.c.created_at, cp.c.seal)
+        .order_by(cp.c.seq.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else Checkpoint(*row)
+
+
+def head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
+    """The newest chain position and hash: ``(0, GENESIS)`` for a new chain."""
+    row = conn.execute(_head_statement(table)).first()
+    if row is not None:
+        return int(row[0]), str(row[1])
+    checkpoint = latest_checkpoint(conn, table)  # everything was pruned
+    if checkpoint is not None:
+        return checkpoint.seq, checkpoint.hash
+    return 0, GENESIS
+
+
+class Chain:
+    """Appends entries to the chain of a table; used by the writer inside its
+    transaction.
+
+    :param key: ``SIDELOG_CHAIN_KEY``; with it, hashes are HMAC-SHA-256.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.key = key
+        self.hasher = make_hasher(key)
+
+    def link(
+        self, conn: sa.Connection, table: sa.Table, entries: list[dict[str, t.Any]]
+    ) -> list[dict[str, t.Any]]:
+        """Lock the head and return ``entries`` as rows to insert: each with
+        its ``seq`` and ``hash``, and ``created_at`` in UTC (SQLite stores the
+        wall time without its offset). One lock for the whole batch."""
+        # Everything but seq and prev is serialised before the lock is taken:
+        # the lock is held by one writer at a time, so it must be short.
+        rows = []
+        tails = []
+        for entry in entries:
+            row = dict(entry)
+            row["created_at"] = as_utc(entry["created_at"])
+            rows.append(row)
+            tails.append(_encode(_fields(_as_read_back(row))))
+        seq, prev = lock_and_read_head(conn, table)
+        for row, tail in zip(rows, tails, strict=True):
+            seq += 1
+            # Equal to record(...): '[1,<seq>,"<prev>",' and the fields.
+            prev = self.hasher(f'[1,{seq},"{prev}",{tail[1:]}'.encode("ascii"))
+            row["seq"] = seq
+            row["hash"] = prev
+        return rows
+
+
+#: What :func:`verify` found wrong at the first broken position.
+Problem = t.Literal["modified", "missing", "inserted", "reordered"]
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of :func:`verify`; ``str()`` gives the report to print."""
+
+    #: Whether the whole walked chain (and the expected head) checked out.
+    ok: bool
+    #: How many entries were verified (before the break, if any).
+    entries: int
+    #: ``seq`` and ``hash`` of the last verified entry (or of the start).
+    head_seq: int
+    head: str
+    #: The checkpoint the walk started from, if the log was pruned.
+    checkpoint: Checkpoint | None = None
+    #: At the first broken position: what is wrong, the ``seq``, and how.
+    problem: Problem | None = None
+    seq: int | None = None
+    detail: str | None = None
+
+    def __str__(self) -> str:
+        lines = []
+        if self.checkpoint is not None:
+            cp = self.checkpoint
+            lines.append(
+                f"Checkpoint: entries up to seq {cp.seq} pruned"
+                f" ({cp.pruned} at {timestamp(cp.created_at)}), hash {cp.hash}"
+            )
+        if self.ok:
+            lines.append(f"OK: {self.entries} entries, head {self.head}")
+            lines.append(
+                f"To check this head later: --expect-head {self.head_seq}:{self.head}"
+            )
+        else:
+            lines.append(
+                f"FAILED at seq {self.seq}: {self.problem}: {self.detail}"
+                f" ({self.entries} entries verified before it)"
+            )
+        return "\n".join(lines)
+
+
+def parse_head(text: str) -> tuple[int | None, str]:
+    """``SEQ:HASH`` or ``HASH`` (64 hex digits) as ``(seq or None, hash)``."""
+    seq_text, _, hash_text = text.strip().rpartition(":")
+    hash_text = hash_text.lower()
+    if len(hash_text) != 64 or any(c not in "0123456789abcdef" for c in hash_text):
+        raise ValueError(
+            f"expected a head as SEQ:HASH or HASH (64 hex digits), got {text!r}."
+        )
+    if not seq_text:
+        return None, hash_text
+    if not seq_text.isdigit() or int(seq_text) < 1:
+        raise ValueError(
+            f"the SEQ of SEQ:HASH must be a number of 1 or more, got {seq_text!r}."
+        )
+    return int(seq_text), hash_text
+
+
+def _walk(
+    conn: sa.Connection, table: sa.Table, where: sa.ColumnElement[bool]
+) -> sa.CursorResult[t.Any]:
+    """The rows ``where`` selects, in ``seq`` order, streamed, as
+    ``(seq, hash, *HASHED_FIELDS)``. On SQLite and PostgreSQL ``data`` comes
+    as stored text and ``created_at`` as text too (SQLite's as stored,
+    PostgreSQL's formatted by the server as :func:`timestamp` does), for
+    :func:`_quick_message`."""
+    c = table.c
+    columns: list[sa.ColumnElement[t.Any]] = [c[name] for name in HASHED_FIELDS]
+    if conn.dialect.name == "sqlite":
+        columns[1] = sa.type_coerce(c.created_at, sa.String)
+        columns[-1] = sa.type_coerce(c.data, sa.String)
+    elif conn.dialect.name == "postgresql":
+        columns[1] = sa.func.to_char(
+            sa.func.timezone("UTC", c.created_at), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
+        )
+        columns[-1] = sa.cast(c.data, sa.Text)
+    query = sa.select(c.seq, c.hash, *columns).where(where).order_by(c.seq)
+    return conn.execution_options(yield_per=20000).execute(query)
+
+
+def _decoded(raw: t.Sequence[t.Any], dialect: str) -> t.Sequence[t.Any] | None:
+    """A :func:`_walk` row as :func:`record` takes it; None if a stored value
+    cannot be decoded (so it is not what the writer stored)."""
+    if dialect not in ("sqlite", "postgresql"):
+        return raw
+    row = list(raw)
+    try:
+        # Python 3.10's fromisoformat does not read "Z".
+        row[3] = datetime.fromisoformat(row[3].replace("Z", "+00:00"))
+        if row[-1] is not None:
+            row[-1] = json.loads(row[-1])
+    except ValueError:
+        return None
+    return row
+
+
+def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
+    """:func:`record` built from a :func:`_walk` row without decoding it,
+    which is what makes a million entries fast.
+
+    It equals the record when ``data`` was stored as canonical JSON (the log
+    engine's serialiser) and SQLite's ``created_at`` in SQLAlchemy's format.
+    Otherwise it differs and the caller falls back to :func:`record`; it can
+    never match a hash that :func:`record` would not: every other field is one
+    JSON token, so equal bytes mean equal fields and equal data text.
+    """
+    created_at: str = raw[3]
+    if created_at[-1] != "Z":  # SQLite's "YYYY-MM-DD HH:MM:SS.ffffff"
+        if len(created_at) != 26 or created_at[10] != " ":
+            return b""
+        created_at = f"{created_at[:10]}T{created_at[11:]}Z"
+    head = _encode([1, seq, prev, raw[2], created_at, *raw[4:-1]])
+    data = raw[-1]
+    return f"{head[:-1]},{'null' if data is None else data}]".encode()
+
+
+def _prefetched(
+    result: sa.CursorResult[t.Any], size: int = 20000
+) -> t.Generator[t.Sequence[t.Any], None, None]:
+    """The rows of ``result``, fetched by a thread one chunk ahead: the
+    database reads the next rows while this thread hashes the last ones.
+    Close it before using the connection again."""
+    chunks: queue.Queue[t.Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            for part in result.partitions(size):
+                if stop.is_set():
+                    return
+                chunks.put(part)
+            chunks.put(None)
+        except BaseException as error:  # handed to the reading thread
+            chunks.put(error)
+
+    fetcher = threading.Thread(target=fetch, name="sidelog-verify", daemon=True)
+    fetcher.start()
+    try:
+        while (part := chunks.get()) is not None:
+            if isinstance(part, BaseException):
+                raise part
+            yield from part
+    finally:
+        stop.set()
+        while fetcher.is_alive():  # unblock a put, then let it see stop
+            with contextlib.suppress(queue.Empty):
+                chunks.get(timeout=0.05)
+        fetcher.join()
+
+
+def _matches(
+    hasher: Hasher, row: t.Sequence[t.Any] | None, seq: int, prev: str
+) -> bool:
+    return row is not None and hasher(record(row[2:], seq, prev)) == row[1]
+
+
+def _diagnose(
+    conn: sa.Connection,
+    table: sa.Table,
+    hasher: Hasher,
+    key: bytes | None,
+    row: t.Sequence[t.Any],
+    prev: str,
+) -> tuple[Problem, str]:
+    """Why the entry ``row`` does not match its hash after ``prev``: look at
+    the entries after it. Runs once, at the break, so it may read on."""
+    seq = int(row[0])
+    if key is not None and _matches(make_hasher(None), row, seq, prev):
+        return "inserted", (
+            "its hash was made without SIDELOG_CHAIN_KEY: a forged entry, or one"
+            " written by a process that lacks the key"
+        )
+    dialect = conn.dialect.name
+    with _walk(conn, table, table.c.seq > seq) as result:
+        # (seq, decoded row or None when undecodable) of each later entry
+        following = ((int(raw[0]), _decoded(raw, dialect)) for raw in result)
+        nxt_seq, nxt = next(following, (0, None))
+        if nxt_seq == 0:
+            return "modified", (
+                "the newest entry does not match its hash: changed, or forged and"
+                " appended"
+            )
+        if _matches(hasher, nxt, nxt_seq, row[1]):
+            return "modified", "its fields were changed: they no longer match its hash"
+        for gap in range(1, _RENUMBER_SEARCH + 1):
+            # The next entry follows from this one at a higher seq: entries
+            # before this one were deleted and the rest renumbered down.
+            if _matches(hasher, nxt, nxt_seq + gap, row[1]):
+                return "missing", (
+                    f"{gap} entr{'y was' if gap == 1 else 'ies were'} deleted"
+                    " here and the later ones renumbered"
+                )
+        if nxt is not None and nxt_seq == seq + 1 and _matches(hasher, nxt, seq, prev):
+            if _matches(hasher, row, nxt_seq, nxt[1]):
+                return (
+                    "reordered",
+                    f"the entries at seq {seq} and {nxt_seq} were swapped",
+                )
+            return "inserted", (
+                "this entry is not part of the chain: the entry now at seq"
+                f" {nxt_seq} belongs at seq {seq} (the later ones were renumbered)"
+            )
+        for other_seq, other in itertools.chain([(nxt_seq, nxt)], following):
+            if _matches(hasher, other, seq, prev):
+                return (
+                    "reordered",
+                    f"the entry now at seq {other_seq} belongs at seq {seq}",
+                )
+    return "modified", (
+        "it does not match its hash, and the next entry does not follow from it"
+        " (its hash or several entries were changed)"
+    )
+
+
+def verify(
+    conn: sa.Connection,
+    table: sa.Table,
+    key: bytes | None = None,
+    from_seq: int | None = None,
+    expect_head: str | None = None,
+) -> VerifyResult:
+    """Walk the chain of ``table`` in ``seq`` order, in constant memory, and
+    report the first broken position.
+
+    :param key: ``SIDELOG_CHAIN_KEY`` the entries were written with.
+    :param from_seq: start at this ``seq``, trusting the entry before it
+        (or the checkpoint); default: the latest checkpoint, or the beginning.
+    :param expect_head: ``SEQ:HASH`` or ``HASH`` of a head saved earlier; the
+        chain must still contain it.
+    :raise ValueError: for a ``from_seq`` or ``expect_head`` that cannot be used.
+    """
+    hasher = make_hasher(key)
+    expected = parse_head(expect_head) if expect_head is not None else None
+    checkpoint = latest_checkpoint(conn, table)
+    c = table.c
+    start, prev = (checkpoint.seq + 1, checkpoint.hash) if checkpoint else (1, GENESIS)
+    if from_seq is not None:
+        if from_seq < 1:
+            raise ValueError(f"--from must be a seq of 1 or more, got {from_seq}.")
+        if from_seq < start:
+            raise ValueError(
+                f"entries up to seq {start - 1} were pruned; use --from {start} or"
+                " more, or leave --from out to start at the checkpoint."
+            )
+        if from_seq > start:
+            found = conn.scalar(sa.select(c.hash).where(c.seq == from_seq - 1))
+            if found is None:
+                raise ValueError(
+                    f"there is no entry at seq {from_seq - 1} to start after;"
+                    " leave --from out to verify the whole chain."
+                )
+            start, prev = from_seq, found
+    if expected is not None and expected[0] is not None and expected[0] < start - 1:
+        raise ValueError(
+            f"the expected head's seq {expected[0]} is before the verified range"
+            f" (from seq {start}); give a later head, or a smaller --from."
+        )
+
+    used_checkpoint = checkpoint if checkpoint and start == checkpoint.seq + 1 else None
+    count = 0
+    last_seq = start - 1
+    head_hash = prev
+    seen_expected = expected is not None and (
+        expected[1] == prev and expected[0] in (None, last_seq)
+    )
+
+    def broken(problem: Problem, seq: int, detail: str) -> VerifyResult:
+        return VerifyResult(
+            False, count, last_seq, head_hash, used_checkpoint, problem, seq, detail
+        )
+
+    if used_checkpoint is not None:
+        cp = used_checkpoint
+        record_ = checkpoint_record(cp.seq, cp.hash, cp.pruned, cp.created_at)
+        if hasher(record_) != cp.seal:
+            return broken(
+                "modified",
+                cp.seq,
+                (
+                    "the checkpoint does not match its seal: forged or changed (or"
+                    " SIDELOG_CHAIN_KEY differs from the one that recorded it)"
+                ),
+            )
+        left = conn.scalar(sa.select(sa.func.count()).where(c.seq <= cp.seq))
+        if left:
+            return broken(
+                "inserted",
+                cp.seq,
+                (
+                    f"{left} entries at or before the checkpoint still exist: a prune"
+                    " deletes them with the checkpoint, so it was not a prune"
+                ),
+            )
+
+    dialect = conn.dialect.name
+    quick = dialect in ("sqlite", "postgresql")
+    unmatched: t.Sequence[t.Any] | None = None
+    with _walk(conn, table, c.seq >= start) as result:
+        # SQLite reads in this thread faster than two threads share the GIL.
+        rows = _prefetched(result) if dialect == "postgresql" else (r for r in result)
+        with contextlib.closing(rows):
+            for row in rows:
+                seq = int(row[0])
+                if seq != last_seq + 1:
+                    if seq <= last_seq:
+                        return broken("inserted", seq, "a second entry with this seq")
+                    first, last = last_seq + 1, seq - 1
+                    gap = (
+                        f"the entry at seq {first} is missing"
+                        if first == last
+                        else f"the entries at seq {first} to {last} are missing"
+                    )
+                    return broken("missing", first, gap + " (deleted)")
+                if not (
+                    quick and hasher(_quick_message(row, seq, head_hash)) == row[1]
+                ):
+                    decoded = _decoded(row, dialect)
+                    if decoded is None:
+                        return broken(
+                            "modified",
+                            seq,
+                            ("its data is not JSON or its created_at not a time"),
+                        )
+                    if not _matches(hasher, decoded, seq, head_hash):
+                        unmatched = decoded
+                        break
+                if (
+                    expected is not None
+                    and expected[0] in (None, seq)
+                    and not seen_expected
+                ):
+                    if expected[1] == row[1]:
+                        seen_expected = True
+                    elif expected[0] == seq:
+                        return broken(
+                            "modified",
+                            seq,
+                            f"its hash {row[1]} is not the expected head"
+                            f" {expected[1]}: the chain was rewritten up to here",
+                        )
+                count += 1
+                last_seq, head_hash = seq, row[1]
+    if unmatched is not None:
+        # Diagnosed after the walk's fetching thread has stopped: the
+        # diagnosis reads through the same connection.
+        problem, detail = _diagnose(conn, table, hasher, key, unmatched, head_hash)
+        return broken(problem, int(unmatched[0]), detail)
+
+    if expected is not None and not seen_expected:
+        if expected[0] is not None:
+            return broken(
+                "missing",
+                last_seq + 1,
+                (
+                    f"the chain ends at seq {last_seq} but the expected head is at seq"
+                    f" {expected[0]}: the newest entries were deleted"
+                ),
+            )
+        return broken(
+            "missing",
+            last_seq + 1,
+            (
+                f"the expected head {expected[1]} is not in the chain, which ends at"
+                f" seq {last_seq}: the newest entries were deleted, or the chain was"
+                " rewritten"
+            ),
+        )
+    unchained = conn.scalar(sa.select(sa.func.count()).where(c.seq.is_(None)))
+    if unchained:
+        return broken(
+            "inserted",
+            last_seq + 1,
+            (
+                f"{unchained} entries have no chain position (seq is NULL): written"
+                " with SIDELOG_CHAIN off, or inserted around the chain"
+            ),
+        )
+    return VerifyResult(True, count, last_seq, head_hash, used_checkpoint)

@@ -1,0 +1,646 @@
+"""Tamper evidence: the hash chain, ``flask sidelog verify`` and checkpoints.
+
+Every tampering is done by raw SQL, as an attacker with database access would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import re
+import typing as t
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskCliRunner
+from flask_sqlalchemy import SQLAlchemy
+
+from conftest import dispose
+from conftest import make_app
+from conftest import new_database_uri
+from flask_sidelog import chain
+from flask_sidelog import SideLog
+from flask_sidelog.entry import make_entry
+from flask_sidelog.model import make_entries_table
+from flask_sidelog.signals import entry_failed
+
+KEY = "k" * 32
+TABLE = "sidelog_entries"
+#: Every app here chains, whatever the default of SIDELOG_CHAIN.
+CHAINED = {"SIDELOG_CHAIN": True}
+
+
+@pytest.fixture
+def app_and_ext(
+    database_uri: str, tmp_path: t.Any
+) -> t.Iterator[tuple[Flask, SQLAlchemy | None, SideLog]]:
+    """conftest's app, chained."""
+    app, db, sidelog = make_app(database_uri, str(tmp_path / "instance"), CHAINED)
+    yield app, db, sidelog
+    dispose(app)
+
+
+@pytest.fixture
+def keyed(
+    database_uri: str, tmp_path: t.Any
+) -> t.Iterator[tuple[Flask, SideLog, FlaskCliRunner]]:
+    """An app whose chain is keyed with :data:`KEY`."""
+    app, _, sidelog = make_app(
+        database_uri, str(tmp_path / "instance"), {**CHAINED, "SIDELOG_CHAIN_KEY": KEY}
+    )
+    yield app, sidelog, app.test_cli_runner()
+    dispose(app)
+
+
+def fill(app: Flask, sidelog: SideLog, n: int) -> list[dict[str, t.Any]]:
+    with app.app_context():
+        return [sidelog.log(f"event.{i}", data={"i": i}) for i in range(1, n + 1)]
+
+
+def sql(app: Flask, sidelog: SideLog, *statements: str, **params: t.Any) -> None:
+    with app.app_context(), sidelog.log_session() as session:
+        for statement in statements:
+            session.execute(sa.text(statement), params)
+
+
+def verify(runner: FlaskCliRunner, *args: str) -> tuple[int, str]:
+    result = runner.invoke(args=["sidelog", "verify", *args])
+    return result.exit_code, result.output
+
+
+def rows(app: Flask, sidelog: SideLog) -> list[dict[str, t.Any]]:
+    with app.app_context(), sidelog.log_session() as session:
+        found = session.execute(sa.text(f"SELECT * FROM {TABLE} ORDER BY seq"))
+        return [dict(r) for r in found.mappings()]
+
+
+def rehash(
+    app: Flask,
+    sidelog: SideLog,
+    from_seq: int,
+    key: bytes | None = None,
+    to_seq: int | None = None,
+) -> None:
+    """Recompute the hashes from ``from_seq`` on (up to ``to_seq``) from the
+    raw rows, as a forger would, with ``key`` (or SHA-256)."""
+    hasher = chain.make_hasher(key)
+    found = rows(app, sidelog)
+    prev = chain.GENESIS
+    for row in found:
+        if from_seq <= row["seq"] <= (to_seq or row["seq"]):
+            data = row["data"]
+            if isinstance(data, str):  # SQLite's raw JSON text
+                data = json.loads(data)
+            values = [row[name] for name in chain.HASHED_FIELDS]
+            values[chain.HASHED_FIELDS.index("data")] = data
+            values[1] = _parse_time(values[1])
+            row["hash"] = hasher(chain.record(values, row["seq"], prev))
+            sql(
+                app,
+                sidelog,
+                f"UPDATE {TABLE} SET hash = :h WHERE seq = :s",
+                h=row["hash"],
+                s=row["seq"],
+            )
+        prev = row["hash"]
+
+
+def _parse_time(value: t.Any) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value)
+
+
+def renumber_from(app: Flask, sidelog: SideLog, seq: int) -> None:
+    """Shift every entry from ``seq`` on by one, making room at ``seq``."""
+    sql(
+        app,
+        sidelog,
+        f"UPDATE {TABLE} SET seq = -seq WHERE seq >= :s",
+        f"UPDATE {TABLE} SET seq = 1 - seq WHERE seq < 0",
+        s=seq,
+    )
+
+
+def forge(app: Flask, sidelog: SideLog, seq: int) -> None:
+    """Insert a made-up entry at ``seq`` (hash to be filled in)."""
+    entry = make_entry("forged", data={"by": "attacker"})
+    sql(
+        app,
+        sidelog,
+        f"INSERT INTO {TABLE} (uuid, created_at, event, level, data, seq, hash)"
+        " VALUES (:uuid, :created_at, 'forged', 'info', :data, :seq, :hash)",
+        uuid=entry["uuid"],
+        created_at=entry["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f+00:00"),
+        data='{"by": "attacker"}',
+        seq=seq,
+        hash="0" * 64,
+    )
+
+
+def test_intact_chain_verifies_and_prints_its_head(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    entries = fill(app, sidelog, 5)
+    assert [e["seq"] for e in entries] == [1, 2, 3, 4, 5]
+    code, out = verify(runner)
+    assert code == 0, out
+    head = entries[-1]["hash"]
+    assert re.fullmatch(r"[0-9a-f]{64}", head)
+    assert out.splitlines() == [
+        f"OK: 5 entries, head {head}",
+        f"To check this head later: --expect-head 5:{head}",
+    ]
+    assert verify(runner, "--expect-head", f"5:{head}")[0] == 0
+    assert verify(runner, "--expect-head", head.upper())[0] == 0
+    assert verify(runner, "--expect-head", f"3:{entries[2]['hash']}")[0] == 0
+    code, out = verify(runner, "--from", "4")
+    assert (code, out.splitlines()[0]) == (0, f"OK: 2 entries, head {head}")
+
+
+def test_stored_values_hash_the_same_when_read_back(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """What goes in is not always what comes back (floats, key types, tuples,
+    time zones, int durations); the chain covers what comes back."""
+    tricky = {
+        "floats": [0.1, 1e-7, 1e22, -0.0, 1.0, 2.5e-308, 1.7976931348623157e308],
+        "ints": [2**62, -(2**63), 0],
+        "text": ["e\u0301", "\u00e9", "\U0001f600", "\u2028", "tab\tnl\n", ""],
+        "nested": {"b": {"z": 1, "a": [None, True, False]}, "a": ()},
+        3: "int key",
+        "none": None,
+    }
+    with app.app_context():
+        sidelog.log("tricky", data=tricky, actor="\u00e9ve")
+        entry = make_entry("odd", duration_ms=5, status_code=200)
+        entry["data"] = {3: "int key, past make_entry", "a": (1, 2)}
+        entry["created_at"] = datetime(
+            1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone(timedelta(hours=5))
+        )
+        ancient = make_entry("ancient")
+        ancient["created_at"] = datetime(5, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+        app.extensions["sidelog"].writer.insert([entry, ancient])
+        sidelog.log("last")
+        stored = {e["event"]: e for e in sidelog.entries()}
+    assert stored["odd"]["created_at"] == datetime(
+        1999, 12, 31, 18, 59, 59, 999999, tzinfo=timezone.utc
+    )
+    assert stored["tricky"]["data"]["3"] == "int key"
+    code, out = verify(runner)
+    assert code == 0, out
+    assert out.startswith("OK: 4 entries")
+    # verify's fast path (hashing the stored text) holds for all of them.
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        with writer.engine.connect() as conn:
+            dialect = conn.dialect.name
+            with chain._walk(conn, writer.table, sa.true()) as result:
+                raws = list(result)
+    prev = chain.GENESIS
+    for raw in raws:
+        decoded = chain._decoded(raw, dialect)
+        assert decoded is not None
+        expected = chain.record(decoded[2:], raw[0], prev)
+        assert chain._quick_message(raw, raw[0], prev) == expected
+        prev = raw[1]
+
+
+@pytest.mark.parametrize(
+    ("statement", "report"),
+    [
+        pytest.param(
+            "UPDATE {t} SET actor = 'mallory' WHERE seq = 3",
+            "FAILED at seq 3: modified: its fields were changed: they no longer"
+            " match its hash (2 entries verified before it)",
+            id="field",
+        ),
+        pytest.param(
+            "UPDATE {t} SET status_code = 200 WHERE seq = 5",
+            "FAILED at seq 5: modified: the newest entry does not match its hash",
+            id="newest-field",
+        ),
+        pytest.param(
+            "UPDATE {t} SET hash = '" + "a" * 64 + "' WHERE seq = 2",
+            "FAILED at seq 2: modified: it does not match its hash, and the next",
+            id="hash",
+        ),
+        pytest.param(
+            "DELETE FROM {t} WHERE seq <= 2",
+            "FAILED at seq 1: missing: the entries at seq 1 to 2 are missing",
+            id="oldest-without-checkpoint",
+        ),
+    ],
+)
+def test_changed_entries_are_detected(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner, statement: str, report: str
+) -> None:
+    fill(app, sidelog, 5)
+    sql(app, sidelog, statement.format(t=TABLE))
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith(report)
+
+
+def test_deleted_entry_in_the_middle_is_detected(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    fill(app, sidelog, 5)
+    sql(app, sidelog, f"DELETE FROM {TABLE} WHERE seq = 3")
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith(
+        "FAILED at seq 3: missing: the entry at seq 3 is missing (deleted)"
+    )
+    sql(app, sidelog, f"DELETE FROM {TABLE} WHERE seq = 4")
+    assert verify(runner)[1].startswith(
+        "FAILED at seq 3: missing: the entries at seq 3 to 4 are missing"
+    )
+
+
+def test_deleted_entry_renumbered_is_detected(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    fill(app, sidelog, 5)
+    sql(
+        app,
+        sidelog,
+        f"DELETE FROM {TABLE} WHERE seq = 3",
+        f"UPDATE {TABLE} SET seq = -seq WHERE seq > 3",
+        f"UPDATE {TABLE} SET seq = -seq - 1 WHERE seq < 0",
+    )
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith(
+        "FAILED at seq 3: missing: 1 entry was deleted here and the later ones"
+        " renumbered"
+    )
+
+
+def test_deleted_newest_entries_are_detected_by_the_expected_head(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    entries = fill(app, sidelog, 5)
+    saved = f"5:{entries[-1]['hash']}"
+    sql(app, sidelog, f"DELETE FROM {TABLE} WHERE seq >= 4")
+    code, out = verify(runner)
+    assert code == 0
+    assert out.startswith(f"OK: 3 entries, head {entries[2]['hash']}")
+    code, out = verify(runner, "--expect-head", saved)
+    assert code == 1
+    assert out == (
+        "FAILED at seq 4: missing: the chain ends at seq 3 but the expected head is"
+        " at seq 5: the newest entries were deleted (3 entries verified before it)\n"
+    )
+    code, out = verify(runner, "--expect-head", entries[-1]["hash"])
+    assert code == 1
+    assert out.startswith("FAILED at seq 4: missing: the expected head")
+
+
+def test_forged_entry_with_recomputed_hashes(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """Without a key a forger can recompute every later hash: the walk passes,
+    a head saved before the forgery does not."""
+    entries = fill(app, sidelog, 5)
+    saved = f"5:{entries[-1]['hash']}"
+    renumber_from(app, sidelog, 3)
+    forge(app, sidelog, 3)
+    rehash(app, sidelog, 3)
+    code, out = verify(runner)
+    assert (code, out.splitlines()[0][:15]) == (0, "OK: 6 entries, ")
+    code, out = verify(runner, "--expect-head", saved)
+    assert code == 1
+    assert out.startswith("FAILED at seq 5: modified: its hash ")
+    assert "is not the expected head" in out
+
+
+def test_forged_entry_is_detected_with_a_key(
+    keyed: tuple[Flask, SideLog, FlaskCliRunner],
+) -> None:
+    app, sidelog, runner = keyed
+    fill(app, sidelog, 5)
+    assert verify(runner)[0] == 0
+    renumber_from(app, sidelog, 3)
+    forge(app, sidelog, 3)
+    rehash(app, sidelog, 3)  # with SHA-256: the forger lacks the key
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith(
+        "FAILED at seq 3: inserted: its hash was made without SIDELOG_CHAIN_KEY"
+    )
+
+
+def test_forged_entry_with_a_wrong_key_is_detected(
+    keyed: tuple[Flask, SideLog, FlaskCliRunner],
+) -> None:
+    app, sidelog, runner = keyed
+    fill(app, sidelog, 5)
+    renumber_from(app, sidelog, 3)
+    forge(app, sidelog, 3)
+    wrong = b"not the key, but as long"
+    rehash(app, sidelog, 3, key=wrong, to_seq=3)
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith("FAILED at seq 3: inserted: this entry is not part of the")
+    rehash(app, sidelog, 3, key=wrong)
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith("FAILED at seq 3: modified: it does not match its hash")
+    # Appended at the end, the forgery is found too.
+    sql(app, sidelog, f"DELETE FROM {TABLE} WHERE seq >= 3")
+    assert verify(runner)[0] == 0
+    forge(app, sidelog, 3)
+    rehash(app, sidelog, 3, key=wrong)
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith("FAILED at seq 3: modified: the newest entry")
+
+
+def test_swapped_entries_are_detected(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    fill(app, sidelog, 6)
+    swap = (
+        f"UPDATE {TABLE} SET seq = -1 WHERE seq = :a",
+        f"UPDATE {TABLE} SET seq = :a WHERE seq = :b",
+        f"UPDATE {TABLE} SET seq = :b WHERE seq = -1",
+    )
+    sql(app, sidelog, *swap, a=2, b=5)
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith(
+        "FAILED at seq 2: reordered: the entry now at seq 5 belongs at seq 2"
+    )
+    sql(app, sidelog, *swap, a=2, b=5)
+    assert verify(runner)[0] == 0
+    sql(app, sidelog, *swap, a=3, b=4)
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith(
+        "FAILED at seq 3: reordered: the entries at seq 3 and 4 were swapped"
+    )
+
+
+def prune(app: Flask, sidelog: SideLog, up_to: int, key: bytes | None = None) -> None:
+    """What ``flask sidelog prune`` does: checkpoint and delete in one
+    transaction."""
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        table = writer.table
+        with writer.engine.begin() as conn:
+            last = conn.execute(
+                sa.select(table.c.seq, table.c.hash)
+                .where(table.c.seq <= up_to)
+                .order_by(table.c.seq.desc())
+                .limit(1)
+            ).one()
+            count = conn.execute(sa.delete(table).where(table.c.seq <= up_to)).rowcount
+            chain.record_checkpoint(conn, table, last.seq, last.hash, count, key)
+
+
+def test_pruning_with_a_checkpoint_keeps_the_chain_verifiable(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    entries = fill(app, sidelog, 10)
+    prune(app, sidelog, 4)
+    code, out = verify(runner)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith("Checkpoint: entries up to seq 4 pruned (4 at ")
+    assert lines[0].endswith(f"hash {entries[3]['hash']}")
+    assert lines[1] == f"OK: 6 entries, head {entries[-1]['hash']}"
+    code, out = verify(runner, "--from", "2")
+    assert code == 2
+    assert "entries up to seq 4 were pruned; use --from 5" in out
+    assert verify(runner, "--from", "5")[0] == 0
+    assert verify(runner, "--expect-head", f"4:{entries[3]['hash']}")[0] == 0
+    # Pruning everything: the next entry continues from the checkpoint.
+    prune(app, sidelog, 10)
+    assert (
+        verify(runner)[1].splitlines()[1]
+        == f"OK: 0 entries, head {entries[-1]['hash']}"
+    )
+    with app.app_context():
+        assert sidelog.log("after")["seq"] == 11
+    code, out = verify(runner)
+    assert code == 0
+    assert "OK: 1 entries" in out
+
+
+def test_forged_checkpoint_is_detected_with_a_key(
+    keyed: tuple[Flask, SideLog, FlaskCliRunner],
+) -> None:
+    app, sidelog, runner = keyed
+    fill(app, sidelog, 5)
+    prune(app, sidelog, 2, key=KEY.encode())
+    assert verify(runner)[0] == 0
+    sql(app, sidelog, f"DELETE FROM {TABLE} WHERE seq <= 4")
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        with writer.engine.begin() as conn:
+            hash4 = "0" * 64
+            chain.record_checkpoint(conn, writer.table, 4, hash4, 2)  # no key
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith("Checkpoint: entries up to seq 4")
+    assert "FAILED at seq 4: modified: the checkpoint does not match its seal" in out
+
+
+def test_checkpoint_with_entries_left_is_detected(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """A checkpoint inserted to skip the walk over entries that still exist."""
+    entries = fill(app, sidelog, 5)
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        with writer.engine.begin() as conn:
+            chain.record_checkpoint(conn, writer.table, 5, entries[-1]["hash"], 5)
+    code, out = verify(runner)
+    assert code == 1
+    assert "FAILED at seq 5: inserted: 5 entries at or before the checkpoint" in out
+
+
+def test_bad_options_say_what_is_accepted(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    fill(app, sidelog, 2)
+    code, out = verify(runner, "--expect-head", "nope")
+    assert code == 2
+    assert "expected a head as SEQ:HASH or HASH (64 hex digits), got 'nope'" in out
+    code, out = verify(runner, "--expect-head", "x:" + "a" * 64)
+    assert code == 2
+    assert "SEQ of SEQ:HASH must be a number of 1 or more" in out
+    code, out = verify(runner, "--from", "0")
+    assert code == 2
+    assert "Traceback" not in out
+    code, out = verify(runner, "--from", "9")
+    assert code == 2
+    assert "there is no entry at seq 8 to start after" in out
+
+
+def test_chain_off_writes_no_chain_and_verify_says_so(
+    tmp_path: t.Any, request: pytest.FixtureRequest
+) -> None:
+    uri = new_database_uri("sqlite_file", tmp_path, request)
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"), {"SIDELOG_CHAIN": False})
+    try:
+        entries = fill(app, sidelog, 2)
+        assert "seq" not in entries[0]
+        code, out = verify(app.test_cli_runner())
+        assert code == 1
+        assert out.startswith(
+            "FAILED at seq 1: inserted: 2 entries have no chain position"
+        )
+    finally:
+        dispose(app)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"SIDELOG_CHAIN": "yes"}, "SIDELOG_CHAIN must be True or False, got 'yes'"),
+        ({"SIDELOG_CHAIN_KEY": "short"}, "at least 16 bytes long"),
+        ({"SIDELOG_CHAIN_KEY": 12345}, "a secret str or bytes"),
+    ],
+)
+def test_bad_chain_settings_say_what_is_accepted(
+    config: dict[str, t.Any], message: str, tmp_path: t.Any
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_app("sqlite://", str(tmp_path), config)
+
+
+def test_record_is_the_documented_format() -> None:
+    """The example of docs/tamper-evidence.rst, byte for byte."""
+    values = [None] * len(chain.HASHED_FIELDS)
+    values[0] = "00000000-0000-4000-8000-000000000000"
+    values[1] = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
+    values[2] = "user.login"
+    values[3] = "info"
+    values[4] = "\u00e9ve"
+    values[14] = 12.5
+    values[16] = {"b": [1.5, 10**20], "a": "\u2603"}
+    message = chain.record(values, 1, chain.GENESIS)
+    assert message == (
+        b'[1,1,"' + b"0" * 64 + b'","00000000-0000-4000-8000-000000000000",'
+        b'"2026-01-02T03:04:05.000006Z","user.login","info","\\u00e9ve",'
+        b"null,null,null,null,null,null,null,null,null,12.5,null,"
+        b'{"a":"\\u2603","b":[1.5,100000000000000000000]}]'
+    )
+    assert chain.make_hasher(None)(message) == hashlib.sha256(message).hexdigest()
+    assert chain.make_hasher(None)(message) == (
+        "a0542203192daa57b0546fcff73b8efdcfa8c97fea73d684155021cfaa33dede"
+    )
+    assert chain.make_hasher(b"k" * 32)(message) == (
+        "32003dba2ec720c02aaad2e6875642fcb35c62e497300e01f08c8780d9aef0b5"
+    )
+
+
+def _write_from_process(uri: str, instance: str, threads: int, each: int) -> int:
+    """Write ``threads * each`` entries from threads of a new process; return
+    how many failed."""
+    import threading
+
+    app, _, sidelog = make_app(
+        uri, instance, {**CHAINED, "SIDELOG_DATABASE_URI": uri}, False
+    )
+    failed: list[object] = []
+
+    def count(sender: Flask, **kwargs: t.Any) -> None:
+        failed.append(kwargs)
+
+    def work(n: int) -> None:
+        for i in range(each):
+            with app.app_context():
+                sidelog.log("load", data={"thread": n, "i": i})
+
+    with entry_failed.connected_to(count, app):
+        workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    dispose(app)
+    return len(failed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend_name", "processes", "threads", "each"),
+    [("postgres", 8, 4, 125), ("sqlite_file", 4, 2, 50)],
+)
+def test_concurrent_writers_make_one_unbroken_chain(
+    backend_name: str,
+    processes: int,
+    threads: int,
+    each: int,
+    tmp_path: t.Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    uri = new_database_uri(backend_name, tmp_path, request)
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
+    try:
+        with app.app_context():
+            sidelog.create_table()
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes) as pool:
+            failed = pool.starmap(
+                _write_from_process,
+                [(uri, str(tmp_path / "i"), threads, each)] * processes,
+            )
+        assert failed == [0] * processes
+        total = processes * threads * each
+        with app.app_context():
+            result = sidelog.verify()
+        assert result.ok, str(result)
+        assert (result.entries, result.head_seq) == (total, total)
+    finally:
+        dispose(app)
+
+
+def test_undecodable_stored_value_is_detected(
+    tmp_path: t.Any, request: pytest.FixtureRequest
+) -> None:
+    """SQLite stores any text in the JSON column; verify must not crash on it."""
+    uri = new_database_uri("sqlite_file", tmp_path, request)
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
+    try:
+        fill(app, sidelog, 4)
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = 'not json' WHERE seq = 2")
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = '{{' WHERE seq = 4")
+        code, out = verify(app.test_cli_runner())
+        assert code == 1
+        assert out.startswith(
+            "FAILED at seq 2: modified: its data is not JSON or its created_at"
+        )
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = '{{\"i\": 2}}' WHERE seq = 2")
+        code, out = verify(app.test_cli_runner())
+        assert out.startswith("FAILED at seq 4: modified: its data is not JSON")
+        # Diagnosing a change next to an undecodable entry does not crash.
+        sql(app, sidelog, f"UPDATE {TABLE} SET data = 'x' WHERE seq = 3")
+        sql(app, sidelog, f"UPDATE {TABLE} SET actor = 'm' WHERE seq = 2")
+        code, out = verify(app.test_cli_runner())
+        assert out.startswith("FAILED at seq 2: modified: it does not match its hash")
+    finally:
+        dispose(app)
+
+
+@pytest.mark.parametrize("how", ["table", "metadata"])
+def test_checkpoints_table_is_created_with_the_entries_table(
+    how: str, tmp_path: t.Any
+) -> None:
+    metadata = sa.MetaData()
+    table = make_entries_table("log", metadata)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    if how == "table":
+        table.create(engine)
+    else:
+        metadata.create_all(engine)
+    assert sorted(sa.inspect(engine).get_table_names()) == ["log", "log_checkpoints"]
+    engine.dispose()
