@@ -21,6 +21,8 @@ DEFAULT_REDACT_KEYS = (
     "cookie",
 )
 
+WRITE_MODES = ("sync", "group", "buffered")
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -34,6 +36,10 @@ class Settings:
     engine_options: dict[str, t.Any]
     main_database_uri: str | sa.URL | None
     write_timeout: float
+    write_mode: str
+    batch_size: int
+    #: ``SIDELOG_FLUSH_INTERVAL`` in seconds (the key is in milliseconds).
+    flush_interval: float
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -46,8 +52,29 @@ class Settings:
         c.setdefault("SIDELOG_ENGINE_OPTIONS", {})
         c.setdefault("SIDELOG_MAIN_DATABASE_URI", None)
         c.setdefault("SIDELOG_WRITE_TIMEOUT", 5.0)
+        c.setdefault("SIDELOG_WRITE_MODE", "group")
+        c.setdefault("SIDELOG_BATCH_SIZE", 100)
+        c.setdefault("SIDELOG_FLUSH_INTERVAL", 100)
+        mode = c["SIDELOG_WRITE_MODE"]
+        if mode not in WRITE_MODES:
+            raise ValueError(
+                "SIDELOG_WRITE_MODE must be one of"
+                f" {', '.join(repr(m) for m in WRITE_MODES)}; got {mode!r}."
+            )
+        batch_size = c["SIDELOG_BATCH_SIZE"]
+        if type(batch_size) is not int or batch_size < 1:
+            raise ValueError(
+                "SIDELOG_BATCH_SIZE must be a whole number of entries, 1 or more;"
+                f" got {batch_size!r}."
+            )
+        interval = c["SIDELOG_FLUSH_INTERVAL"]
+        if not _positive_number(interval):
+            raise ValueError(
+                "SIDELOG_FLUSH_INTERVAL must be a number of milliseconds above 0;"
+                f" got {interval!r}."
+            )
         timeout = c["SIDELOG_WRITE_TIMEOUT"]
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
+        if not _positive_number(timeout):
             raise ValueError(
                 "SIDELOG_WRITE_TIMEOUT must be a number of seconds above 0,"
                 f" got {timeout!r}."
@@ -62,4 +89,15 @@ class Settings:
             main_database_uri=c["SIDELOG_MAIN_DATABASE_URI"]
             or c.get("SQLALCHEMY_DATABASE_URI"),
             write_timeout=float(timeout),
+            write_mode=mode,
+            batch_size=batch_size,
+            flush_interval=interval / 1000,
         )
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and 0 < value < float("inf")
+    )

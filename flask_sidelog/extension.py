@@ -9,6 +9,7 @@ import time
 import typing as t
 from datetime import datetime
 
+import click
 import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
 from flask import current_app
@@ -122,7 +123,15 @@ class _AppState:
                     self.defer_while_main_writes = (
                         log_path is not None and log_path == main_path
                     )
-                    self._writer = Writer(self.app, engine, self.table, create)
+                    self._writer = Writer(
+                        self.app,
+                        engine,
+                        self.table,
+                        create,
+                        self.settings.write_mode,
+                        self.settings.batch_size,
+                        self.settings.flush_interval,
+                    )
                 else:
                     engine.dispose()
         return self._writer
@@ -130,6 +139,7 @@ class _AppState:
     def dispose(self) -> None:
         """Close the pools SideLog opened for this app."""
         if self._writer is not None:
+            self._writer.flush()
             self._writer.engine.dispose()
         if self._main_engine is not None:
             self._main_engine.dispose()
@@ -327,6 +337,15 @@ class SideLog:
         with writer.lock, sa_orm.Session(writer.engine) as session, session.begin():
             yield session
 
+    def flush(self) -> None:
+        """Return once every entry written before the call is committed, or
+        reported through ``entry_failed``. Needed in ``"buffered"`` mode only:
+        in the others each write waits for its commit.
+
+        .. versionadded:: 0.1
+        """
+        _app_state().writer.flush()
+
     def create_table(self) -> bool:
         """Create the entries table if it is missing.
 
@@ -413,6 +432,10 @@ class SideLog:
             )
         if entries:
             app_state.writer.write(entries)
+        if state.request_id is None and click.get_current_context(silent=True):
+            # A CLI command's entries are committed before it exits; requests
+            # do not wait for buffered entries.
+            app_state.writer.flush()
 
 
 def _app_context_id() -> int:
