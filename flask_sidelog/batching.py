@@ -184,7 +184,7 @@ class BufferedQueue:
         return self.writer.write_now(entries)
 
     def _start_thread(self) -> bool:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return True
         thread = threading.Thread(
             target=self._run, name="flask-sidelog buffered writer", daemon=True
