@@ -49,6 +49,8 @@ class Writer:
         self.engine = engine
         self.table = table
         self._create_table = create_table
+        # Built once; inline: no RETURNING of the new ids, nothing reads them.
+        self._insert = table.insert().inline()
         self.lock = self._new_lock()
         self._batcher = batching.make_batcher(self, mode, batch_size, flush_interval)
 
@@ -76,7 +78,7 @@ class Writer:
                 self.table.create(self.engine, checkfirst=True)
                 self._create_table = False
             with self.engine.begin() as conn:
-                conn.execute(self.table.insert(), entries)
+                conn.execute(self._insert, entries)
 
     def write(self, entries: list[dict[str, t.Any]]) -> bool:
         """Commit ``entries`` as the write mode says; report the result.
