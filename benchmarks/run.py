@@ -498,9 +498,16 @@ def _versions() -> dict[str, str]:
 
     names = (
         "flask", "flask-sqlalchemy", "sqlalchemy", "psycopg", "gunicorn",
-        "postgresql-audit", "sqlalchemy-continuum", "flask-sidelog",
+        "postgresql-audit", "sqlalchemy-continuum",
     )  # fmt: skip
-    return {name: version(name) for name in names}
+    found = {name: version(name) for name in names}
+    commit = subprocess.run(
+        ["git", "-C", ROOT, "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+    )
+    found["flask-sidelog"] = commit.stdout.strip() or "checkout"
+    return found
 
 
 def _check_targets(results: dict[str, t.Any]) -> list[dict[str, t.Any]]:
