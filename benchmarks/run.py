@@ -603,7 +603,7 @@ def markdown(results: dict[str, t.Any]) -> str:
         lines.append("|---|---|---|")
         for c in results["targets"]:
             lines.append(
-                f"| {c['target']} | {c['value']:.2f} | {'yes' if c['met'] else 'NO'} |"
+                f"| {c['target']} | {c['value']:.3f} | {'yes' if c['met'] else 'NO'} |"
             )
         lines.append("")
     lines += ["## Not run", ""]
