@@ -379,3 +379,32 @@ def test_fork_while_the_parent_is_writing(
         sidelog.flush()
     assert status == 0
     assert sorted(stored_events(app, database_uri)) == ["child"] * 3 + ["parent"]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_write_after_a_server_restart(
+    postgres: t.Any, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log engine pings a pooled connection only after it sat idle; a
+    connection the restart closed is replaced, the entry is not lost."""
+    uri = postgres.create_database("restart_idle_ping")
+    app, _, sidelog = make_app(uri, str(tmp_path), with_db=False)
+    failed: list[BaseException] = []
+    try:
+        with (
+            entry_failed.connected_to(
+                lambda sender, entry, error: failed.append(error), app
+            ),
+            app.app_context(),
+        ):
+            sidelog.log("before")
+            postgres.stop()
+            postgres.start()
+            monkeypatch.setattr("flask_sidelog.engine.PING_AFTER", 0.0)
+            sidelog.log("after")
+            events = [e["event"] for e in sidelog.entries()]
+    finally:
+        dispose(app)
+    assert failed == []
+    assert events == ["before", "after"]
