@@ -359,9 +359,15 @@ def measure(
     rounds: int,
     count: int,
     logdir: str,
+    server: t.Any = None,
 ) -> dict[str, dict[str, t.Any]]:
-    """Start every variant, run one warm-up and ``rounds`` interleaved rounds."""
+    """Start every variant, run one warm-up and ``rounds`` interleaved rounds.
+
+    With ``server`` (PostgreSQL), also count the commits of each variant's
+    database per request served: how many transactions a request costs.
+    """
     runners: dict[str, SequentialVariant | GunicornVariant] = {}
+    served = dict.fromkeys(urls, 0)
     try:
         for variant, url in urls.items():
             if driver == "sequential":
@@ -371,16 +377,19 @@ def measure(
         for runner in runners.values():
             if isinstance(runner, GunicornVariant):
                 runner.wait_ready()
-        for runner in runners.values():
-            runner.run(max(CLIENTS, count // 5))  # warm-up, not counted
+        for variant, runner in runners.items():
+            warm_up = runner.run(max(CLIENTS, count // 5))  # not measured
+            served[variant] += len(warm_up["latencies"])
         raw: dict[str, list[dict[str, t.Any]]] = {v: [] for v in runners}
         for n in range(rounds):
             for variant, runner in runners.items():
                 raw[variant].append(runner.run(count))
+                served[variant] += len(raw[variant][-1]["latencies"])
             print(f"  {driver} round {n + 1}/{rounds} done", flush=True)
     finally:
         for runner in runners.values():
             runner.stop()
+    commits = _commits(server, urls) if server is not None else {}
     summary: dict[str, dict[str, t.Any]] = {}
     base = raw["a"]
     for variant, results in raw.items():
@@ -400,6 +409,9 @@ def measure(
             "p99_ms": _percentile(latencies, 0.99) * 1000,
             "peak_rss_mb": max(r["rss_kb"] for r in results) / 1024,
             "errors": sum(r["errors"] for r in results),
+            "commits_per_request": (
+                commits[variant] / served[variant] if variant in commits else None
+            ),
             "requests": len(latencies),
         }
     for variant in summary:
@@ -410,6 +422,20 @@ def measure(
             summary[variant]["peak_rss_mb"] - summary["a"]["peak_rss_mb"]
         )
     return summary
+
+
+def _commits(server: t.Any, urls: dict[str, str]) -> dict[str, int]:
+    """Transactions committed in each variant's database so far. Every
+    server process of the variants has exited, so its statistics are in."""
+    time.sleep(1)
+    found = {}
+    for variant, url in urls.items():
+        rows = server.psql(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s",
+            [url.rsplit("/", 1)[1]],
+        )
+        found[variant] = int(rows[0][0])
+    return found
 
 
 def _postgres() -> t.Any:
@@ -473,7 +499,12 @@ def run(args: argparse.Namespace) -> dict[str, t.Any]:
                         urls[variant] = f"sqlite:///{workdir}/{name}.db"
                 print(f"{backend}, {driver}: {len(urls)} variants", flush=True)
                 results["backends"][backend][driver] = measure(
-                    driver, urls, rounds, count, workdir
+                    driver,
+                    urls,
+                    rounds,
+                    count,
+                    workdir,
+                    server if backend == "postgresql" else None,
                 )
             for (b, variant), why in NOT_RUN.items():
                 if b == backend:
@@ -568,7 +599,9 @@ def markdown(results: dict[str, t.Any]) -> str:
         + "."
         " Ratio: median over rounds of req/s against the baseline of the same"
         " round. Latency over all rounds. Peak RSS: the sequential worker, or"
-        " the largest gunicorn worker.",
+        " the largest gunicorn worker. Commits/request (PostgreSQL):"
+        " transactions committed in the variant's database per request served,"
+        " warm-up included.",
         "",
         "Machine: " + ", ".join(
             f"{k} {v}" for k, v in results["machine"].items() if k != "versions"
@@ -585,8 +618,9 @@ def markdown(results: dict[str, t.Any]) -> str:
                 f"## {backend}, {driver}",
                 "",
                 "| variant | ratio | req/s (median) | ratios per round | p50 ms"
-                " | p99 ms | p99 overhead ms | peak RSS MB | extra RSS MB | errors |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                " | p99 ms | p99 overhead ms | peak RSS MB | extra RSS MB | errors"
+                " | commits/request |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for v, r in summary.items():
                 per_round = " ".join(f"{x:.2f}" for x in r["ratios"])
@@ -595,7 +629,8 @@ def markdown(results: dict[str, t.Any]) -> str:
                     f" | {r['req_per_s_median']:.0f} | {per_round}"
                     f" | {r['p50_ms']:.2f} | {r['p99_ms']:.2f}"
                     f" | {r['p99_overhead_ms']:+.2f} | {r['peak_rss_mb']:.1f}"
-                    f" | {r['extra_rss_mb']:+.1f} | {r['errors']} |"
+                    f" | {r['extra_rss_mb']:+.1f} | {r['errors']}"
+                    f" | {_optional(r['commits_per_request'])} |"
                 )
             lines.append("")
     if results["targets"]:
@@ -613,6 +648,10 @@ def markdown(results: dict[str, t.Any]) -> str:
         )
         lines.append(f"- {what}: {item['why']}")
     return "\n".join(lines) + "\n"
+
+
+def _optional(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def chart(results: dict[str, t.Any], path: str) -> None:
@@ -666,6 +705,8 @@ def main(argv: list[str]) -> None:
         sequential_worker(*args.worker)
         return
     ensure_environment(argv)
+    # Stopped with SIGTERM, still stop the servers and PostgreSQL.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     # Measure this checkout, in this process and in every server and worker.
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
