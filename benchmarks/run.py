@@ -256,17 +256,23 @@ def _peak_rss_kb(pid: int) -> int:
 
 class GunicornVariant:
     def __init__(self, variant: str, url: str, logdir: str) -> None:
+        self.app = f"apps:{FACTORY[variant].format(url=url)}"
+        self.logfile = os.path.join(logdir, f"gunicorn-{variant}.log")
+        self.attempts = 0
+        self._start()
+
+    def _start(self) -> None:
+        # A free port can be taken by someone else before gunicorn binds it;
+        # wait_ready() starts again on another port then.
         self.port = _free_port()
-        self.log = open(  # noqa: SIM115 - closed in stop()
-            os.path.join(logdir, f"gunicorn-{variant}.log"), "w"
-        )
+        self.attempts += 1
+        self.log = open(self.logfile, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "gunicorn", "--preload",
                 "-k", "gthread", "-w", str(WORKERS), "--threads", str(THREADS),
                 "-b", f"127.0.0.1:{self.port}", "--keep-alive", "30",
-                "--log-level", "warning", "--chdir", HERE,
-                f"apps:{FACTORY[variant].format(url=url)}",
+                "--log-level", "warning", "--chdir", HERE, self.app,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -277,7 +283,13 @@ class GunicornVariant:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited, see {self.log.name}")
+                self.log.close()
+                with open(self.logfile) as f:
+                    port_taken = "Address already in use" in f.read()
+                if port_taken and self.attempts < 5:
+                    self._start()
+                    continue
+                raise RuntimeError(f"gunicorn exited, see {self.logfile}")
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 conn.request("GET", "/ready")
@@ -288,7 +300,7 @@ class GunicornVariant:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not answer, see {self.log.name}")
+        raise RuntimeError(f"gunicorn did not answer, see {self.logfile}")
 
     def run(self, count: int) -> dict[str, t.Any]:
         per_client = count // CLIENTS

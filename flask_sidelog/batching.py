@@ -112,9 +112,14 @@ class GroupCommitter:
             ):
                 batch.append(self._waiting.popleft())
                 size += len(batch[-1].entries)
-        error: Exception | None = None
+        # Until the insert returns, the batch counts as failed: if this thread
+        # is interrupted (KeyboardInterrupt), the others must not report success.
+        error: Exception | None = RuntimeError(
+            "the thread committing this batch was interrupted"
+        )
         try:
             self.writer.insert([entry for w in batch for entry in w.entries])
+            error = None
         except Exception as e:
             error = e
         finally:
