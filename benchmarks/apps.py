@@ -1,4 +1,4 @@
-"""The benchmark's non-sidelog variants: one Flask app per audit mechanism.
+"""The benchmark's variants: one Flask app per audit mechanism.
 
 Every app has the same model (``items``: ``id``, ``name``) and the same view,
 ``POST /items``, which inserts one row through Flask-SQLAlchemy, commits and
@@ -8,6 +8,7 @@ answers ``201 {"status": "created"}``. Only the audit mechanism differs:
 - :func:`create_trigger_peer_app`: postgresql-audit, a PostgreSQL statement
   trigger writing ``activity`` plus a ``transaction`` row from ``before_flush``
   (variant e).
+- :func:`create_sidelog_app`: flask-sidelog in one write mode (variants b, c, d).
 - :func:`create_continuum_app`: SQLAlchemy-Continuum with its ``FlaskPlugin``,
   writing ``items_version`` and ``transaction`` from the unit of work (variant f).
 
@@ -167,4 +168,27 @@ def create_continuum_app(db_url: str) -> Flask:
     sa_orm.configure_mappers()
     add_items_view(app, db, item)
     create_tables(app, db)
+    return app
+
+
+def create_sidelog_app(db_url: str, mode: str) -> Flask:
+    """Variants b, c, d: the same view under ``@sidelog.audit``, written in
+    ``mode`` (``SIDELOG_WRITE_MODE``). The log shares the main database (the
+    same SQLite file, or the same PostgreSQL database) through its own pool.
+    """
+    _claim_process(f"sidelog-{mode}")
+    from flask_sidelog import SideLog
+
+    app, db = base_app(db_url)
+    app.config["SIDELOG_WRITE_MODE"] = mode
+    sidelog = SideLog(app, db)
+    item = item_model(db)
+    add_items_view(app, db, item)
+    app.view_functions["create_item"] = sidelog.audit("items.create")(
+        app.view_functions["create_item"]
+    )
+    create_tables(app, db)
+    with app.app_context():
+        sidelog.create_table()
+        app.extensions["sidelog"].dispose()
     return app

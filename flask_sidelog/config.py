@@ -25,6 +25,7 @@ DEFAULT_REDACT_KEYS = (
 )
 
 ON_WRITE_ERROR = ("spool", "raise")
+WRITE_MODES = ("sync", "group", "buffered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Settings:
     request_id_response_header: str | None
     chain: bool
     chain_key: bytes | None
+    write_mode: str
+    batch_size: int
+    #: ``SIDELOG_FLUSH_INTERVAL`` in seconds (the key is in milliseconds).
+    flush_interval: float
 
     @classmethod
     def from_app(cls, app: Flask) -> Settings:
@@ -65,8 +70,29 @@ class Settings:
         # most 10% (docs/tamper-evidence.rst, "Cost").
         c.setdefault("SIDELOG_CHAIN", False)
         c.setdefault("SIDELOG_CHAIN_KEY", None)
+        c.setdefault("SIDELOG_WRITE_MODE", "group")
+        c.setdefault("SIDELOG_BATCH_SIZE", 100)
+        c.setdefault("SIDELOG_FLUSH_INTERVAL", 100)
+        mode = c["SIDELOG_WRITE_MODE"]
+        if mode not in WRITE_MODES:
+            raise ValueError(
+                "SIDELOG_WRITE_MODE must be one of"
+                f" {', '.join(repr(m) for m in WRITE_MODES)}; got {mode!r}."
+            )
+        batch_size = c["SIDELOG_BATCH_SIZE"]
+        if type(batch_size) is not int or batch_size < 1:
+            raise ValueError(
+                "SIDELOG_BATCH_SIZE must be a whole number of entries, 1 or more;"
+                f" got {batch_size!r}."
+            )
+        interval = c["SIDELOG_FLUSH_INTERVAL"]
+        if not _positive_number(interval):
+            raise ValueError(
+                "SIDELOG_FLUSH_INTERVAL must be a number of milliseconds above 0;"
+                f" got {interval!r}."
+            )
         timeout = c["SIDELOG_WRITE_TIMEOUT"]
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
+        if not _positive_number(timeout):
             raise ValueError(
                 "SIDELOG_WRITE_TIMEOUT must be a number of seconds above 0,"
                 f" got {timeout!r}."
@@ -104,6 +130,9 @@ class Settings:
             ),
             chain=c["SIDELOG_CHAIN"],
             chain_key=_chain_key(c["SIDELOG_CHAIN_KEY"]),
+            write_mode=mode,
+            batch_size=batch_size,
+            flush_interval=interval / 1000,
         )
 
 
@@ -135,3 +164,11 @@ def _chain_key(key: object) -> bytes | None:
             f" secrets.token_hex(32)); this one has {len(key)}."
         )
     return key
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and 0 < value < float("inf")
+    )

@@ -9,6 +9,7 @@ so the log's commit would commit, or its close discard, the request's work.
 from __future__ import annotations
 
 import os
+import time
 import typing as t
 
 import sqlalchemy as sa
@@ -61,10 +62,7 @@ def create_log_engine(
     :func:`sqlalchemy.create_engine` and win over these defaults.
     """
     # Stored canonically, data can be hashed as stored: verify is faster.
-    kwargs: dict[str, t.Any] = {
-        "pool_pre_ping": True,
-        "json_serializer": canonical_json,
-    }
+    kwargs: dict[str, t.Any] = {"json_serializer": canonical_json}
     connect_args: dict[str, t.Any] = {}
     if is_sqlite_memory(url):
         # A memory database lives in one connection: the log gets its own,
@@ -86,7 +84,44 @@ def create_log_engine(
     user = dict(options or {})
     connect_args.update(user.pop("connect_args", {}))
     kwargs.update(user)
-    return sa.create_engine(url, connect_args=connect_args, **kwargs)
+    engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_idle_connections(engine)
+    return engine
+
+
+#: Seconds a pooled connection may sit unused before it is pinged on checkout.
+PING_AFTER = 1.0
+
+
+def _ping_idle_connections(engine: sa.Engine) -> None:
+    """Ping a pooled connection before use only if it sat unused for more
+    than :data:`PING_AFTER` seconds.
+
+    A restart or an idle timeout of the server closes connections that wait
+    in the pool; ``pool_pre_ping`` would find them, at the cost of a round
+    trip on every checkout, that is one more per entry. Connections that were
+    in use a moment ago are not pinged.
+    """
+
+    @sa.event.listens_for(engine, "checkin")
+    def checkin(dbapi_connection: t.Any, record: t.Any) -> None:
+        record.info["sidelog_idle_since"] = time.monotonic()
+
+    @sa.event.listens_for(engine, "checkout")
+    def checkout(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
+        idle_since = record.info.pop("sidelog_idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:
+            if engine.dialect.is_disconnect(
+                t.cast(t.Any, error), dbapi_connection, None
+            ):
+                # The pool replaces the connection and checks out again.
+                raise sa.exc.DisconnectionError() from error
+            raise
 
 
 def safe_url(url: sa.URL) -> str:

@@ -9,6 +9,7 @@ import time
 import typing as t
 from datetime import datetime
 
+import click
 import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
 from flask import current_app
@@ -158,6 +159,9 @@ class _AppState:
                         spool=Spool(self.settings.spool_path),
                         timeout=self.settings.write_timeout,
                         chain=chain.Chain(key) if self.settings.chain else None,
+                        mode=self.settings.write_mode,
+                        batch_size=self.settings.batch_size,
+                        flush_interval=self.settings.flush_interval,
                     )
                 else:
                     engine.dispose()
@@ -166,6 +170,7 @@ class _AppState:
     def dispose(self) -> None:
         """Close the pools SideLog opened for this app."""
         if self._writer is not None:
+            self._writer.flush()
             self._writer.engine.dispose()
         if self._main_engine is not None:
             self._main_engine.dispose()
@@ -477,6 +482,15 @@ class SideLog:
             elif held:
                 self._deliver(app_state, state, held)
 
+    def flush(self) -> None:
+        """Return once every entry written before the call is committed, or
+        reported through ``entry_failed``. Needed in ``"buffered"`` mode only:
+        in the others each write waits for its commit.
+
+        .. versionadded:: 0.1
+        """
+        _app_state().writer.flush()
+
     def create_table(self) -> bool:
         """Create the entries table if it is missing.
 
@@ -786,6 +800,10 @@ class SideLog:
             )
         if entries:
             app_state.writer.write(entries)
+        if state.request_id is None and click.get_current_context(silent=True):
+            # A CLI command's entries are committed before it exits; requests
+            # do not wait for buffered entries.
+            app_state.writer.flush()
 
 
 def _main_holds_sqlite_lock(app_state: _AppState) -> bool:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 
+from . import batching
 from .engine import is_sqlite
 from .signals import entry_failed
 from .signals import entry_written
@@ -89,6 +90,9 @@ class Writer:
     :param timeout: longest wait for :attr:`lock` (``SIDELOG_WRITE_TIMEOUT``).
     :param chain: appends the entries to the hash chain; None when
         ``SIDELOG_CHAIN`` is off.
+    :param mode: ``SIDELOG_WRITE_MODE``: ``"sync"``, ``"group"`` or ``"buffered"``.
+    :param batch_size: most entries per transaction in group and buffered mode.
+    :param flush_interval: seconds a buffered entry waits at most for a batch.
     """
 
     def __init__(
@@ -102,34 +106,68 @@ class Writer:
         spool: Spool,
         timeout: float,
         chain: Chain | None = None,
+        mode: str = "sync",
+        batch_size: int = 100,
+        flush_interval: float = 0.1,
     ) -> None:
         self.app = app
+        self.engine = engine
+        self.table = table
         self.chain = chain
         self.on_error = on_error
         self.spool = spool
-        self.engine = engine
-        self.table = table
+        self._timeout = timeout
         self._create_table = create_table
+        # Built once; inline: no RETURNING of the new ids, nothing reads them.
+        self._insert = table.insert().inline()
+        self._table_lock = threading.Lock()
+        self.lock = self._new_lock()
+        self._batcher = batching.make_batcher(self, mode, batch_size, flush_interval)
+
+    def _new_lock(self) -> t.ContextManager[t.Any]:
         # SQLite has one writer per file and a memory database has one
         # connection: writers of this process take turns instead of waiting on
         # SQLite's busy timeout (or interleaving on the shared connection).
+        if is_sqlite(self.engine.url):
+            return TimedLock(self._timeout)
+        return contextlib.nullcontext()
+
+    def after_fork(self) -> None:
+        """In a forked child: drop the locks and pooled connections inherited
+        from the parent (the parent keeps using them) and start the write
+        mode afresh."""
+        self.lock = self._new_lock()
         self._table_lock = threading.Lock()
-        self.lock: t.ContextManager[t.Any] = (
-            TimedLock(timeout) if is_sqlite(engine.url) else contextlib.nullcontext()
-        )
+        self.engine.dispose(close=False)
+        if self._batcher is not None:
+            self._batcher.after_fork()
 
     def insert(self, entries: list[dict[str, t.Any]]) -> None:
-        """Insert ``entries`` in one transaction and commit it, or raise."""
+        """Insert ``entries`` in one transaction and commit it, or raise.
+
+        A connection the server closed (a restart) is replaced and the
+        transaction tried once more, so a restart costs no entry. Should the
+        first try have committed after all, the unique uuid refuses the second.
+        """
         with self.lock:
             self.ensure_table()
-            with self.engine.begin() as conn:
-                rows = entries
-                if self.chain is not None:
-                    rows = self.chain.link(conn, self.table, entries)
-                conn.execute(self.table.insert(), rows)
+            try:
+                rows = self._insert_once(entries)
+            except sa.exc.DBAPIError as error:
+                if not error.connection_invalidated:
+                    raise
+                rows = self._insert_once(entries)
             if rows is not entries:
                 for entry, row in zip(entries, rows, strict=True):
                     entry.update(seq=row["seq"], hash=row["hash"])
+
+    def _insert_once(self, entries: list[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
+        with self.engine.begin() as conn:
+            rows = entries
+            if self.chain is not None:
+                rows = self.chain.link(conn, self.table, entries)
+            conn.execute(self._insert, rows)
+        return rows
 
     def insert_missing(self, entries: list[dict[str, t.Any]]) -> int:
         """Insert those of ``entries`` whose uuid is not stored yet, in one
@@ -191,8 +229,23 @@ class Writer:
             self._create_table = False
 
     def write(self, entries: list[dict[str, t.Any]]) -> bool:
-        """Commit ``entries``; report the result and never raise but
-        :class:`SideLogWriteError` in "raise" mode (see :meth:`failed`).
+        """Commit ``entries`` as the write mode says; report the result.
+
+        :return: whether the entries were committed; ``True`` for buffered
+            entries, which are committed (or reported failed) later.
+        :raise SideLogWriteError: in "raise" mode (see :meth:`failed`).
+        """
+        if self._batcher is None:
+            return self.write_now(entries)
+        return self._batcher.write(entries)
+
+    def flush(self) -> None:
+        """Return once every entry written before is committed or reported."""
+        if self._batcher is not None:
+            self._batcher.flush()
+
+    def write_now(self, entries: list[dict[str, t.Any]]) -> bool:
+        """Commit ``entries`` in this thread, now; report the result.
 
         :return: whether the entries were committed.
         """
@@ -201,9 +254,13 @@ class Writer:
         except Exception as error:
             self.failed(entries, error)
             return False
+        self.written(entries)
+        return True
+
+    def written(self, entries: list[dict[str, t.Any]]) -> None:
+        """Report ``entries`` that were committed."""
         for entry in entries:
             self._send(entry_written, entry=entry)
-        return True
 
     def failed(self, entries: list[dict[str, t.Any]], error: Exception) -> None:
         """The error path for ``entries`` that could not be committed.

@@ -1,0 +1,288 @@
+"""The write modes that share commits: ``group`` and ``buffered``.
+
+Both hand batches to :meth:`Writer.insert <flask_sidelog.writer.Writer.insert>`
+(one transaction each) and report failures through
+:meth:`Writer.failed <flask_sidelog.writer.Writer.failed>`.
+
+- :class:`GroupCommitter`: the caller waits until its entries are committed.
+  Callers that arrive while a commit is running queue up; when it ends, the
+  first of them commits everything queued in one multi-row INSERT (a leader and
+  followers, no thread of its own). Alone, a caller commits its own entries at
+  once, as ``sync`` does.
+- :class:`BufferedQueue`: the caller does not wait; a thread of the writer
+  commits batches.
+
+Threads and locks do not survive ``fork()`` (gunicorn ``--preload``): the child
+gets a lock some other thread may hold, and no thread. Every committer resets
+itself in the child, and buffered entries queued before the fork are left to
+the parent that owns them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import os
+import threading
+import time
+import typing as t
+import weakref
+
+if t.TYPE_CHECKING:
+    from .writer import Writer
+
+Entries = list[dict[str, t.Any]]
+
+#: A buffered queue holds at most this many batches before callers wait.
+QUEUE_BATCHES = 10
+#: A buffered writer thread with nothing to do for this long ends; the next
+#: entry starts a new one, so idle apps keep no thread.
+IDLE_SECONDS = 5.0
+
+
+class _Waiter:
+    """One caller's entries in a group commit, and how its wait ended."""
+
+    __slots__ = ("entries", "lead", "error", "_wake")
+
+    def __init__(self, entries: Entries) -> None:
+        self.entries = entries
+        #: Woken to commit the next batch rather than because it was committed.
+        self.lead = False
+        self.error: Exception | None = None
+        self._wake = threading.Lock()
+        self._wake.acquire()
+
+    def wait(self) -> None:
+        self._wake.acquire()
+
+    def wake(self) -> None:
+        self._wake.release()
+
+
+class GroupCommitter:
+    """Commits concurrent callers' entries together; each caller returns once
+    its own entries are committed (or failed).
+
+    :param writer: the writer whose ``insert`` and ``failed`` are used.
+    :param batch_size: most entries in one transaction.
+    """
+
+    def __init__(self, writer: Writer, batch_size: int) -> None:
+        self.writer = writer
+        self.batch_size = batch_size
+        self.after_fork()
+
+    def after_fork(self) -> None:
+        """Start empty: waiters queued at the fork are threads of the parent."""
+        self._mutex = threading.Lock()
+        self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._leading = False
+
+    def write(self, entries: Entries) -> bool:
+        """Commit ``entries``, with whatever other callers wait, and report.
+
+        Success and failure are reported in the caller's own thread, so an
+        error raised by the failure path reaches the caller.
+        """
+        me = _Waiter(entries)
+        with self._mutex:
+            self._waiting.append(me)
+            me.lead = not self._leading
+            self._leading = True
+        if not me.lead:
+            me.wait()
+        if me.lead:
+            self._commit_next_batch()
+        if me.error is not None:
+            self.writer.failed(entries, me.error)
+            return False
+        self.writer.written(entries)
+        return True
+
+    def _commit_next_batch(self) -> None:
+        # The leader is always first in line: it arrived to an empty queue, or
+        # was first in line when the previous leader handed over.
+        with self._mutex:
+            batch = [self._waiting.popleft()]
+            size = len(batch[0].entries)
+            while (
+                self._waiting
+                and size + len(self._waiting[0].entries) <= self.batch_size
+            ):
+                batch.append(self._waiting.popleft())
+                size += len(batch[-1].entries)
+        # Until the insert returns, the batch counts as failed: if this thread
+        # is interrupted (KeyboardInterrupt), the others must not report success.
+        error: Exception | None = RuntimeError(
+            "the thread committing this batch was interrupted"
+        )
+        try:
+            self.writer.insert([entry for w in batch for entry in w.entries])
+            error = None
+        except Exception as e:
+            error = e
+        finally:
+            with self._mutex:
+                successor = self._waiting[0] if self._waiting else None
+                self._leading = successor is not None
+            for waiter in batch:
+                waiter.lead = False
+                waiter.error = error
+                if waiter is not batch[0]:
+                    waiter.wake()
+            if successor is not None:
+                successor.lead = True
+                successor.wake()
+
+    def flush(self) -> None:
+        """Nothing to do: every caller waits for its own commit."""
+
+
+class BufferedQueue:
+    """Queues entries and commits them in a thread, in batches of up to
+    ``batch_size`` or after ``interval`` seconds, whichever comes first.
+
+    At most ``QUEUE_BATCHES * batch_size`` entries wait; a caller that finds
+    the queue full waits up to ``interval`` for room, then writes inline.
+    Nothing is dropped.
+    """
+
+    def __init__(self, writer: Writer, batch_size: int, interval: float) -> None:
+        self.writer = writer
+        self.batch_size = batch_size
+        self.interval = interval
+        self.capacity = QUEUE_BATCHES * batch_size
+        self.after_fork()
+
+    def after_fork(self) -> None:
+        """Start empty: entries queued at the fork are the parent's to write."""
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[dict[str, t.Any]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        #: Entries ever queued, and entries the thread has taken care of
+        #: (committed or failed), in queue order: a flush waits for the
+        #: second to reach what the first was when it started.
+        self._queued = 0
+        self._done = 0
+        self._urgent = 0
+
+    def write(self, entries: Entries) -> bool:
+        """Queue ``entries``; write them inline if the queue stays full."""
+        deadline: float | None = None
+        with self._cond:
+            while self._queue and len(self._queue) + len(entries) > self.capacity:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.interval
+                    self._cond.notify_all()
+                elif now >= deadline:
+                    break
+                self._cond.wait(deadline - now)
+            else:
+                if self._start_thread():
+                    self._queue.extend(entries)
+                    self._queued += len(entries)
+                    if len(self._queue) >= self.batch_size:
+                        self._cond.notify_all()
+                    return True
+        return self.writer.write_now(entries)
+
+    def _start_thread(self) -> bool:
+        if self._thread is not None and self._thread.is_alive():
+            return True
+        thread = threading.Thread(
+            target=self._run, name="flask-sidelog buffered writer", daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # at interpreter shutdown: write inline
+            return False
+        self._thread = thread
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue and not self._cond.wait_for(
+                    lambda: bool(self._queue), IDLE_SECONDS
+                ):
+                    self._thread = None
+                    return
+                deadline = time.monotonic() + self.interval
+                while len(self._queue) < self.batch_size and not self._urgent:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                size = min(self.batch_size, len(self._queue))
+                batch = [self._queue.popleft() for _ in range(size)]
+                self._cond.notify_all()  # room for callers waiting on a full queue
+            try:
+                self.writer.write_now(batch)
+            except Exception:  # a raising failure path must not end the thread
+                self.writer.app.logger.exception(
+                    "flask-sidelog could not report a failed buffered batch."
+                )
+            with self._cond:
+                self._done += size
+                self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Return once every entry queued before the call is committed or
+        reported failed."""
+        with self._cond:
+            target = self._queued
+            self._urgent += 1
+            self._cond.notify_all()
+            try:
+                while self._done < target:
+                    if self._thread is None or not self._thread.is_alive():
+                        break
+                    self._cond.wait(self.interval)
+                else:
+                    return
+                # No thread to wait for (interpreter shutdown): write inline.
+                batch = list(self._queue)
+                self._queue.clear()
+                self._done += len(batch)
+            finally:
+                self._urgent -= 1
+        if batch:
+            self.writer.write_now(batch)
+
+
+Batcher = GroupCommitter | BufferedQueue
+
+_live: weakref.WeakSet[Writer] = weakref.WeakSet()
+
+
+def make_batcher(
+    writer: Writer, mode: str, batch_size: int, interval: float
+) -> Batcher | None:
+    """The committer for ``mode`` (None for ``sync``); ``writer`` is reset
+    in a forked child and flushed at interpreter exit from now on."""
+    _live.add(writer)
+    if mode == "group":
+        return GroupCommitter(writer, batch_size)
+    if mode == "buffered":
+        return BufferedQueue(writer, batch_size, interval)
+    return None
+
+
+def _reset_in_child() -> None:
+    for writer in list(_live):
+        writer.after_fork()
+
+
+def _close_all() -> None:
+    for writer in list(_live):
+        try:
+            writer.flush()
+        except Exception:  # at exit there is no caller to raise to
+            writer.app.logger.exception("flask-sidelog could not flush at exit.")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_in_child)
+atexit.register(_close_all)

@@ -1,0 +1,410 @@
+"""SIDELOG_WRITE_MODE: what each mode guarantees, on every backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import typing as t
+import warnings
+
+import click
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from conftest import dispose
+from conftest import make_app
+from flask_sidelog import SideLog
+from flask_sidelog.signals import entry_failed
+from flask_sidelog.signals import entry_written
+
+Built = tuple[Flask, SideLog]
+
+
+@pytest.fixture
+def build(database_uri: str, tmp_path: t.Any) -> t.Iterator[t.Callable[..., Built]]:
+    """Build apps on this test's database with extra config; disposed after."""
+    apps: list[Flask] = []
+
+    def make(**config: t.Any) -> Built:
+        app, _, sidelog = make_app(
+            database_uri, str(tmp_path / "instance"), config, with_db=False
+        )
+        apps.append(app)
+        return app, sidelog
+
+    yield make
+    for app in apps:
+        dispose(app)
+
+
+def log_engine(app: Flask) -> sa.Engine:
+    with app.app_context():
+        return t.cast(sa.Engine, app.extensions["sidelog"].writer.engine)
+
+
+def stored_events(app: Flask, database_uri: str) -> list[str]:
+    """Events in the table, read through a connection of a new engine (or,
+    for ``sqlite://``, the log's only connection)."""
+    query = sa.text("SELECT event FROM sidelog_entries ORDER BY id")
+    if database_uri == "sqlite://":
+        engine = log_engine(app)
+        writer = app.extensions["sidelog"].writer
+        with writer.lock, engine.connect() as conn:
+            return list(conn.scalars(query))
+    engine = sa.create_engine(database_uri, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return list(conn.scalars(query))
+    finally:
+        engine.dispose()
+
+
+def commit_threads(engine: sa.Engine) -> list[str]:
+    """The name of the thread of every COMMIT on ``engine`` from now on."""
+    found: list[str] = []
+    sa.event.listen(
+        engine, "commit", lambda conn: found.append(threading.current_thread().name)
+    )
+    return found
+
+
+def run_threads(count: int, target: t.Callable[[int], None]) -> None:
+    threads = [
+        threading.Thread(target=target, args=(i,), name=f"caller-{i}")
+        for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def hold_first_insert_until(engine: sa.Engine, ready: t.Callable[[], bool]) -> None:
+    """Make the first INSERT on ``engine`` wait until ``ready()`` (at most
+    30 s), so that other callers queue up behind its commit."""
+    held = threading.Event()
+
+    def before(conn: t.Any, clause: t.Any, *args: t.Any) -> None:
+        if isinstance(clause, sa.Insert) and not held.is_set():
+            held.set()
+            deadline = time.monotonic() + 30
+            while not ready() and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    sa.event.listen(engine, "before_execute", before)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "accepted"),
+    [
+        ("SIDELOG_WRITE_MODE", "async", "one of 'sync', 'group', 'buffered'"),
+        ("SIDELOG_BATCH_SIZE", 0, "1 or more"),
+        ("SIDELOG_BATCH_SIZE", True, "1 or more"),
+        ("SIDELOG_FLUSH_INTERVAL", -5, "milliseconds above 0"),
+        ("SIDELOG_FLUSH_INTERVAL", "100", "milliseconds above 0"),
+    ],
+)
+def test_bad_settings_say_what_is_accepted(
+    tmp_path: t.Any, key: str, value: object, accepted: str
+) -> None:
+    with pytest.raises(ValueError, match=f"{key} must be .*{accepted}"):
+        make_app("sqlite://", str(tmp_path), {key: value}, with_db=False)
+
+
+def test_default_mode_is_group(tmp_path: t.Any) -> None:
+    app, _, _ = make_app("sqlite://", str(tmp_path), with_db=False)
+    assert app.config["SIDELOG_WRITE_MODE"] == "group"
+    assert app.extensions["sidelog"].settings.flush_interval == 0.1
+
+
+@pytest.mark.parametrize("mode", ["sync", "group"])
+def test_entry_is_committed_when_the_call_returns(
+    build: t.Callable[..., Built], database_uri: str, mode: str
+) -> None:
+    app, sidelog = build(SIDELOG_WRITE_MODE=mode)
+
+    @app.post("/")
+    @sidelog.audit("audited")
+    def view() -> str:
+        sidelog.log("inside")
+        assert stored_events(app, database_uri) == ["first", "inside"]
+        return "ok"
+
+    with app.app_context():
+        sidelog.log("first")
+        assert stored_events(app, database_uri) == ["first"]
+    assert app.test_client().post("/").status_code == 200
+    assert stored_events(app, database_uri) == ["first", "inside", "audited"]
+
+
+def test_group_commits_concurrent_callers_together_exactly_once(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    app, sidelog = build(SIDELOG_WRITE_MODE="group")
+    with app.app_context():
+        sidelog.create_table()
+        committer = app.extensions["sidelog"].writer._batcher
+    engine = log_engine(app)
+    commits = commit_threads(engine)
+    # The first commit waits until the 15 other callers queued behind it.
+    hold_first_insert_until(engine, lambda: len(committer._waiting) >= 15)
+    written: list[str] = []
+    sa_lock = threading.Lock()
+
+    def call(i: int) -> None:
+        with app.app_context():
+            for n in range(10):
+                entry = sidelog.log("event", data={"caller": i, "n": n})
+                with sa_lock:
+                    written.append(entry["uuid"])
+
+    run_threads(16, call)
+    with app.app_context():
+        stored = sidelog.entries(limit=1000)
+    assert sorted(e["uuid"] for e in stored) == sorted(written)
+    assert len(written) == 160
+    assert len(commits) < 160
+    # No one waited for nothing: the committer is idle and empty.
+    assert not committer._leading and not committer._waiting
+
+
+def test_failed_group_batch_reaches_each_waiter_in_its_own_thread(
+    build: t.Callable[..., Built],
+) -> None:
+    app, sidelog = build(SIDELOG_WRITE_MODE="group", SIDELOG_CREATE_TABLE=False)
+    with app.app_context():
+        committer = app.extensions["sidelog"].writer._batcher
+    engine = log_engine(app)
+    hold_first_insert_until(engine, lambda: len(committer._waiting) >= 7)
+    failed: list[tuple[str, str]] = []
+    written: list[str] = []
+
+    def on_failed(sender: Flask, entry: dict[str, t.Any], error: Exception) -> None:
+        failed.append((entry["data"]["thread"], threading.current_thread().name))
+
+    def call(i: int) -> None:
+        with app.app_context():
+            sidelog.log("lost", data={"thread": threading.current_thread().name})
+
+    with (
+        entry_failed.connected_to(on_failed, app),
+        entry_written.connected_to(
+            lambda sender, entry: written.append(entry["uuid"]), app
+        ),
+    ):
+        run_threads(8, call)
+    assert written == []
+    assert sorted(failed) == sorted((f"caller-{i}",) * 2 for i in range(8))
+
+
+def test_buffered_caller_does_not_wait_and_flush_commits(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    app, sidelog = build(SIDELOG_WRITE_MODE="buffered", SIDELOG_FLUSH_INTERVAL=1)
+    with app.app_context():
+        sidelog.create_table()
+    release = threading.Event()
+
+    def stall(conn: t.Any, clause: t.Any, *args: t.Any) -> None:
+        if threading.current_thread().name == "flask-sidelog buffered writer":
+            release.wait(30)
+
+    sa.event.listen(log_engine(app), "before_execute", stall)
+    with app.app_context():
+        for n in range(5):
+            sidelog.log("queued", data={"n": n})
+        # The writer thread is stuck before its INSERT, the caller is not.
+        if database_uri != "sqlite://":
+            assert stored_events(app, database_uri) == []
+        release.set()
+        sidelog.flush()
+        assert [e["data"]["n"] for e in sidelog.entries()] == [0, 1, 2, 3, 4]
+    assert stored_events(app, database_uri) == ["queued"] * 5
+
+
+def test_buffered_full_queue_writes_inline_and_drops_nothing(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """Batch size 1: the queue holds 10 entries. The writer thread is stuck
+    after its first commit, so the caller finds the queue full and writes
+    inline."""
+    app, sidelog = build(
+        SIDELOG_WRITE_MODE="buffered", SIDELOG_BATCH_SIZE=1, SIDELOG_FLUSH_INTERVAL=1
+    )
+    with app.app_context():
+        sidelog.create_table()
+    commits = commit_threads(log_engine(app))
+    release = threading.Event()
+
+    def stall(sender: Flask, entry: dict[str, t.Any]) -> None:
+        if threading.current_thread().name == "flask-sidelog buffered writer":
+            release.wait(30)
+
+    with entry_written.connected_to(stall, app), app.app_context():
+        written = [sidelog.log("many", data={"n": n})["uuid"] for n in range(40)]
+        release.set()
+        sidelog.flush()
+        stored = sidelog.entries(limit=100)
+    assert sorted(e["uuid"] for e in stored) == sorted(written)
+    assert "MainThread" in commits
+    assert "flask-sidelog buffered writer" in commits
+    assert stored_events(app, database_uri) == ["many"] * 40
+
+
+def test_buffered_cli_command_flushes_at_teardown(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """An interval of an hour: only the teardown's flush can have written it."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="buffered", SIDELOG_FLUSH_INTERVAL=3600_000)
+
+    @app.cli.command("job")
+    def job() -> None:
+        sidelog.log("job.ran")
+        click.echo("done")
+
+    result = app.test_cli_runner().invoke(args=["job"])
+    assert result.output == "done\n"
+    assert stored_events(app, database_uri) == ["job.ran"]
+
+
+_EXIT_SCRIPT = """
+import sys
+from flask import Flask
+from flask_sidelog import SideLog
+
+app = Flask("exit_test", instance_path=sys.argv[2])
+app.config.update(
+    SQLALCHEMY_DATABASE_URI=sys.argv[1],
+    SIDELOG_CREATE_TABLE=True,
+    SIDELOG_WRITE_MODE="buffered",
+    SIDELOG_FLUSH_INTERVAL=3600_000,
+    SIDELOG_BATCH_SIZE=1000,
+)
+sidelog = SideLog(app)
+with app.app_context():
+    for n in range(25):
+        sidelog.log("before.exit")
+print("exiting")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_buffered_entries_are_written_at_interpreter_exit(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """A real interpreter that exits without flushing, with an hour's interval."""
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, database_uri, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "exiting\n", "")
+    engine = sa.create_engine(database_uri, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        count = conn.scalar(sa.text("SELECT count(*) FROM sidelog_entries"))
+    engine.dispose()
+    assert count == 25
+
+
+def _fork(child: t.Callable[[], None]) -> int:
+    """Run ``child`` in a forked process; return its exit status. The child
+    is killed by SIGALRM if it hangs on a lock inherited from the parent."""
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() in a process with threads: that
+        # process is exactly what this tests.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            signal.alarm(20)
+            child()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["group", "buffered"])
+def test_fork_while_the_parent_is_writing(
+    build: t.Callable[..., Built], database_uri: str, mode: str
+) -> None:
+    """The parent forks while a thread of its own is inside a commit, holding
+    the write mode's locks (and, on SQLite, the writer's lock). The child
+    writes and flushes its own entries, the parent's are written once."""
+    if database_uri == "sqlite://":
+        pytest.skip("a memory database is not shared with a child process")
+    app, sidelog = build(SIDELOG_WRITE_MODE=mode, SIDELOG_FLUSH_INTERVAL=1)
+    with app.app_context():
+        sidelog.create_table()
+    inside = threading.Event()
+    release = threading.Event()
+
+    def stall(conn: t.Any, clause: t.Any, *args: t.Any) -> None:
+        if isinstance(clause, sa.Insert) and os.getpid() == parent:
+            inside.set()
+            release.wait(30)
+
+    parent = os.getpid()
+    sa.event.listen(log_engine(app), "before_execute", stall)
+
+    def parent_writes() -> None:
+        with app.app_context():
+            sidelog.log("parent")
+
+    writer_thread = threading.Thread(target=parent_writes)
+    writer_thread.start()
+    assert inside.wait(30)
+
+    def child() -> None:
+        with app.app_context():
+            for _ in range(3):
+                sidelog.log("child")
+            sidelog.flush()
+
+    status = _fork(child)
+    release.set()
+    writer_thread.join(30)
+    with app.app_context():
+        sidelog.flush()
+    assert status == 0
+    assert sorted(stored_events(app, database_uri)) == ["child"] * 3 + ["parent"]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_write_after_a_server_restart(
+    postgres: t.Any, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log engine pings a pooled connection only after it sat idle; a
+    connection the restart closed is replaced, the entry is not lost."""
+    uri = postgres.create_database("restart_idle_ping")
+    app, _, sidelog = make_app(uri, str(tmp_path), with_db=False)
+    failed: list[BaseException] = []
+    try:
+        with (
+            entry_failed.connected_to(
+                lambda sender, entry, error: failed.append(error), app
+            ),
+            app.app_context(),
+        ):
+            sidelog.log("before")
+            postgres.stop()
+            postgres.start()
+            monkeypatch.setattr("flask_sidelog.engine.PING_AFTER", 0.0)
+            sidelog.log("after")
+            events = [e["event"] for e in sidelog.entries()]
+    finally:
+        dispose(app)
+    assert failed == []
+    assert events == ["before", "after"]
