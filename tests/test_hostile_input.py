@@ -308,3 +308,44 @@ def test_any_filter_gives_results_never_a_traceback(
             assert isinstance(found, list)
             if name in ("event", "actor") and text.strip() and limit and since is None:
                 assert found and found[-1][name] == found[-1]["event"]
+
+
+SHOW_OPTIONS = (
+    "--event",
+    "--actor",
+    "--outcome",
+    "--level",
+    "--request-id",
+    "--since",
+    "--until",
+    "--limit",
+    "--format",
+)
+
+
+@HYPOTHESIS
+@example(option="--event", text="x' OR '1'='1")
+@example(option="--since", text="\x00")
+@example(option="--limit", text="-1")
+@example(option="--event", text="\ud800*")
+@given(option=st.sampled_from(SHOW_OPTIONS), text=any_text)
+def test_any_show_argument_gives_results_or_a_usage_error(
+    app: Flask, sidelog: SideLog, option: str, text: str
+) -> None:
+    """Whatever is typed into ``flask sidelog show``: entries (exit 0) or a
+    usage error that says what is accepted (exit 2), never a traceback."""
+    with app.app_context():
+        sidelog.create_table()
+        sidelog.log("known.event", actor="alice")
+    result = app.test_cli_runner().invoke(args=["sidelog", "show", option, text])
+    assert result.exit_code in (0, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        assert "Invalid value" in result.output or "Error" in result.output
+    elif (
+        option in ("--event", "--actor", "--request-id")
+        and text not in ("known.event", "alice")
+        and "*" not in text  # a glob may match it
+    ):
+        assert "known.event" not in result.output
