@@ -140,7 +140,7 @@ def load(app: Flask, sidelog: SideLog, rows: int) -> float:
                         for chunk in generate(rows):
                             for entry in chunk:
                                 entry["data"] = Jsonb(entry["data"])
-                                copy.write_row([entry[n] for n in names])
+                                copy.write_row([entry.get(n) for n in names])
                 raw.commit()
             finally:
                 raw.close()
@@ -168,7 +168,7 @@ def load(app: Flask, sidelog: SideLog, rows: int) -> float:
                             [
                                 v if f is None or v is None else f(v)
                                 for f, v in zip(
-                                    convert, (e[n] for n in names), strict=True
+                                    convert, (e.get(n) for n in names), strict=True
                                 )
                             ]
                             for e in chunk
