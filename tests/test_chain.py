@@ -688,3 +688,38 @@ def test_prune_in_batches_records_a_checkpoint_each(
     fill(app, sidelog, 1)
     assert [r["seq"] for r in rows(app, sidelog)] == [6]
     assert verify(runner)[0] == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_replayed_entries_join_the_chain(
+    backend: str, database_uri: str, tmp_path: t.Any
+) -> None:
+    """Entries spooled while the table was missing join the chain when
+    ``replay`` lands them, keep their time, and verify passes."""
+    app, _, sidelog = make_app(
+        database_uri,
+        str(tmp_path / "instance"),
+        {**CHAINED, "SIDELOG_CREATE_TABLE": False},
+    )
+    runner = app.test_cli_runner()
+    try:
+        with app.app_context():
+            spooled = [sidelog.log(f"while.missing.{i}") for i in range(3)]
+        assert runner.invoke(args=["sidelog", "init"]).exit_code == 0
+        fill(app, sidelog, 2)
+        result = runner.invoke(args=["sidelog", "replay"])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("Moved 3 entries")
+        stored = rows(app, sidelog)
+        assert [r["seq"] for r in stored] == [1, 2, 3, 4, 5]
+        replayed = {r["uuid"]: r for r in stored[2:]}
+        assert set(replayed) == {e["uuid"] for e in spooled}
+        code, out = verify(runner)
+        assert code == 0, out
+        assert out.startswith("OK: 5 entries")
+        assert runner.invoke(args=["sidelog", "replay"]).output.startswith(
+            "Moved 0 entries"
+        )
+        assert verify(runner)[0] == 0
+    finally:
+        dispose(app)
