@@ -2,14 +2,15 @@
 16 concurrent clients, PostgreSQL.
 
 Usage: ``python benchmarks/bench_chain.py [--seconds 10] [--rounds 3]
-[--only http|insert]`` (from the checkout with ``PYTHONPATH=.``, or with
-flask-sidelog installed).
+[--only http|insert] [--modes sync group buffered]`` (from the checkout with
+``PYTHONPATH=.``, or with flask-sidelog installed).
 
 Two measurements, each on one throwaway PostgreSQL server, one fresh database
 per variant, rounds alternating off/on so that drift in the machine's load
 hits both alike:
 
-- ``http``: sync mode end to end. gunicorn (gthread, 2 workers x 8 threads,
+- ``http``: each write mode end to end. gunicorn (gthread, 2 workers x 8
+  threads,
   ``--preload``) serves the ``POST /items`` app of :mod:`apps` with the view
   under ``@sidelog.audit``; 16 client threads with keep-alive connections send
   requests for ``--seconds``; requests/s.
@@ -46,11 +47,13 @@ from flask_sidelog.entry import make_entry  # noqa: E402
 CLIENTS = 16
 
 
-def create_app(db_url: str, chain: str) -> Flask:
-    """``POST /items`` audited by SideLog, chain ``"on"`` or ``"off"``; for
-    ``gunicorn --preload``."""
+def create_app(db_url: str, chain: str, mode: str = "sync") -> Flask:
+    """``POST /items`` audited by SideLog in write ``mode``, chain ``"on"``
+    or ``"off"``; for ``gunicorn --preload``."""
     app, db = apps.base_app(db_url)
-    app.config.update(SIDELOG_CHAIN=chain == "on", SIDELOG_CREATE_TABLE=True)
+    app.config.update(
+        SIDELOG_CHAIN=chain == "on", SIDELOG_CREATE_TABLE=True, SIDELOG_WRITE_MODE=mode
+    )
     sidelog = SideLog(app, db)
     apps.add_items_view(app, db, apps.item_model(db))
     app.view_functions["create_item"] = sidelog.audit(app.view_functions["create_item"])
@@ -97,7 +100,7 @@ def _load(port: int, seconds: float) -> int:
     return sum(done)
 
 
-def _serve(url: str, chain: str) -> tuple[subprocess.Popen[bytes], int]:
+def _serve(url: str, chain: str, mode: str) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
     env = dict(os.environ)
     root = os.path.join(os.path.dirname(__file__), "..")
@@ -120,7 +123,7 @@ def _serve(url: str, chain: str) -> tuple[subprocess.Popen[bytes], int]:
             f"127.0.0.1:{port}",
             "--chdir",
             os.path.dirname(os.path.abspath(__file__)),
-            f"bench_chain:create_app({url!r}, {chain!r})",
+            f"bench_chain:create_app({url!r}, {chain!r}, {mode!r})",
         ],
         env=env,
     )
@@ -138,13 +141,15 @@ def _serve(url: str, chain: str) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError("gunicorn did not start within 60 s")
 
 
-def bench_http(server: ThrowawayPostgres, seconds: float, rounds: int) -> None:
-    urls = {c: server.create_database(f"chain_http_{c}") for c in ("off", "on")}
+def bench_http(
+    server: ThrowawayPostgres, seconds: float, rounds: int, mode: str
+) -> None:
+    urls = {c: server.create_database(f"chain_http_{mode}_{c}") for c in ("off", "on")}
     totals = {"off": 0, "on": 0}
     for r in range(1, rounds + 1):
         rate = {}
         for chain in ("off", "on"):
-            process, port = _serve(urls[chain], chain)
+            process, port = _serve(urls[chain], chain, mode)
             try:
                 _load(port, 2)  # warm up: connections, caches
                 n = _load(port, seconds)
@@ -154,10 +159,10 @@ def bench_http(server: ThrowawayPostgres, seconds: float, rounds: int) -> None:
             totals[chain] += n
             rate[chain] = n / seconds
         print(
-            f"http   round {r}: off {rate['off']:7.1f} req/s, on {rate['on']:7.1f}"
-            f" req/s, on/off {rate['on'] / rate['off']:.3f}"
+            f"http {mode:<8} round {r}: off {rate['off']:7.1f} req/s,"
+            f" on {rate['on']:7.1f} req/s, on/off {rate['on'] / rate['off']:.3f}"
         )
-    print(f"http   overall on/off {totals['on'] / totals['off']:.3f}")
+    print(f"http {mode:<8} overall on/off {totals['on'] / totals['off']:.3f}")
 
 
 def _writer_app(url: str, chain: str) -> tuple[Flask, SideLog]:
@@ -230,12 +235,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="off/on pairs")
     parser.add_argument("--only", choices=("http", "insert"), help="one part only")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("sync", "group", "buffered"),
+        default=["sync", "group", "buffered"],
+        help="write modes the http part measures",
+    )
     args = parser.parse_args()
     with ThrowawayPostgres() as server:
         if args.only in (None, "insert"):
             bench_insert(server, args.seconds, args.rounds)
         if args.only in (None, "http"):
-            bench_http(server, args.seconds, args.rounds)
+            for mode in args.modes:
+                bench_http(server, args.seconds, args.rounds, mode)
 
 
 if __name__ == "__main__":
