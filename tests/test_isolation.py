@@ -22,14 +22,26 @@ from flask_sidelog.signals import entry_failed
 
 
 @pytest.fixture
-def failures(app: Flask) -> t.Iterator[list[BaseException]]:
+def failures_of() -> t.Iterator[t.Callable[[Flask], list[BaseException]]]:
+    """``failures_of(app)``: the errors of the entries ``app`` failed to write."""
     found: list[BaseException] = []
 
     def record(sender: Flask, entry: dict[str, t.Any], error: BaseException) -> None:
         found.append(error)
 
-    with entry_failed.connected_to(record, app):
-        yield found
+    def connect(app: Flask) -> list[BaseException]:
+        entry_failed.connect(record, app)
+        return found
+
+    yield connect
+    entry_failed.disconnect(record)
+
+
+@pytest.fixture
+def failures(
+    app: Flask, failures_of: t.Callable[[Flask], list[BaseException]]
+) -> list[BaseException]:
+    return failures_of(app)
 
 
 def names(app: Flask, db: SQLAlchemy) -> list[str]:
@@ -127,7 +139,7 @@ def test_log_uses_other_connections(
 
 
 def test_sqlite_same_file_never_waits_for_the_lock(
-    tmp_path: t.Any, failures: list[BaseException]
+    tmp_path: t.Any, failures_of: t.Callable[[Flask], list[BaseException]]
 ) -> None:
     """The main session holds SQLite's write lock after its flush: entries
     logged meanwhile are written once it let go, none fails with
@@ -135,27 +147,24 @@ def test_sqlite_same_file_never_waits_for_the_lock(
     uri = f"sqlite:///{tmp_path / 'same.db'}"
     app, db, sidelog = make_app(uri, str(tmp_path), {"SIDELOG_WRITE_TIMEOUT": 0.5})
     assert db is not None
-    errors: list[BaseException] = []
-    with entry_failed.connected_to(
-        lambda sender, entry, error: errors.append(error), app
-    ):
-        with app.app_context():
-            Account.metadata.create_all(db.engine)
+    errors = failures_of(app)
+    with app.app_context():
+        Account.metadata.create_all(db.engine)
 
-        @app.post("/")
-        @sidelog.audit
-        def view() -> str:
-            db.session.add(Account(name="locked"))
-            db.session.flush()  # takes the write lock
-            sidelog.log("while.locked", data={"n": 1})
-            raise ValueError("after the flush")
+    @app.post("/")
+    @sidelog.audit
+    def view() -> str:
+        db.session.add(Account(name="locked"))
+        db.session.flush()  # takes the write lock
+        sidelog.log("while.locked", data={"n": 1})
+        raise ValueError("after the flush")
 
-        with pytest.raises(ValueError):
-            app.test_client().post("/")
-        with app.app_context():
-            entries = sidelog.entries()
-            assert db.session.scalars(sa.select(Account)).all() == []
-        dispose(app)
+    with pytest.raises(ValueError):
+        app.test_client().post("/")
+    with app.app_context():
+        entries = sidelog.entries()
+        assert db.session.scalars(sa.select(Account)).all() == []
+    dispose(app)
     assert errors == []
     assert [e["event"] for e in entries] == ["while.locked", "view"]
     assert entries[-1]["main_tx"] == "rolled_back"
@@ -246,21 +255,6 @@ def test_sqlite_connection_level_write_is_waited_for(
         assert db.session.scalars(sa.select(Account.name)).all() == ["raw"]
     dispose(app)
     assert errors == []
-
-
-@pytest.fixture
-def failures_of() -> t.Iterator[t.Callable[[Flask], list[BaseException]]]:
-    found: list[BaseException] = []
-
-    def record(sender: Flask, entry: dict[str, t.Any], error: BaseException) -> None:
-        found.append(error)
-
-    def connect(app: Flask) -> list[BaseException]:
-        entry_failed.connect(record, app)
-        return found
-
-    yield connect
-    entry_failed.disconnect(record)
 
 
 @pytest.mark.parametrize("backend", ["sqlite_file", "sqlite_memory"])
