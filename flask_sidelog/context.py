@@ -9,10 +9,10 @@ and Flask-SQLAlchemy's teardown closes the session without a rollback event.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 import typing as t
-import uuid
 
 import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
@@ -22,6 +22,9 @@ from flask import has_app_context
 from flask import has_request_context
 from flask import request
 from werkzeug.exceptions import HTTPException
+
+if t.TYPE_CHECKING:
+    from flask import Request
 
 from .entry import is_redacted
 from .entry import REDACTED
@@ -33,7 +36,7 @@ _READ_ONLY_SQL = ("select", "show", "explain", "pragma", "values")
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ContextState:
     """Per app context state, kept on ``g._sidelog`` and popped at teardown."""
 
@@ -59,6 +62,8 @@ class ContextState:
     log_session_held: list[dict[str, t.Any]] | None = None
     #: A flush of the main session started and has not finished yet.
     flushing: bool = False
+    #: Popped at teardown: the main session no longer reports to this state.
+    ended: bool = False
 
     @property
     def main_tx(self) -> str:
@@ -121,48 +126,59 @@ def current_state(create: bool = True) -> ContextState | None:
     if state is None and create:
         state = ContextState(started=time.perf_counter())
         if has_request_context():
-            state.request_id = _request_id()
+            # Every field of every entry of the request comes from here: read
+            # the request once, through one lookup of the proxy.
+            req = request._get_current_object()  # type: ignore[attr-defined]
+            settings = current_app.extensions["sidelog"].settings
+            state.request_id = _request_id(req, settings.request_id_header)
             state.request_fields = {
-                "method": request.method,
-                "path": _redacted_path(),
-                "endpoint": request.endpoint,
-                "remote_addr": request.remote_addr,
-                "user_agent": request.user_agent.string or None,
+                "method": req.method,
+                "path": _redacted_path(req, settings.redact_keys),
+                "endpoint": req.endpoint,
+                "remote_addr": req.remote_addr,
+                "user_agent": req.environ.get("HTTP_USER_AGENT") or None,
             }
         g._sidelog = state
     return state
 
 
-def _redacted_path() -> str:
+def _redacted_path(req: Request, redact_keys: frozenset[str]) -> str:
     """The request's path (never its query string), with the values of URL
     variables named like ``SIDELOG_REDACT_KEYS`` replaced: ``/reset/<token>``
     is stored as ``/reset/[redacted]``."""
-    path = request.path
-    redact_keys = current_app.extensions["sidelog"].settings.redact_keys
-    for name, value in (request.view_args or {}).items():
+    path: str = req.path
+    for name, value in (req.view_args or {}).items():
         text = str(value)
         if text and is_redacted(name, redact_keys):
             path = path.replace(text, REDACTED)
     return path
 
 
-def _request_id() -> str:
+def _request_id(req: Request, header: str | None) -> str:
     """The client's id from ``SIDELOG_REQUEST_ID_HEADER`` if it is set and
     the id is well formed, else a new one: a client cannot store arbitrary text."""
-    header = current_app.extensions["sidelog"].settings.request_id_header
     if header is not None:
-        incoming = request.headers.get(header)
+        incoming = req.headers.get(header)
         if incoming is not None and REQUEST_ID_RE.fullmatch(incoming):
             return incoming
-    return uuid.uuid4().hex
+    # As random as uuid4().hex, without building a UUID.
+    return os.urandom(16).hex()
 
 
 def pop_state() -> ContextState | None:
-    return t.cast("ContextState | None", g.pop("_sidelog", None))
+    state = t.cast("ContextState | None", g.pop("_sidelog", None))
+    if state is not None:
+        state.ended = True
+    return state
 
 
 def _main_session_state(session: sa_orm.Session) -> ContextState | None:
     """The state to update if ``session`` is this app context's main session."""
+    # Each flush and commit sends several events: the first one finds the
+    # state and leaves it on the session, the others take it from there.
+    state: ContextState | None = session.info.get("_sidelog")
+    if state is not None and not state.ended:
+        return state
     if not has_app_context():
         return None
     app_state = current_app.extensions.get("sidelog")
@@ -173,14 +189,15 @@ def _main_session_state(session: sa_orm.Session) -> ContextState | None:
     # including after Flask-SQLAlchemy removed the session at teardown.
     if scoped is None or not scoped.registry.has() or scoped.registry() is not session:
         return None
-    return current_state()
+    state = current_state()
+    session.info["_sidelog"] = state
+    return state
 
 
 def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
-    if session.new or session.dirty or session.deleted:
-        state = _main_session_state(session)
-        if state is not None:
-            state.pending_write = True
+    state = _main_session_state(session)
+    if state is not None and not state.pending_write:
+        state.pending_write = bool(session.new or session.dirty or session.deleted)
 
 
 def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
@@ -197,12 +214,14 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
 
 
 def _after_commit(session: sa_orm.Session) -> None:
+    state = _main_session_state(session)
     # Releasing a savepoint also sends after_commit; its writes are still
     # pending until the outermost transaction ends.
-    if session.in_nested_transaction():
-        return
-    state = _main_session_state(session)
-    if state is not None and state.pending_write:
+    if (
+        state is not None
+        and state.pending_write
+        and not session.in_nested_transaction()
+    ):
         state.pending_write = False
         state.committed = True
 

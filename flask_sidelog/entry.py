@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import typing as t
-import uuid
 from datetime import datetime
 from datetime import timezone
 
@@ -41,6 +41,15 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def new_uuid() -> str:
+    """``str(uuid.uuid4())``, without building a UUID object."""
+    b = bytearray(os.urandom(16))
+    b[6] = b[6] & 0x0F | 0x40  # version 4
+    b[8] = b[8] & 0x3F | 0x80  # RFC 4122 variant
+    x = b.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
 def clean_text(value: str) -> str:
     """Make a string storable on every backend, changing as little as possible.
 
@@ -48,6 +57,8 @@ def clean_text(value: str) -> str:
     surrogate; both are kept visible as backslash escapes. Everything else,
     control characters included, is stored as given.
     """
+    if value.isascii() and "\x00" not in value:  # the common case, fast
+        return value
     if "\x00" in value:
         value = value.replace("\x00", "\\x00")
     try:
@@ -208,7 +219,7 @@ def make_entry(
         bounded text columns are cut to their documented lengths.
     """
     entry: dict[str, t.Any] = {
-        "uuid": str(uuid.uuid4()),
+        "uuid": new_uuid(),
         "created_at": utcnow(),
         "event": check_event(event),
         "level": check_level(level),

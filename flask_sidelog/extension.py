@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import threading
 import time
 import typing as t
@@ -199,11 +200,11 @@ def _ready_writer() -> Writer:
 
 def _default_actor() -> str | None:
     """Flask-Login's current user id, when Flask-Login is in use."""
+    if not has_request_context() or not hasattr(current_app, "login_manager"):
+        return None
     try:
         from flask_login import current_user
     except ImportError:
-        return None
-    if not has_request_context() or not hasattr(current_app, "login_manager"):
         return None
     if not current_user.is_authenticated:
         return None
@@ -224,6 +225,9 @@ class SideLog:
     def __init__(self, app: Flask | None = None, db: SQLAlchemy | None = None) -> None:
         self._actor_loader: t.Callable[[], str | None] = _default_actor
         self._tracker = tracking.Tracker()
+        #: The main session classes of the apps this extension serves, whose
+        #: changes track() starts capturing.
+        self._session_classes: set[type[sa_orm.Session]] = set()
         #: The main session for apps without Flask-SQLAlchemy: scoped to the
         #: app context and removed at its teardown.
         self.session: sa_orm.scoped_session[MainSession] = sa_orm.scoped_session(
@@ -240,8 +244,12 @@ class SideLog:
             )
         main_session = db.session if db is not None else self.session
         app.extensions["sidelog"] = _AppState(self, app, db, main_session)
-        context.track_main_session(main_session.session_factory.class_)
-        tracking.listen(main_session.session_factory.class_)
+        session_class = main_session.session_factory.class_
+        context.track_main_session(session_class)
+        self._session_classes.add(session_class)
+        if self._tracker:
+            # Only then: every flush and commit would pay for the listeners.
+            tracking.listen(session_class)
         app.after_request(self._after_request)
         app.teardown_appcontext(self._teardown)
         # Run last, after Flask-SQLAlchemy closed the main session: its
@@ -276,6 +284,7 @@ class SideLog:
         .. versionadded:: 0.1
         """
         self._tracker.track(model, exclude)
+        self._listen_for_changes()
 
     @t.overload
     def tracked(self, model: M, *, exclude: t.Iterable[str] = ()) -> M: ...
@@ -306,6 +315,11 @@ class SideLog:
         .. versionadded:: 0.1
         """
         self._tracker.track_all(exclude_tables)
+        self._listen_for_changes()
+
+    def _listen_for_changes(self) -> None:
+        for session_class in self._session_classes:
+            tracking.listen(session_class)
 
     def history(
         self, table: str, pk: t.Any, only: str | None = None
@@ -408,17 +422,21 @@ class SideLog:
             check_event(event)
 
         def decorator(view: F) -> F:
+            # Decided once, as Flask's ensure_sync would decide per call.
+            is_async = inspect.iscoroutinefunction(view)
+
             @functools.wraps(view)
             def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
+                call = current_app.ensure_sync(view) if is_async else view
                 state = context.current_state(create=has_request_context())
                 # Not a request (called as a plain function), or an outer view
                 # is audited already: only run it.
                 if state is None or state.audit_event is not None:
-                    return current_app.ensure_sync(view)(*args, **kwargs)
+                    return call(*args, **kwargs)
                 state.audit_event = event or request.endpoint or view.__name__
                 state.started = time.perf_counter()
                 try:
-                    return current_app.ensure_sync(view)(*args, **kwargs)
+                    return call(*args, **kwargs)
                 except BaseException as e:
                     state.exception = e
                     raise
@@ -749,7 +767,7 @@ class SideLog:
         return writer.spool.replay(writer.insert_missing)
 
     def _after_request(self, response: Response) -> Response:
-        header = _app_state().settings.request_id_response_header
+        header = current_app.extensions["sidelog"].settings.request_id_response_header
         state = context.current_state(create=header is not None)
         if state is not None:
             state.status_code = response.status_code

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import math
-import os
 import typing as t
 import uuid
 from datetime import date
@@ -41,6 +40,7 @@ from .entry import cut
 from .entry import is_redacted
 from .entry import make_entry
 from .entry import MAX_DATA_BYTES
+from .entry import new_uuid
 from .entry import REDACTED
 from .entry import storable_data
 from .entry import to_storable
@@ -457,7 +457,7 @@ def make_change_entries(
     entries = []
     for change in changes:
         entry = template.copy()
-        entry["uuid"] = _uuid4()
+        entry["uuid"] = new_uuid()
         event = events.get(change.event)
         if event is None:
             event = events[change.event] = check_event(change.event)
@@ -557,14 +557,6 @@ def _clean(value: t.Any) -> t.Any:
     if type(value) is str and ("\x00" in value or not value.isascii()):
         return clean_text(value)
     return value
-
-
-def _uuid4() -> str:
-    """``str(uuid.uuid4())``, without building a UUID object."""
-    h = int.from_bytes(os.urandom(16), "big")
-    h = (h & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
-    x = f"{h:032x}"
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 _listening: set[type[sa_orm.Session]] = set()

@@ -49,15 +49,17 @@ _spool_only: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-@contextlib.contextmanager
-def spool_on_error() -> t.Iterator[None]:
+class spool_on_error:  # noqa: N801 - used like a function: with spool_on_error():
     """Within this block, entries that cannot be written are spooled, never
     raised, whatever ``SIDELOG_ON_WRITE_ERROR`` says."""
-    token = _spool_only.set(True)
-    try:
-        yield
-    finally:
-        _spool_only.reset(token)
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _spool_only.set(True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _spool_only.reset(self._token)
 
 
 class TimedLock:

@@ -8,6 +8,7 @@ import math
 import threading
 import types
 import typing as t
+import uuid
 
 import click
 import pytest
@@ -215,3 +216,12 @@ def test_statement_errors_keep_the_driver_message_only() -> None:
         "bad value", "INSERT ...", {"password": "hunter2"}, ValueError("bad value")
     )
     assert describe_error(error) == "sqlalchemy.exc.StatementError: bad value"
+
+
+def test_entry_uuids_are_unique_version_4(app: Flask, sidelog: SideLog) -> None:
+    with app.app_context():
+        made = [sidelog.log("x")["uuid"] for _ in range(200)]
+    parsed = [uuid.UUID(u) for u in made]
+    assert [str(u) for u in parsed] == made
+    assert {(u.version, u.variant) for u in parsed} == {(4, uuid.RFC_4122)}
+    assert len(set(made)) == len(made)

@@ -753,3 +753,43 @@ def test_without_flask_sqlalchemy(database_uri: str, tmp_path: t.Any) -> None:
         ]
     finally:
         dispose(app)
+
+
+@pytest.mark.parametrize("track_first", [True, False], ids=["before", "after"])
+def test_track_before_or_after_init_app(
+    database_uri: str, tmp_path: t.Any, track_first: bool
+) -> None:
+    # A session class of its own: change listeners go on a class the first
+    # time some SideLog tracks a model, so another test cannot have added them.
+    from flask_sqlalchemy.session import Session
+
+    class FreshSession(Session):
+        pass
+
+    app = Flask("sidelog_test", instance_path=str(tmp_path))
+    app.config.update(
+        TESTING=True, SQLALCHEMY_DATABASE_URI=database_uri, SIDELOG_CREATE_TABLE=True
+    )
+    db = SQLAlchemy(app, session_options={"class_": FreshSession})
+    sidelog = SideLog()
+    if track_first:
+        sidelog.track(Account)
+    sidelog.init_app(app, db)
+    if not track_first:
+        sidelog.track(Account)
+    try:
+        with app.app_context():
+            Base.metadata.create_all(db.engine, tables=[Account.__table__])
+            db.session.add(Account(name="alice", balance=1))
+            db.session.commit()
+        assert summary(changes(app, sidelog, "account")) == [
+            (
+                "account.insert",
+                "committed",
+                {"balance": [None, 1], "id": [None, 1], "name": [None, "alice"]},
+            )
+        ]
+    finally:
+        with app.app_context():
+            Base.metadata.drop_all(db.engine, tables=[Account.__table__])
+        dispose(app)
