@@ -122,6 +122,19 @@ class Writer:
         self._create_table = create_table
         # Built once; inline: no RETURNING of the new ids, nothing reads them.
         self._insert = table.insert().inline()
+        dialect = engine.dialect
+        #: PostgreSQL's COPY for batches, through psycopg (3): it costs a third
+        #: of the CPU of a multi-row INSERT, for both client and server.
+        self._copy_sql: str | None = None
+        self._columns = [
+            (c.name, c.type.bind_processor(dialect))
+            for c in table.columns
+            if c.name != "id"
+        ]
+        if dialect.name == "postgresql" and dialect.driver == "psycopg":
+            preparer = dialect.identifier_preparer
+            names = ", ".join(preparer.quote(name) for name, _ in self._columns)
+            self._copy_sql = f"COPY {preparer.format_table(table)} ({names}) FROM STDIN"
         self._table_lock = threading.Lock()
         self.lock = self._new_lock()
         self._batcher = batching.make_batcher(self, mode, batch_size, flush_interval)
@@ -168,8 +181,43 @@ class Writer:
             rows = entries
             if self.chain is not None:
                 rows = self.chain.link(conn, self.table, entries)
-            conn.execute(self._insert, rows)
+            if len(rows) > 1 and self._copy_sql is not None:
+                self._copy(conn, rows)
+            else:
+                conn.execute(self._insert, rows)
         return rows
+
+    def _copy(self, conn: sa.Connection, rows: list[dict[str, t.Any]]) -> None:
+        """Insert ``rows`` with COPY, converting values as ``conn.execute``
+        would, and raising its errors as it would: a lost connection is
+        invalidated, so :meth:`insert` tries again on a new one."""
+        assert self._copy_sql is not None
+        values = [
+            tuple(
+                convert(row.get(name)) if convert else row.get(name)
+                for name, convert in self._columns
+            )
+            for row in rows
+        ]
+        dbapi = conn.connection.dbapi_connection
+        cursor = conn.connection.cursor()
+        try:
+            with cursor.copy(self._copy_sql) as copy:
+                for value in values:
+                    copy.write_row(value)
+        except conn.dialect.loaded_dbapi.Error as error:
+            lost = conn.dialect.is_disconnect(error, dbapi, cursor)
+            if lost:
+                conn.invalidate(error)
+            raise sa.exc.DBAPIError.instance(
+                self._copy_sql,
+                None,
+                error,
+                conn.dialect.loaded_dbapi.Error,
+                connection_invalidated=lost,
+            ) from error
+        finally:
+            cursor.close()
 
     def insert_missing(self, entries: list[dict[str, t.Any]]) -> int:
         """Insert those of ``entries`` whose uuid is not stored yet, in one

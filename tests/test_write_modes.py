@@ -19,6 +19,7 @@ from flask import Flask
 from conftest import dispose
 from conftest import make_app
 from flask_sidelog import SideLog
+from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
 from flask_sidelog.signals import entry_written
 
@@ -277,6 +278,7 @@ _EXIT_SCRIPT = """
 import sys
 from flask import Flask
 from flask_sidelog import SideLog
+from flask_sidelog.entry import make_entry
 
 app = Flask("exit_test", instance_path=sys.argv[2])
 app.config.update(
@@ -408,3 +410,57 @@ def test_write_after_a_server_restart(
         dispose(app)
     assert failed == []
     assert events == ["before", "after"]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_batch_after_a_server_restart(
+    postgres: t.Any, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch goes through COPY on PostgreSQL: a connection the restart
+    closed fails it like an INSERT, and it is tried again on a new one."""
+    uri = postgres.create_database("restart_copy")
+    app, _, sidelog = make_app(uri, str(tmp_path), with_db=False)
+    failed: list[BaseException] = []
+    monkeypatch.setattr("flask_sidelog.engine.PING_AFTER", 3600.0)
+    try:
+        with (
+            entry_failed.connected_to(
+                lambda sender, entry, error: failed.append(error), app
+            ),
+            app.app_context(),
+        ):
+            writer = app.extensions["sidelog"].writer
+            writer.insert([make_entry("before.1"), make_entry("before.2")])
+            postgres.stop()
+            postgres.start()
+            writer.insert([make_entry("after.1"), make_entry("after.2")])
+            events = [e["event"] for e in sidelog.entries()]
+    finally:
+        dispose(app)
+    assert failed == []
+    assert events == ["before.1", "before.2", "after.1", "after.2"]
+
+
+def test_a_batch_is_stored_as_single_entries_are(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """Batches take another statement on PostgreSQL (COPY): what is stored
+    must not depend on it."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="sync")
+    fields = {
+        "actor": "ann\u2028é",
+        "status_code": 201,
+        "duration_ms": 1.5,
+        "data": {"b": [1, 2.5, None, "\x01"], "a": {"z": True}, "é": "x"},
+    }
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        writer.insert([make_entry("single", **fields)])
+        writer.insert([make_entry("batch", **fields), make_entry("batch")])
+        single, batch, bare = sidelog.entries()
+    volatile = ("id", "uuid", "created_at", "event")
+    assert {k: v for k, v in single.items() if k not in volatile} == {
+        k: v for k, v in batch.items() if k not in volatile
+    }
+    assert (single["data"], bare["data"]) == (fields["data"], None)
