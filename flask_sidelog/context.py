@@ -40,8 +40,13 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 class ContextState:
     """Per app context state, kept on ``g._sidelog`` and popped at teardown."""
 
+    #: Whether the context belongs to a request (not a CLI command or a job).
+    in_request: bool = False
+    #: The request's id and fields, read by :func:`read_request` when an
+    #: entry first needs them (most requests never log).
     request_id: str | None = None
     request_fields: dict[str, t.Any] = dataclasses.field(default_factory=dict)
+    request_read: bool = False
     #: The audited view's event, once ``@audit`` started.
     audit_event: str | None = None
     started: float = 0.0
@@ -117,29 +122,46 @@ def describe_error(exc: BaseException | None) -> str | None:
 
 
 @t.overload
-def current_state(create: t.Literal[True] = ...) -> ContextState: ...
+def current_state(
+    create: t.Literal[True] = ..., *, with_request: bool = ...
+) -> ContextState: ...
 @t.overload
-def current_state(create: bool) -> ContextState | None: ...
-def current_state(create: bool = True) -> ContextState | None:
-    """The current app context's state, created on first use."""
+def current_state(create: bool, *, with_request: bool = ...) -> ContextState | None: ...
+def current_state(
+    create: bool = True, *, with_request: bool = False
+) -> ContextState | None:
+    """The current app context's state, created on first use; with
+    ``with_request``, holding the request's id and fields."""
     state: ContextState | None = g.get("_sidelog")
-    if state is None and create:
-        state = ContextState(started=time.perf_counter())
-        if has_request_context():
-            # Every field of every entry of the request comes from here: read
-            # the request once, through one lookup of the proxy.
-            req = request._get_current_object()  # type: ignore[attr-defined]
-            settings = current_app.extensions["sidelog"].settings
-            state.request_id = _request_id(req, settings.request_id_header)
-            state.request_fields = {
-                "method": req.method,
-                "path": _redacted_path(req, settings.redact_keys),
-                "endpoint": req.endpoint,
-                "remote_addr": req.remote_addr,
-                "user_agent": req.environ.get("HTTP_USER_AGENT") or None,
-            }
+    if state is None:
+        if not create:
+            return None
+        state = ContextState(
+            started=time.perf_counter(), in_request=has_request_context()
+        )
         g._sidelog = state
+    if with_request and not state.request_read:
+        read_request(state)
     return state
+
+
+def read_request(state: ContextState) -> None:
+    """Read the request's id and the fields every entry of the request
+    shares into ``state``, once; they must be read while the request is
+    there (it is gone at app context teardown)."""
+    if state.request_read or not has_request_context():
+        return
+    state.request_read = True
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    settings = current_app.extensions["sidelog"].settings
+    state.request_id = _request_id(req, settings.request_id_header)
+    state.request_fields = {
+        "method": req.method,
+        "path": _redacted_path(req, settings.redact_keys),
+        "endpoint": req.endpoint,
+        "remote_addr": req.remote_addr,
+        "user_agent": req.environ.get("HTTP_USER_AGENT") or None,
+    }
 
 
 def _redacted_path(req: Request, redact_keys: frozenset[str]) -> str:

@@ -17,7 +17,6 @@ from flask import current_app
 from flask import Flask
 from flask import has_app_context
 from flask import has_request_context
-from flask import request
 from flask import Response
 from flask.globals import app_ctx
 from werkzeug.exceptions import HTTPException
@@ -370,7 +369,7 @@ class SideLog:
         :raise RuntimeError: outside an app context.
         """
         app_state = _app_state()
-        state = context.current_state()
+        state = context.current_state(with_request=True)
         entry = make_entry(
             event,
             level=level,
@@ -428,12 +427,16 @@ class SideLog:
             @functools.wraps(view)
             def wrapper(*args: t.Any, **kwargs: t.Any) -> t.Any:
                 call = current_app.ensure_sync(view) if is_async else view
-                state = context.current_state(create=has_request_context())
+                state = context.current_state(
+                    create=has_request_context(), with_request=True
+                )
                 # Not a request (called as a plain function), or an outer view
                 # is audited already: only run it.
                 if state is None or state.audit_event is not None:
                     return call(*args, **kwargs)
-                state.audit_event = event or request.endpoint or view.__name__
+                state.audit_event = (
+                    event or state.request_fields.get("endpoint") or view.__name__
+                )
                 state.started = time.perf_counter()
                 try:
                     return call(*args, **kwargs)
@@ -768,7 +771,9 @@ class SideLog:
 
     def _after_request(self, response: Response) -> Response:
         header = current_app.extensions["sidelog"].settings.request_id_response_header
-        state = context.current_state(create=header is not None)
+        state = context.current_state(
+            create=header is not None, with_request=header is not None
+        )
         if state is not None:
             state.status_code = response.status_code
             if header is not None and state.request_id is not None:
@@ -818,7 +823,7 @@ class SideLog:
             )
         if entries:
             app_state.writer.write(entries)
-        if state.request_id is None and click.get_current_context(silent=True):
+        if not state.in_request and click.get_current_context(silent=True):
             # A CLI command's entries are committed before it exits; requests
             # do not wait for buffered entries.
             app_state.writer.flush()

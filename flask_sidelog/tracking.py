@@ -195,6 +195,8 @@ def _found(
     state = context._main_session_state(session)
     if state is None:
         return None
+    # Changes may be written at teardown, when the request is gone.
+    context.read_request(state)
     return app_state, app_state.extension._tracker, state
 
 
