@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextvars
 import os
 import threading
 import time
@@ -38,6 +39,16 @@ QUEUE_BATCHES = 10
 #: A buffered writer thread with nothing to do for this long ends; the next
 #: entry starts a new one, so idle apps keep no thread.
 IDLE_SECONDS = 5.0
+#: Longest a group commit waits for the audited requests of this process
+#: that are still running, so that their entries share its commit. Under
+#: load it saves a commit per request that joins; alone, a request never waits.
+GATHER_SECONDS = 0.001
+
+#: Whether this context is an audited request that the committer counts as
+#: running: such a caller must not wait for itself.
+_running_here: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sidelog_running_here", default=False
+)
 
 
 class _Waiter:
@@ -76,8 +87,26 @@ class GroupCommitter:
     def after_fork(self) -> None:
         """Start empty: waiters queued at the fork are threads of the parent."""
         self._mutex = threading.Lock()
+        self._joined = threading.Condition(self._mutex)
         self._waiting: collections.deque[_Waiter] = collections.deque()
         self._leading = False
+        #: Audited requests running in this process, whose entries will come.
+        self._running = 0
+
+    def request_started(self) -> None:
+        """An audited request started: a commit may wait a little for it."""
+        with self._mutex:
+            self._running += 1
+        _running_here.set(True)
+
+    def request_ended(self) -> None:
+        """The request's entries are about to be written (or never will be)."""
+        if not _running_here.get():
+            return
+        _running_here.set(False)
+        with self._mutex:
+            self._running = max(0, self._running - 1)
+            self._joined.notify()
 
     def write(self, entries: Entries) -> bool:
         """Commit ``entries``, with whatever other callers wait, and report.
@@ -90,6 +119,7 @@ class GroupCommitter:
             self._waiting.append(me)
             me.lead = not self._leading
             self._leading = True
+            self._joined.notify()
         if not me.lead:
             me.wait()
         if me.lead:
@@ -104,6 +134,7 @@ class GroupCommitter:
         # The leader is always first in line: it arrived to an empty queue, or
         # was first in line when the previous leader handed over.
         with self._mutex:
+            self._gather()
             batch = [self._waiting.popleft()]
             size = len(batch[0].entries)
             while (
@@ -134,6 +165,20 @@ class GroupCommitter:
             if successor is not None:
                 successor.lead = True
                 successor.wake()
+
+    def _gather(self) -> None:
+        """Wait (holding no lock) up to :data:`GATHER_SECONDS` for the other
+        running audited requests to queue their entries."""
+        own = 1 if _running_here.get() else 0
+        deadline = time.monotonic() + GATHER_SECONDS
+        while self._running > own and self._queued() < self.batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._joined.wait(remaining)
+
+    def _queued(self) -> int:
+        return sum(len(w.entries) for w in self._waiting)
 
     def flush(self) -> None:
         """Nothing to do: every caller waits for its own commit."""
@@ -227,6 +272,12 @@ class BufferedQueue:
             with self._cond:
                 self._done += size
                 self._cond.notify_all()
+
+    def request_started(self) -> None:
+        """Nothing to do: the caller does not wait for a commit."""
+
+    def request_ended(self) -> None:
+        """Nothing to do: the caller does not wait for a commit."""
 
     def flush(self) -> None:
         """Return once every entry queued before the call is committed or

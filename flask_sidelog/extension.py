@@ -438,6 +438,7 @@ class SideLog:
                     event or state.request_fields.get("endpoint") or view.__name__
                 )
                 state.started = time.perf_counter()
+                _app_state().writer.request_started()
                 try:
                     return call(*args, **kwargs)
                 except BaseException as e:
@@ -798,6 +799,7 @@ class SideLog:
             return
         entries = state.deferred
         if state.audit_event is not None:
+            app_state.writer.request_ended()
             if state.exception is None and exc is not None:
                 state.exception = exc
                 if not isinstance(exc, HTTPException):

@@ -289,6 +289,17 @@ class Writer:
             return self.write_now(entries)
         return self._batcher.write(entries)
 
+    def request_started(self) -> None:
+        """An audited request started; its entries will come (group mode
+        may wait a little for them, to share a commit)."""
+        if self._batcher is not None:
+            self._batcher.request_started()
+
+    def request_ended(self) -> None:
+        """The audited request that started in this context is done."""
+        if self._batcher is not None:
+            self._batcher.request_ended()
+
     def flush(self) -> None:
         """Return once every entry written before is committed or reported."""
         if self._batcher is not None:

@@ -464,3 +464,95 @@ def test_a_batch_is_stored_as_single_entries_are(
         k: v for k, v in batch.items() if k not in volatile
     }
     assert (single["data"], bare["data"]) == (fields["data"], None)
+
+
+def test_group_commit_waits_for_running_audited_requests(
+    build: t.Callable[..., Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load, a commit waits a little for the audited requests still
+    running in the process, so that their entries share it."""
+    monkeypatch.setattr("flask_sidelog.batching.GATHER_SECONDS", 30.0)
+    app, sidelog = build(SIDELOG_WRITE_MODE="group")
+    with app.app_context():
+        sidelog.create_table()
+        writer = app.extensions["sidelog"].writer
+    committer = writer._batcher
+    batches: list[list[str]] = []
+    insert = writer.insert
+    monkeypatch.setattr(
+        writer,
+        "insert",
+        lambda entries: (
+            batches.append([e["event"] for e in entries]),
+            insert(entries),
+        ),
+    )
+    slow_may_end = threading.Event()
+
+    @app.post("/slow")
+    @sidelog.audit("slow")
+    def slow() -> str:
+        slow_may_end.wait(30)
+        return "ok"
+
+    @app.post("/quick")
+    @sidelog.audit("quick")
+    def quick() -> str:
+        return "ok"
+
+    def call(i: int) -> None:
+        if i == 0:
+            assert app.test_client().post("/slow").status_code == 200
+            return
+        wait_until(lambda: committer._running == 1)
+        assert app.test_client().post("/quick").status_code == 200
+
+    def release_slow_once_quick_waits(i: int) -> None:
+        wait_until(lambda: len(committer._waiting) == 1)
+        slow_may_end.set()
+
+    threads = [
+        threading.Thread(target=call, args=(0,)),
+        threading.Thread(target=call, args=(1,)),
+        threading.Thread(target=release_slow_once_quick_waits, args=(2,)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert batches == [["quick", "slow"]]
+    assert committer._running == 0 and not committer._waiting
+
+
+def test_group_commit_alone_does_not_wait(
+    build: t.Callable[..., Built],
+    database_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request alone, logging from its view too, never waits for itself."""
+    monkeypatch.setattr("flask_sidelog.batching.GATHER_SECONDS", 30.0)
+    app, sidelog = build(SIDELOG_WRITE_MODE="group")
+
+    @app.post("/")
+    @sidelog.audit("audited")
+    def view() -> str:
+        sidelog.log("inside")
+        return "ok"
+
+    statuses: list[int] = []
+    caller = threading.Thread(
+        target=lambda: statuses.append(app.test_client().post("/").status_code)
+    )
+    caller.start()
+    caller.join(timeout=15)  # far below the 30 s a wait for itself would take
+    assert not caller.is_alive()
+    assert statuses == [200]
+    assert stored_events(app, database_uri) == ["inside", "audited"]
+
+
+def wait_until(ready: t.Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not ready():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.005)
