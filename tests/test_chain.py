@@ -486,6 +486,24 @@ def test_bad_options_say_what_is_accepted(
     assert "there is no entry at seq 8 to start after" in out
 
 
+def test_chain_is_on_by_default(tmp_path: t.Any) -> None:
+    app, _, sidelog = make_app("sqlite://", str(tmp_path / "i"))
+    try:
+        assert app.config["SIDELOG_CHAIN"] is True
+        (entry,) = fill(app, sidelog, 1)
+        assert entry["seq"] == 1
+        assert [(r["seq"], r["hash"]) for r in rows(app, sidelog)] == [
+            (1, entry["hash"])
+        ]
+        assert verify(app.test_cli_runner()) == (
+            0,
+            f"OK: 1 entries, head {entry['hash']}\n"
+            f"To check this head later: --expect-head 1:{entry['hash']}\n",
+        )
+    finally:
+        dispose(app)
+
+
 def test_chain_off_writes_no_chain_and_verify_says_so(
     tmp_path: t.Any, request: pytest.FixtureRequest
 ) -> None:
@@ -494,6 +512,7 @@ def test_chain_off_writes_no_chain_and_verify_says_so(
     try:
         entries = fill(app, sidelog, 2)
         assert "seq" not in entries[0]
+        assert [(r["seq"], r["hash"]) for r in rows(app, sidelog)] == [(None, None)] * 2
         code, out = verify(app.test_cli_runner())
         assert code == 1
         assert out.startswith(
