@@ -15,7 +15,9 @@ Both hand batches to :meth:`Writer.insert <flask_sidelog.writer.Writer.insert>`
 Threads and locks do not survive ``fork()`` (gunicorn ``--preload``): the child
 gets a lock some other thread may hold, and no thread. Every committer resets
 itself in the child, and buffered entries queued before the fork are left to
-the parent that owns them.
+the parent that owns them. On SQLite the fork waits until no thread uses the
+log, whose file locks the child would inherit held (:meth:`Writer.before_fork
+<flask_sidelog.writer.Writer.before_fork>`).
 """
 
 from __future__ import annotations
@@ -321,6 +323,16 @@ def make_batcher(
     return None
 
 
+def _hold_before_fork() -> None:
+    for writer in list(_live):
+        writer.before_fork()
+
+
+def _release_in_parent() -> None:
+    for writer in list(_live):
+        writer.after_fork_in_parent()
+
+
 def _reset_in_child() -> None:
     for writer in list(_live):
         writer.after_fork()
@@ -335,5 +347,9 @@ def _close_all() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_in_child)
+    os.register_at_fork(
+        before=_hold_before_fork,
+        after_in_parent=_release_in_parent,
+        after_in_child=_reset_in_child,
+    )
 atexit.register(_close_all)

@@ -167,13 +167,37 @@ def lock_and_read_head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
         return head(conn, table)
     dbapi = t.cast(t.Any, conn.connection.dbapi_connection)
     lock_sql, head_sql = _pipeline_sql(conn.dialect, table)
-    with dbapi.pipeline():
-        dbapi.execute(lock_sql)
-        found = dbapi.execute(head_sql)
-    row = found.fetchone()
+    try:
+        with dbapi.pipeline():
+            dbapi.execute(lock_sql)
+            found = dbapi.execute(head_sql)
+        row = found.fetchone()
+    except conn.dialect.loaded_dbapi.Error as error:
+        raise _as_sqlalchemy_error(conn, error, f"{lock_sql}; {head_sql}") from error
     if row is None:
         return head(conn, table)  # new or fully pruned: the checkpoint's
     return int(row[0]), str(row[1])
+
+
+def _as_sqlalchemy_error(
+    conn: sa.Connection, error: Exception, statement: str
+) -> Exception:
+    """The driver's ``error``, raised past SQLAlchemy, as SQLAlchemy raises
+    the errors of the statements it runs: a :class:`~sqlalchemy.exc.DBAPIError`,
+    with the connection invalidated if the server dropped it, so that callers
+    catch one kind of error and the writer retries on a new connection."""
+    dbapi = conn.connection.dbapi_connection
+    lost = conn.dialect.is_disconnect(t.cast(t.Any, error), dbapi, None)
+    if lost:
+        conn.invalidate(error)
+    return sa.exc.DBAPIError.instance(
+        statement,
+        None,
+        error,
+        conn.dialect.loaded_dbapi.Error,
+        connection_invalidated=lost,
+        dialect=conn.dialect,
+    )
 
 
 @functools.cache

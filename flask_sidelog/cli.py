@@ -415,7 +415,9 @@ def export_command(fmt: str, output: str, **filters: t.Any) -> None:
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @with_log_database()
 def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
-    """Delete entries older than --before, in small batches."""
+    """Delete entries older than --before, in small batches. With the hash
+    chain on, deletion stops at the first entry to keep: an older entry
+    chained after it (a replayed one) waits for a later prune."""
     sidelog = _extension()
     when = f"{before:%Y-%m-%dT%H:%M:%SZ}"
     count = sidelog.prune(before, dry_run=True)

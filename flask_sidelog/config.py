@@ -66,9 +66,7 @@ class Settings:
         c.setdefault("SIDELOG_SPOOL_PATH", None)
         c.setdefault("SIDELOG_REQUEST_ID_HEADER", None)
         c.setdefault("SIDELOG_REQUEST_ID_RESPONSE_HEADER", None)
-        # Off until its cost in the group and buffered modes is measured at
-        # most 10% (docs/tamper-evidence.rst, "Cost").
-        c.setdefault("SIDELOG_CHAIN", False)
+        c.setdefault("SIDELOG_CHAIN", True)
         c.setdefault("SIDELOG_CHAIN_KEY", None)
         c.setdefault("SIDELOG_WRITE_MODE", "group")
         c.setdefault("SIDELOG_BATCH_SIZE", 100)

@@ -690,21 +690,30 @@ class SideLog:
         time, each batch in a transaction of its own so that no lock is held
         for long and writers go on meanwhile.
 
+        With :data:`~flask_sidelog.config.SIDELOG_CHAIN` on, the chain loses
+        its oldest entries, and stops at the first one created at ``before``
+        or later: an older entry chained after it (a replayed one) stays
+        until a later prune. Each batch records a checkpoint, so
+        :meth:`verify` still proves the rest. Entries outside the chain
+        (written while it was off) go by age alone.
+
         :param dry_run: only count them.
         :return: how many entries were (or, with ``dry_run``, would be) deleted.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be 1 or more, got {batch_size}.")
         writer = _ready_writer()
-        if writer.chain is not None:
-            return self._prune_chain(writer, before, dry_run, batch_size)
         table = writer.table
         (older,) = entry_filters(table, until=before)
+        deleted = 0
+        if writer.chain is not None:
+            deleted = self._prune_chain(writer, before, dry_run, batch_size)
+            # Entries written while the chain was off are no part of it.
+            older = sa.and_(older, table.c.seq.is_(None))
         if dry_run:
             count = sa.select(sa.func.count()).select_from(table).where(older)
             with writer.lock, writer.engine.connect() as conn:
-                return int(conn.scalar(count) or 0)
-        deleted = 0
+                return deleted + int(conn.scalar(count) or 0)
         batch = sa.select(table.c.id).where(older).order_by(table.c.id)
         while True:
             with writer.lock, writer.engine.begin() as conn:

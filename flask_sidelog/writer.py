@@ -71,15 +71,22 @@ class TimedLock:
         self.timeout = timeout
         self._lock = threading.RLock()
 
+    def acquire(self) -> bool:
+        """Take the lock if it comes free within the timeout; say whether."""
+        return self._lock.acquire(timeout=self.timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
     def __enter__(self) -> None:
-        if not self._lock.acquire(timeout=self.timeout):
+        if not self.acquire():
             raise TimeoutError(
                 f"Waited {self.timeout} s for another flask-sidelog writer of this"
                 " process; raise SIDELOG_WRITE_TIMEOUT or keep log_session() short."
             )
 
     def __exit__(self, *exc_info: object) -> None:
-        self._lock.release()
+        self.release()
 
 
 class Writer:
@@ -137,6 +144,7 @@ class Writer:
             self._copy_sql = f"COPY {preparer.format_table(table)} ({names}) FROM STDIN"
         self._table_lock = threading.Lock()
         self.lock = self._new_lock()
+        self._held_for_fork: TimedLock | None = None
         self._batcher = batching.make_batcher(self, mode, batch_size, flush_interval)
 
     def _new_lock(self) -> t.ContextManager[t.Any]:
@@ -147,10 +155,26 @@ class Writer:
             return TimedLock(self._timeout)
         return contextlib.nullcontext()
 
+    def before_fork(self) -> None:
+        """Before ``fork()``: wait, up to the write timeout, until no thread of
+        this process uses the SQLite log. SQLite records the locks of a
+        process's connections in the process's memory; a child forked while
+        one was held would inherit it, held by a connection it never uses,
+        and could never write the file."""
+        if isinstance(self.lock, TimedLock) and self.lock.acquire():
+            self._held_for_fork = self.lock
+
+    def after_fork_in_parent(self) -> None:
+        """After ``fork()``, in the parent: let its writers go on."""
+        if self._held_for_fork is not None:
+            self._held_for_fork.release()
+            self._held_for_fork = None
+
     def after_fork(self) -> None:
         """In a forked child: drop the locks and pooled connections inherited
         from the parent (the parent keeps using them) and start the write
         mode afresh."""
+        self._held_for_fork = None
         self.lock = self._new_lock()
         self._table_lock = threading.Lock()
         self.engine.dispose(close=False)

@@ -20,6 +20,8 @@ from flask import Flask
 from flask.testing import FlaskCliRunner
 from flask_sqlalchemy import SQLAlchemy
 
+from _entries import add_entries
+from _entries import ago
 from conftest import dispose
 from conftest import make_app
 from conftest import new_database_uri
@@ -484,6 +486,24 @@ def test_bad_options_say_what_is_accepted(
     assert "there is no entry at seq 8 to start after" in out
 
 
+def test_chain_is_on_by_default(tmp_path: t.Any) -> None:
+    app, _, sidelog = make_app("sqlite://", str(tmp_path / "i"))
+    try:
+        assert app.config["SIDELOG_CHAIN"] is True
+        (entry,) = fill(app, sidelog, 1)
+        assert entry["seq"] == 1
+        assert [(r["seq"], r["hash"]) for r in rows(app, sidelog)] == [
+            (1, entry["hash"])
+        ]
+        assert verify(app.test_cli_runner()) == (
+            0,
+            f"OK: 1 entries, head {entry['hash']}\n"
+            f"To check this head later: --expect-head 1:{entry['hash']}\n",
+        )
+    finally:
+        dispose(app)
+
+
 def test_chain_off_writes_no_chain_and_verify_says_so(
     tmp_path: t.Any, request: pytest.FixtureRequest
 ) -> None:
@@ -492,6 +512,7 @@ def test_chain_off_writes_no_chain_and_verify_says_so(
     try:
         entries = fill(app, sidelog, 2)
         assert "seq" not in entries[0]
+        assert [(r["seq"], r["hash"]) for r in rows(app, sidelog)] == [(None, None)] * 2
         code, out = verify(app.test_cli_runner())
         assert code == 1
         assert out.startswith(
@@ -721,5 +742,40 @@ def test_replayed_entries_join_the_chain(
             "Moved 0 entries"
         )
         assert verify(runner)[0] == 0
+    finally:
+        dispose(app)
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_prune_deletes_old_entries_outside_the_chain(
+    backend: str, database_uri: str, tmp_path: t.Any
+) -> None:
+    """Entries written while the chain was off have no place in it; a prune
+    of the chained log deletes them by age, and verify passes without them."""
+    unchained, _, _ = make_app(
+        database_uri, str(tmp_path / "instance"), {"SIDELOG_CHAIN": False}
+    )
+    try:
+        add_entries(
+            unchained, *[dict(event="before.chain", created_at=ago(days=40))] * 2
+        )
+    finally:
+        dispose(unchained)
+    app, _, sidelog = make_app(database_uri, str(tmp_path / "instance"), CHAINED)
+    runner = app.test_cli_runner()
+    try:
+        add_entries(
+            app,
+            dict(event="old", created_at=ago(days=35)),
+            dict(event="new", created_at=ago(days=1)),
+        )
+        assert "2 entries have no chain position" in verify(runner)[1]
+        with app.app_context():
+            assert sidelog.prune(ago(days=30), dry_run=True) == 3
+            assert sidelog.prune(ago(days=30), batch_size=1) == 3
+            assert [e["event"] for e in sidelog.entries()] == ["new"]
+        code, out = verify(runner)
+        assert code == 0, out
+        assert out.splitlines()[0].startswith("Checkpoint: entries up to seq 1 pruned")
     finally:
         dispose(app)

@@ -188,11 +188,36 @@ def test_prune(app: Flask, runner: FlaskCliRunner) -> None:
     assert "Deleted 3 entries created before " in result.output
     assert count(app) == 2
 
+    # The chain loses its oldest entries only: an old entry chained after
+    # newer ones (a replayed one) stays until they go.
     add_entries(app, dict(event="old", created_at=ago(days=31)))
     result = runner.invoke(args=[*args, "--yes"])
-    assert result.output.startswith("Deleted 1 entries")
-    assert runner.invoke(args=args).output.startswith("0 entries created before")
-    assert count(app) == 2
+    assert result.output.startswith("0 entries created before")
+    assert count(app) == 3
+    result = runner.invoke(args=["sidelog", "prune", "--before", "12h", "--yes"])
+    assert result.output.startswith("Deleted 3 entries")
+    assert count(app) == 0
+    assert runner.invoke(args=["sidelog", "verify"]).exit_code == 0
+
+
+def test_prune_without_the_chain_goes_by_age_alone(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    app, _, _ = make_app(
+        database_uri, str(tmp_path / "instance"), {"SIDELOG_CHAIN": False}
+    )
+    try:
+        add_entries(
+            app,
+            dict(event="new", created_at=ago(days=1)),
+            dict(event="old", created_at=ago(days=31)),
+        )
+        args = ["sidelog", "prune", "--before", "30d", "--yes"]
+        result = app.test_cli_runner().invoke(args=args)
+        assert result.output.startswith("Deleted 1 entries")
+        assert count(app) == 1
+    finally:
+        dispose(app)
 
 
 def test_prune_deletes_in_batches(app: Flask, sidelog: SideLog) -> None:

@@ -174,19 +174,21 @@ def test_raise_mode(
         db.session.commit()
         return "done"
 
-    with pytest.raises(SideLogWriteError) as info:
-        app.test_client().post("/delete")
-    assert [e["event"] for e in info.value.entries] == ["account.delete.intent"]
-    assert isinstance(info.value.__cause__, sa.exc.DBAPIError)
-    with app.app_context():
-        assert db.session.scalar(sa.select(sa.func.count(Account.id))) == 0
-        with pytest.raises(SideLogWriteError):
-            sidelog.log("outside.a.request")
+    try:
+        with pytest.raises(SideLogWriteError) as info:
+            app.test_client().post("/delete")
+        assert [e["event"] for e in info.value.entries] == ["account.delete.intent"]
+        assert isinstance(info.value.__cause__, sa.exc.DBAPIError)
+        with app.app_context():
+            assert db.session.scalar(sa.select(sa.func.count(Account.id))) == 0
+            with pytest.raises(SideLogWriteError):
+                sidelog.log("outside.a.request")
+    finally:
+        dispose(app)
     (audit,) = spooled(app)
     assert audit["event"] == "account.delete"
     assert (audit["outcome"], audit["status_code"]) == ("error", 500)
     assert audit["error"].startswith("flask_sidelog.writer.SideLogWriteError: ")
-    dispose(app)
 
 
 @pytest.fixture

@@ -343,9 +343,15 @@ def _fork(child: t.Callable[[], None]) -> int:
 def test_fork_while_the_parent_is_writing(
     build: t.Callable[..., Built], database_uri: str, mode: str
 ) -> None:
-    """The parent forks while a thread of its own is inside a commit, holding
-    the write mode's locks (and, on SQLite, the writer's lock). The child
-    writes and flushes its own entries, the parent's are written once."""
+    """The parent forks while a thread of its own is inside a commit, its
+    INSERT done, holding the write mode's locks (and, on SQLite, the writer's
+    lock). The child writes and flushes its own entries, the parent's are
+    written once.
+
+    The commit ends half a second later, as commits do. The database locks
+    it holds (PostgreSQL's chain lock, SQLite's write lock) the child waits
+    for as any other process would; on SQLite the fork itself waits, since
+    the child would inherit the parent's hold on the file."""
     app, sidelog = build(SIDELOG_WRITE_MODE=mode, SIDELOG_FLUSH_INTERVAL=1)
     with app.app_context():
         sidelog.create_table()
@@ -358,7 +364,7 @@ def test_fork_while_the_parent_is_writing(
             release.wait(30)
 
     parent = os.getpid()
-    sa.event.listen(log_engine(app), "before_execute", stall)
+    sa.event.listen(log_engine(app), "after_execute", stall)
 
     def parent_writes() -> None:
         with app.app_context():
@@ -374,8 +380,8 @@ def test_fork_while_the_parent_is_writing(
                 sidelog.log("child")
             sidelog.flush()
 
+    threading.Timer(0.5, release.set).start()
     status = _fork(child)
-    release.set()
     writer_thread.join(30)
     with app.app_context():
         sidelog.flush()
