@@ -102,22 +102,31 @@ class GroupCommitter:
         _running_here.set(True)
 
     def request_ended(self) -> None:
-        """The request's entries are about to be written (or never will be)."""
-        if not _running_here.get():
-            return
-        _running_here.set(False)
-        with self._mutex:
-            self._running = max(0, self._running - 1)
-            self._joined.notify()
+        """The audited request of this context is done (a no-op if its
+        entries already said so)."""
+        if _running_here.get():
+            with self._mutex:
+                self._stop_counting()
+                self._joined.notify()
 
-    def write(self, entries: Entries) -> bool:
+    def _stop_counting(self) -> None:
+        _running_here.set(False)
+        self._running = max(0, self._running - 1)
+
+    def write(self, entries: Entries, ends_request: bool = False) -> bool:
         """Commit ``entries``, with whatever other callers wait, and report.
 
         Success and failure are reported in the caller's own thread, so an
         error raised by the failure path reaches the caller.
+
+        :param ends_request: these are the last entries of an audited request;
+            it stops counting as running as they join the queue, not before,
+            so that a waiting commit takes them.
         """
         me = _Waiter(entries)
         with self._mutex:
+            if ends_request and _running_here.get():
+                self._stop_counting()
             self._waiting.append(me)
             me.lead = not self._leading
             self._leading = True
@@ -214,7 +223,7 @@ class BufferedQueue:
         self._done = 0
         self._urgent = 0
 
-    def write(self, entries: Entries) -> bool:
+    def write(self, entries: Entries, ends_request: bool = False) -> bool:
         """Queue ``entries``; write them inline if the queue stays full."""
         deadline: float | None = None
         with self._cond:

@@ -32,6 +32,7 @@ from .engine import is_sqlite_memory
 from .engine import resolve_url
 from .engine import sqlite_path
 from .entry import check_event
+from .entry import clean_text
 from .entry import make_entry
 from .model import make_entries_table
 from .query import as_utc
@@ -589,7 +590,7 @@ class SideLog:
                 # A time-ordered scan for a glob reads every entry in range
                 # when the names it matches are rare; each name's own index
                 # finds its newest entries at once.
-                matches = glob_matcher(event)
+                matches = glob_matcher(clean_text(event))
                 names = [n for n in event_names(conn, table) if matches(n)]
                 if len(names) <= GLOB_NAMES_MAX:
                     queries = [
@@ -806,38 +807,50 @@ class SideLog:
         state = context.pop_state()
         if state is None:
             return
-        entries = state.deferred
-        if state.audit_event is not None:
-            app_state.writer.request_ended()
-            if state.exception is None and exc is not None:
-                state.exception = exc
-                if not isinstance(exc, HTTPException):
-                    # Raised past our after_request (by a later one, with
-                    # TESTING): the client got no response of that status.
-                    state.status_code = None
-            outcome, status, error = state.outcome()
-            entries.append(
-                make_entry(
-                    state.audit_event,
-                    level=_LEVEL_OF_OUTCOME[outcome],
-                    data=state.annotations or None,
-                    redact_keys=app_state.settings.redact_keys,
-                    actor=state.actor,
-                    outcome=outcome,
-                    status_code=status,
-                    main_tx=state.main_tx,
-                    request_id=state.request_id,
-                    duration_ms=round((time.perf_counter() - state.started) * 1000, 3),
-                    error=error,
-                    **state.request_fields,
-                )
-            )
-        if entries:
-            app_state.writer.write(entries)
+        audited = state.audit_event is not None
+        try:
+            entries = state.deferred
+            if audited:
+                entries.append(self._audit_entry(app_state, state, exc))
+            if entries:
+                app_state.writer.write(entries, ends_request=audited)
+        finally:
+            if audited:
+                # A no-op once its entry ended the request; here if it failed.
+                app_state.writer.request_ended()
         if not state.in_request and click.get_current_context(silent=True):
             # A CLI command's entries are committed before it exits; requests
             # do not wait for buffered entries.
             app_state.writer.flush()
+
+    def _audit_entry(
+        self,
+        app_state: _AppState,
+        state: context.ContextState,
+        exc: BaseException | None,
+    ) -> dict[str, t.Any]:
+        """The ``@audit`` entry of the request that ends."""
+        if state.exception is None and exc is not None:
+            state.exception = exc
+            if not isinstance(exc, HTTPException):
+                # Raised past our after_request (by a later one, with
+                # TESTING): the client got no response of that status.
+                state.status_code = None
+        outcome, status, error = state.outcome()
+        return make_entry(
+            t.cast(str, state.audit_event),
+            level=_LEVEL_OF_OUTCOME[outcome],
+            data=state.annotations or None,
+            redact_keys=app_state.settings.redact_keys,
+            actor=state.actor,
+            outcome=outcome,
+            status_code=status,
+            main_tx=state.main_tx,
+            request_id=state.request_id,
+            duration_ms=round((time.perf_counter() - state.started) * 1000, 3),
+            error=error,
+            **state.request_fields,
+        )
 
 
 def _main_holds_sqlite_lock(app_state: _AppState) -> bool:

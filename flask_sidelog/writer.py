@@ -302,16 +302,20 @@ class Writer:
                     raise
             self._create_table = False
 
-    def write(self, entries: list[dict[str, t.Any]]) -> bool:
+    def write(
+        self, entries: list[dict[str, t.Any]], ends_request: bool = False
+    ) -> bool:
         """Commit ``entries`` as the write mode says; report the result.
 
+        :param ends_request: the last entries of the audited request that
+            started in this context (see :meth:`request_started`).
         :return: whether the entries were committed; ``True`` for buffered
             entries, which are committed (or reported failed) later.
         :raise SideLogWriteError: in "raise" mode (see :meth:`failed`).
         """
         if self._batcher is None:
             return self.write_now(entries)
-        return self._batcher.write(entries)
+        return self._batcher.write(entries, ends_request)
 
     def request_started(self) -> None:
         """An audited request started; its entries will come (group mode

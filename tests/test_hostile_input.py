@@ -290,6 +290,7 @@ utc_offsets = st.builds(
 @HYPOTHESIS
 @example(text="a\x00b", limit=2**63, since=datetime(1, 1, 1, tzinfo=EAST))
 @example(text="\ud800", limit=1, since=datetime(9999, 12, 31, 23, tzinfo=WEST))
+@example(text="*\x00", limit=1, since=None)  # a glob with what clean_text escapes
 @given(
     text=any_text,
     limit=st.integers(min_value=0, max_value=2**70),

@@ -465,7 +465,7 @@ def test_a_batch_is_stored_as_single_entries_are(
         writer.insert([make_entry("single", **fields)])
         writer.insert([make_entry("batch", **fields), make_entry("batch")])
         single, batch, bare = sidelog.entries()
-    volatile = ("id", "uuid", "created_at", "event")
+    volatile = ("id", "uuid", "created_at", "event", "seq", "hash")
     assert {k: v for k, v in single.items() if k not in volatile} == {
         k: v for k, v in batch.items() if k not in volatile
     }
@@ -562,3 +562,23 @@ def wait_until(ready: t.Callable[[], bool]) -> None:
     while not ready():
         assert time.monotonic() < deadline, "gave up waiting"
         time.sleep(0.005)
+
+
+def test_group_request_that_fails_to_make_its_entry_stops_counting(
+    build: t.Callable[..., Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Otherwise every later commit of the process would wait for it."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="group")
+
+    @app.post("/")
+    @sidelog.audit("audited")
+    def view() -> str:
+        return "ok"
+
+    def broken(*args: t.Any, **kwargs: t.Any) -> t.NoReturn:
+        raise RuntimeError("no entry")
+
+    monkeypatch.setattr("flask_sidelog.extension.make_entry", broken)
+    assert app.test_client().post("/").status_code == 200
+    committer = app.extensions["sidelog"].writer._batcher
+    assert committer._running == 0
