@@ -135,20 +135,22 @@ class Writer:
         # the same) and handed to the driver at once. PostgreSQL (psycopg 3)
         # takes them through COPY, a third of the CPU of a multi-row INSERT,
         # for both client and server; SQLite through executemany.
-        self._columns = [
-            (c.name, c.type.dialect_impl(dialect).bind_processor(dialect))
-            for c in table.columns
-            if c.name != "id"
+        columns = [c for c in table.columns if c.name != "id"]
+        self._names = [c.name for c in columns]
+        self._converters = [
+            (i, convert)
+            for i, c in enumerate(columns)
+            if (convert := c.type.dialect_impl(dialect).bind_processor(dialect))
         ]
         preparer = dialect.identifier_preparer
-        names = ", ".join(preparer.quote(name) for name, _ in self._columns)
+        names = ", ".join(preparer.quote(name) for name in self._names)
         target = f"{preparer.format_table(table)} ({names})"
         self._copy_sql: str | None = None
         self._many_sql: str | None = None
         if dialect.name == "postgresql" and dialect.driver == "psycopg":
             self._copy_sql = f"COPY {target} FROM STDIN"
         elif dialect.paramstyle == "qmark":
-            marks = ", ".join("?" * len(self._columns))
+            marks = ", ".join("?" * len(self._names))
             self._many_sql = f"INSERT INTO {target} VALUES ({marks})"
         self._table_lock = threading.Lock()
         self.lock = self._new_lock()
@@ -224,13 +226,13 @@ class Writer:
     def _values(self, rows: list[dict[str, t.Any]]) -> list[tuple[t.Any, ...]]:
         """``rows`` as the driver takes them, converted as ``conn.execute``
         would convert them."""
-        return [
-            tuple(
-                convert(row.get(name)) if convert else row.get(name)
-                for name, convert in self._columns
-            )
-            for row in rows
-        ]
+        values = []
+        for row in rows:
+            value = list(map(row.get, self._names))
+            for i, convert in self._converters:
+                value[i] = convert(value[i])
+            values.append(tuple(value))
+        return values
 
     def _copy(self, conn: sa.Connection, rows: list[dict[str, t.Any]]) -> None:
         """Insert ``rows`` with COPY, raising its errors as ``conn.execute``

@@ -19,6 +19,9 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskCliRunner
 from flask_sqlalchemy import SQLAlchemy
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from _entries import add_entries
 from _entries import ago
@@ -779,3 +782,48 @@ def test_prune_deletes_old_entries_outside_the_chain(
         assert out.splitlines()[0].startswith("Checkpoint: entries up to seq 1 pruned")
     finally:
         dispose(app)
+
+
+_text_or_none = st.none() | st.text()
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.lists(_text_or_none, min_size=13, max_size=13),
+    status=st.none() | st.integers(100, 599),
+    duration=st.none() | st.floats(0, 1e9, allow_nan=False),
+    data=st.none() | st.dictionaries(st.text(max_size=5), _json, max_size=4),
+    at=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)).map(
+        lambda d: d.replace(tzinfo=timezone.utc)
+    ),
+)
+def test_link_hashes_the_documented_record(
+    text: list[str | None],
+    status: int | None,
+    duration: float | None,
+    data: dict[str, t.Any] | None,
+    at: datetime,
+) -> None:
+    """The writer's quick serialisation is exactly :func:`chain.record`."""
+    names = [
+        n
+        for n in chain.HASHED_FIELDS
+        if n not in ("created_at", "status_code", "duration_ms", "data")
+    ]
+    entry: dict[str, t.Any] = dict(zip(names, text, strict=True))
+    entry.update(created_at=at, status_code=status, duration_ms=duration, data=data)
+    values = [entry[name] for name in chain.HASHED_FIELDS]
+    expected = chain.record(values, 7, "p")
+    assert f'[1,7,"p",{chain._stored_tail(entry)[1:]}'.encode("ascii") == expected
