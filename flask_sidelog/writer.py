@@ -365,6 +365,8 @@ class Writer:
 
     def written(self, entries: list[dict[str, t.Any]]) -> None:
         """Report ``entries`` that were committed."""
+        if not entry_written.receivers:  # most apps connect none: skip the loop
+            return
         for entry in entries:
             self._send(entry_written, entry=entry)
 
