@@ -43,6 +43,8 @@ from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 
 _built_variant: str | None = None
+#: The main database's pool size: run.py's gunicorn threads per worker.
+MAIN_POOL_SIZE = 8
 
 
 class _ItemColumns:
@@ -73,6 +75,13 @@ def base_app(db_url: str) -> tuple[Flask, SQLAlchemy]:
     """Return a Flask app bound to ``db_url`` and its Flask-SQLAlchemy object."""
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = db_url
+    # As many pooled connections as a gunicorn worker has threads, as is
+    # advised for gthread workers. With Flask-SQLAlchemy's default of 5, the
+    # 8 threads open and close overflow connections whenever more than 5
+    # requests reach the database at once, which taxes every variant that
+    # lets requests bunch up (measured: group commit 0.75x with 5, 0.82x
+    # with 8, the baseline alike).
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_size": MAIN_POOL_SIZE}
     return app, SQLAlchemy(app)
 
 
