@@ -25,6 +25,9 @@ from datetime import timezone
 
 import sqlalchemy as sa
 
+from .engine import driver_error
+from .entry import canonical_json
+from .entry import encode_canonical as _encode
 from .entry import utcnow
 from .query import as_utc
 
@@ -71,21 +74,8 @@ def timestamp(value: datetime) -> str:
     return value.isoformat(timespec="microseconds") + "Z"
 
 
-_encode = json.JSONEncoder(
-    ensure_ascii=True, separators=(",", ":"), sort_keys=True
-).encode
 # The escaping _encode applies to a str, without building an encoder per call.
 _encode_str = json.encoder.encode_basestring_ascii
-
-
-def canonical_json(value: t.Any) -> str:
-    """JSON with sorted keys, no whitespace and only ASCII: how the log
-    engine stores ``data``, so that :func:`verify` can hash the stored text
-    as it is."""
-    try:
-        return _encode(value)
-    except TypeError:  # keys of mixed types sort only once they are JSON's str
-        return _encode(json.loads(json.dumps(value)))
 
 
 def record(values: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
@@ -191,31 +181,10 @@ def lock_and_read_head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
             found = dbapi.execute(head_sql)
         row = found.fetchone()
     except conn.dialect.loaded_dbapi.Error as error:
-        raise _as_sqlalchemy_error(conn, error, f"{lock_sql}; {head_sql}") from error
+        raise driver_error(conn, error, f"{lock_sql}; {head_sql}") from error
     if row is None:
         return head(conn, table)  # new or fully pruned: the checkpoint's
     return int(row[0]), str(row[1])
-
-
-def _as_sqlalchemy_error(
-    conn: sa.Connection, error: Exception, statement: str
-) -> Exception:
-    """The driver's ``error``, raised past SQLAlchemy, as SQLAlchemy raises
-    the errors of the statements it runs: a :class:`~sqlalchemy.exc.DBAPIError`,
-    with the connection invalidated if the server dropped it, so that callers
-    catch one kind of error and the writer retries on a new connection."""
-    dbapi = conn.connection.dbapi_connection
-    lost = conn.dialect.is_disconnect(t.cast(t.Any, error), dbapi, None)
-    if lost:
-        conn.invalidate(error)
-    return sa.exc.DBAPIError.instance(
-        statement,
-        None,
-        error,
-        conn.dialect.loaded_dbapi.Error,
-        connection_invalidated=lost,
-        dialect=conn.dialect,
-    )
 
 
 @functools.cache

@@ -15,7 +15,7 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from .chain import canonical_json
+from .entry import canonical_json
 
 
 def is_sqlite(url: sa.URL) -> bool:
@@ -122,6 +122,28 @@ def _ping_idle_connections(engine: sa.Engine) -> None:
                 # The pool replaces the connection and checks out again.
                 raise sa.exc.DisconnectionError() from error
             raise
+
+
+def driver_error(
+    conn: sa.Connection, error: Exception, statement: str
+) -> sa.exc.StatementError:
+    """The driver's ``error``, raised by a call made past SQLAlchemy (COPY, a
+    pipeline), as SQLAlchemy raises the errors of the statements it runs: a
+    :class:`~sqlalchemy.exc.DBAPIError`, with the connection invalidated if
+    the server dropped it, so that callers catch one kind of error and the
+    writer retries on a new connection."""
+    dbapi = conn.connection.dbapi_connection
+    lost = conn.dialect.is_disconnect(t.cast(t.Any, error), dbapi, None)
+    if lost:
+        conn.invalidate(error)
+    return sa.exc.DBAPIError.instance(
+        statement,
+        None,
+        error,
+        conn.dialect.loaded_dbapi.Error,
+        connection_invalidated=lost,
+        dialect=conn.dialect,
+    )
 
 
 def safe_url(url: sa.URL) -> str:

@@ -37,6 +37,22 @@ MAIN_TX = ("committed", "rolled_back", "none")
 _INT_RANGE = 2**63
 
 
+#: JSON with sorted keys, no whitespace and only ASCII, in one call.
+encode_canonical = json.JSONEncoder(
+    ensure_ascii=True, separators=(",", ":"), sort_keys=True
+).encode
+
+
+def canonical_json(value: t.Any) -> str:
+    """JSON with sorted keys, no whitespace and only ASCII: how the log
+    engine stores ``data``, so that :func:`~flask_sidelog.chain.verify` can
+    hash the stored text as it is."""
+    try:
+        return encode_canonical(value)
+    except TypeError:  # keys of mixed types sort only once they are JSON's str
+        return encode_canonical(json.loads(json.dumps(value)))
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 
 from . import batching
+from .engine import driver_error
 from .engine import is_sqlite
 from .signals import entry_failed
 from .signals import entry_written
@@ -240,23 +241,13 @@ class Writer:
         on a new one."""
         assert self._copy_sql is not None
         values = self._values(rows)
-        dbapi = conn.connection.dbapi_connection
         cursor = conn.connection.cursor()
         try:
             with cursor.copy(self._copy_sql) as copy:
                 for value in values:
                     copy.write_row(value)
         except conn.dialect.loaded_dbapi.Error as error:
-            lost = conn.dialect.is_disconnect(error, dbapi, cursor)
-            if lost:
-                conn.invalidate(error)
-            raise sa.exc.DBAPIError.instance(
-                self._copy_sql,
-                None,
-                error,
-                conn.dialect.loaded_dbapi.Error,
-                connection_invalidated=lost,
-            ) from error
+            raise driver_error(conn, error, self._copy_sql) from error
         finally:
             cursor.close()
 
