@@ -168,34 +168,31 @@ def lock_head(conn: sa.Connection, table: sa.Table) -> None:
 
 def lock_and_read_head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
     """:func:`lock_head`, then :func:`head`. With psycopg both statements go
-    in one pipeline, one round trip: the lock is held until commit, and every
-    round trip made while holding it is a wait for every other writer."""
-    if conn.dialect.driver != "psycopg" or not _pipeline_supported():
+    in one query string, one round trip: the lock is held until commit, and
+    every round trip made while holding it is a wait for every other writer.
+    (Each statement of the string takes its own snapshot, so the head is read
+    after the lock is granted, as when they are sent one by one.)"""
+    if conn.dialect.driver != "psycopg":
         lock_head(conn, table)
         return head(conn, table)
-    dbapi = t.cast(t.Any, conn.connection.dbapi_connection)
-    lock_sql, head_sql = _pipeline_sql(conn.dialect, table)
+    lock_sql, head_sql = _lock_and_head_sql(conn.dialect, table)
+    both = f"{lock_sql}; {head_sql}"
+    cursor = conn.connection.cursor()
     try:
-        with dbapi.pipeline():
-            dbapi.execute(lock_sql)
-            found = dbapi.execute(head_sql)
-        row = found.fetchone()
+        cursor.execute(both)
+        cursor.nextset()
+        row = cursor.fetchone()
     except conn.dialect.loaded_dbapi.Error as error:
-        raise driver_error(conn, error, f"{lock_sql}; {head_sql}") from error
+        raise driver_error(conn, error, both) from error
+    finally:
+        cursor.close()
     if row is None:
         return head(conn, table)  # new or fully pruned: the checkpoint's
     return int(row[0]), str(row[1])
 
 
-@functools.cache
-def _pipeline_supported() -> bool:
-    import psycopg
-
-    return bool(psycopg.Pipeline.is_supported())  # libpq 14 or later
-
-
 @functools.lru_cache(maxsize=64)
-def _pipeline_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str]:
+def _lock_and_head_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str]:
     """The lock and head statements as SQL text, compiled once per table."""
 
     def text(statement: sa.Select[t.Any]) -> str:

@@ -127,11 +127,11 @@ def _ping_idle_connections(engine: sa.Engine) -> None:
 def driver_error(
     conn: sa.Connection, error: Exception, statement: str
 ) -> sa.exc.StatementError:
-    """The driver's ``error``, raised by a call made past SQLAlchemy (COPY, a
-    pipeline), as SQLAlchemy raises the errors of the statements it runs: a
-    :class:`~sqlalchemy.exc.DBAPIError`, with the connection invalidated if
-    the server dropped it, so that callers catch one kind of error and the
-    writer retries on a new connection."""
+    """The driver's ``error``, raised by a call made past SQLAlchemy (COPY,
+    two statements in one string), as SQLAlchemy raises the errors of the
+    statements it runs: a :class:`~sqlalchemy.exc.DBAPIError`, with the
+    connection invalidated if the server dropped it, so that callers catch
+    one kind of error and the writer retries on a new connection."""
     dbapi = conn.connection.dbapi_connection
     lost = conn.dialect.is_disconnect(t.cast(t.Any, error), dbapi, None)
     if lost:
