@@ -200,7 +200,11 @@ def _ready_writer() -> Writer:
 
 def _default_actor() -> str | None:
     """Flask-Login's current user id, when Flask-Login is in use."""
-    if not has_request_context() or not hasattr(current_app, "login_manager"):
+    # LoginManager.init_app sets app.login_manager; looking in the app's
+    # attributes avoids raising an AttributeError on every request without it.
+    if not has_request_context() or "login_manager" not in vars(
+        current_app._get_current_object()  # type: ignore[attr-defined]
+    ):
         return None
     try:
         from flask_login import current_user
