@@ -46,11 +46,27 @@ IDLE_SECONDS = 5.0
 #: load it saves a commit per request that joins; alone, a request never waits.
 GATHER_SECONDS = 0.001
 
-#: Whether this context is an audited request that the committer counts as
-#: running: such a caller must not wait for itself.
-_running_here: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "sidelog_running_here", default=False
+#: The running-request token of this context's audited request, if a
+#: committer counts it: such a caller must not wait for itself. A weak
+#: reference, so that a context variable left set in a pooled thread keeps
+#: nothing alive.
+_running_here: contextvars.ContextVar[weakref.ref[Running] | None] = (
+    contextvars.ContextVar("sidelog_running_here", default=None)
 )
+
+
+class Running:
+    """Held by an audited request (on its context state) while it runs. A
+    committer counts the tokens still alive, so a request whose teardown
+    never ran (a teardown before it raised) stops counting when its app
+    context is dropped."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _own_token() -> Running | None:
+    ref = _running_here.get()
+    return None if ref is None else ref()
 
 
 class _Waiter:
@@ -93,25 +109,32 @@ class GroupCommitter:
         self._waiting: collections.deque[_Waiter] = collections.deque()
         self._leading = False
         #: Audited requests running in this process, whose entries will come.
-        self._running = 0
+        self._running: weakref.WeakSet[Running] = weakref.WeakSet()
 
-    def request_started(self) -> None:
-        """An audited request started: a commit may wait a little for it."""
+    def request_started(self) -> Running:
+        """An audited request started: a commit may wait a little for it.
+
+        :return: the token the request must hold while it runs.
+        """
+        token = Running()
         with self._mutex:
-            self._running += 1
-        _running_here.set(True)
+            self._running.add(token)
+        _running_here.set(weakref.ref(token))
+        return token
 
     def request_ended(self) -> None:
         """The audited request of this context is done (a no-op if its
         entries already said so)."""
-        if _running_here.get():
+        if _own_token() is not None:
             with self._mutex:
                 self._stop_counting()
                 self._joined.notify()
 
     def _stop_counting(self) -> None:
-        _running_here.set(False)
-        self._running = max(0, self._running - 1)
+        token = _own_token()
+        _running_here.set(None)
+        if token is not None:
+            self._running.discard(token)
 
     def write(self, entries: Entries, ends_request: bool = False) -> bool:
         """Commit ``entries``, with whatever other callers wait, and report.
@@ -125,7 +148,7 @@ class GroupCommitter:
         """
         me = _Waiter(entries)
         with self._mutex:
-            if ends_request and _running_here.get():
+            if ends_request:
                 self._stop_counting()
             self._waiting.append(me)
             me.lead = not self._leading
@@ -142,24 +165,26 @@ class GroupCommitter:
         return True
 
     def _commit_next_batch(self) -> None:
-        # The leader is always first in line: it arrived to an empty queue, or
-        # was first in line when the previous leader handed over.
-        with self._mutex:
-            self._gather()
-            batch = [self._waiting.popleft()]
-            size = len(batch[0].entries)
-            while (
-                self._waiting
-                and size + len(self._waiting[0].entries) <= self.batch_size
-            ):
-                batch.append(self._waiting.popleft())
-                size += len(batch[-1].entries)
         # Until the insert returns, the batch counts as failed: if this thread
-        # is interrupted (KeyboardInterrupt), the others must not report success.
+        # is interrupted (KeyboardInterrupt, also while it gathers), the others
+        # must not report success, and the next in line must take over.
         error: Exception | None = RuntimeError(
             "the thread committing this batch was interrupted"
         )
+        batch: list[_Waiter] = []
         try:
+            with self._mutex:
+                # The leader is always first in line: it arrived to an empty
+                # queue, or was first in line when the previous leader handed over.
+                batch.append(self._waiting.popleft())
+                size = len(batch[0].entries)
+                self._gather(size)
+                while (
+                    self._waiting
+                    and size + len(self._waiting[0].entries) <= self.batch_size
+                ):
+                    batch.append(self._waiting.popleft())
+                    size += len(batch[-1].entries)
             self.writer.insert([entry for w in batch for entry in w.entries])
             error = None
         except Exception as e:
@@ -177,12 +202,13 @@ class GroupCommitter:
                 successor.lead = True
                 successor.wake()
 
-    def _gather(self) -> None:
+    def _gather(self, size: int) -> None:
         """Wait (holding no lock) up to :data:`GATHER_SECONDS` for the other
-        running audited requests to queue their entries."""
-        own = 1 if _running_here.get() else 0
+        running audited requests to queue their entries; ``size`` entries are
+        in the batch already."""
+        own = 1 if _own_token() in self._running else 0
         deadline = time.monotonic() + GATHER_SECONDS
-        while self._running > own and self._queued() < self.batch_size:
+        while len(self._running) > own and size + self._queued() < self.batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -286,6 +312,7 @@ class BufferedQueue:
 
     def request_started(self) -> None:
         """Nothing to do: the caller does not wait for a commit."""
+        return None
 
     def request_ended(self) -> None:
         """Nothing to do: the caller does not wait for a commit."""

@@ -69,6 +69,9 @@ class ContextState:
     flushing: bool = False
     #: Popped at teardown: the main session no longer reports to this state.
     ended: bool = False
+    #: The write mode's token for a running audited request (see
+    #: :meth:`~flask_sidelog.writer.Writer.request_started`).
+    running: object = None
 
     @property
     def main_tx(self) -> str:

@@ -443,7 +443,7 @@ class SideLog:
                     event or state.request_fields.get("endpoint") or view.__name__
                 )
                 state.started = time.perf_counter()
-                _app_state().writer.request_started()
+                state.running = _app_state().writer.request_started()
                 try:
                     return call(*args, **kwargs)
                 except BaseException as e:

@@ -325,11 +325,16 @@ class Writer:
             return self.write_now(entries)
         return self._batcher.write(entries, ends_request)
 
-    def request_started(self) -> None:
+    def request_started(self) -> object:
         """An audited request started; its entries will come (group mode
-        may wait a little for them, to share a commit)."""
+        may wait a little for them, to share a commit).
+
+        :return: a token the request holds while it runs (or None): it counts
+            as running until it ends or the token is dropped.
+        """
         if self._batcher is not None:
-            self._batcher.request_started()
+            return self._batcher.request_started()
+        return None
 
     def request_ended(self) -> None:
         """The audited request that started in this context is done."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -526,11 +527,11 @@ def test_group_commit_waits_for_running_audited_requests(
         if i == 0:
             assert app.test_client().post("/slow").status_code == 200
             return
-        wait_until(lambda: committer._running == 1)
+        wait_until(lambda: len(committer._running) == 1)
         assert app.test_client().post("/quick").status_code == 200
 
     def release_slow_once_quick_waits(i: int) -> None:
-        wait_until(lambda: len(committer._waiting) == 1)
+        wait_until(lambda: committer._leading)  # quick leads, gathering
         slow_may_end.set()
 
     threads = [
@@ -544,7 +545,7 @@ def test_group_commit_waits_for_running_audited_requests(
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads)
     assert batches == [["quick", "slow"]]
-    assert committer._running == 0 and not committer._waiting
+    assert not committer._running and not committer._waiting
 
 
 def test_group_commit_alone_does_not_wait(
@@ -597,4 +598,78 @@ def test_group_request_that_fails_to_make_its_entry_stops_counting(
     monkeypatch.setattr("flask_sidelog.extension.make_entry", broken)
     assert app.test_client().post("/").status_code == 200
     committer = app.extensions["sidelog"].writer._batcher
-    assert committer._running == 0
+    assert not committer._running
+
+
+class Interrupt(BaseException):
+    """Like KeyboardInterrupt, without stopping pytest."""
+
+
+def test_group_leader_interrupted_while_gathering_hands_over(
+    build: t.Callable[..., Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader interrupted before it commits still hands over: later
+    writers are not left waiting for a leader that is gone."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="group")
+    with app.app_context():
+        sidelog.create_table()
+        committer = app.extensions["sidelog"].writer._batcher
+    gather = committer._gather
+    calls: list[int] = []
+
+    def interrupted_once(size: int) -> None:
+        calls.append(size)
+        if len(calls) == 1:
+            raise Interrupt()
+        gather(size)
+
+    monkeypatch.setattr(committer, "_gather", interrupted_once)
+    raised: list[BaseException] = []
+
+    def first(i: int) -> None:
+        with app.app_context():
+            try:
+                sidelog.log("interrupted")
+            except Interrupt as e:
+                raised.append(e)
+
+    def later(i: int) -> None:
+        with app.app_context():
+            sidelog.log("later")
+
+    run_threads(1, first)
+    run_threads(1, later)  # would wait forever for the interrupted leader
+    assert len(raised) == 1
+    assert not committer._leading and not committer._waiting
+
+
+def test_group_request_whose_teardown_was_skipped_stops_counting(
+    build: t.Callable[..., Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A teardown that raises skips the ones after it, flask-sidelog's
+    included; the request stops counting when its context is dropped, so
+    later commits do not wait for it."""
+    monkeypatch.setattr("flask_sidelog.batching.GATHER_SECONDS", 30.0)
+    app, sidelog = build(SIDELOG_WRITE_MODE="group")
+
+    @app.post("/")
+    @sidelog.audit("audited")
+    def view() -> str:
+        return "ok"
+
+    @app.teardown_appcontext
+    def broken(exc: BaseException | None) -> None:
+        raise RuntimeError("a teardown that raises")
+
+    with pytest.raises(RuntimeError, match="a teardown that raises"):
+        app.test_client().post("/")
+    app.teardown_appcontext_funcs.remove(broken)
+    gc.collect()
+    committer = app.extensions["sidelog"].writer._batcher
+    assert not committer._running
+
+    def later(i: int) -> None:
+        with app.app_context():
+            sidelog.log("later")
+
+    run_threads(1, later)  # would wait 30 s for the dropped request
