@@ -255,6 +255,7 @@ class SideLog:
             # Only then: every flush and commit would pay for the listeners.
             tracking.listen(session_class)
         app.after_request(self._after_request)
+        app.teardown_request(self._read_request_while_there)
         app.teardown_appcontext(self._teardown)
         # Run last, after Flask-SQLAlchemy closed the main session: its
         # transaction's fate is known then, and on SQLite its lock is released.
@@ -794,6 +795,14 @@ class SideLog:
             if header is not None and state.request_id is not None:
                 response.headers[header] = state.request_id
         return response
+
+    def _read_request_while_there(self, exc: BaseException | None) -> None:
+        # Entries made later in the app context (a teardown_appcontext
+        # handler that logs or commits tracked changes) still belong to the
+        # request, which is gone by then.
+        state = context.current_state(create=False)
+        if state is not None:
+            context.read_request(state)
 
     def _teardown(self, exc: BaseException | None) -> None:
         # Never raise: a raising teardown would skip the ones after it. So in

@@ -7,8 +7,11 @@ import re
 import typing as t
 
 import pytest
+import sqlalchemy as sa
 from flask import Flask
 
+from conftest import Account
+from conftest import Base
 from conftest import dispose
 from conftest import make_app
 from flask_sidelog import SideLog
@@ -103,3 +106,41 @@ def test_response_header_without_incoming_header(tmp_path: t.Any) -> None:
     assert GENERATED.fullmatch(other.headers["X-Trace"])
     assert other.headers["X-Trace"] != audited.headers["X-Trace"]
     dispose(app)
+
+
+def test_entries_after_the_request_context_keep_its_fields(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """Flask pops the request before app context teardown: a log() or a
+    tracked commit there still carries the request's id and fields."""
+    app, db, sidelog = make_app(database_uri, str(tmp_path))
+    assert db is not None
+    sidelog.track(Account)
+    with app.app_context():
+        Base.metadata.create_all(db.engine, tables=[Account.__table__])
+
+    @app.post("/accounts")
+    def create() -> str:
+        db.session.execute(sa.text("UPDATE account SET balance = 0 WHERE 1 = 0"))
+        db.session.add(Account(name="late", balance=1))
+        return "ok"
+
+    @app.teardown_appcontext
+    def commit_and_log(exc: BaseException | None) -> None:
+        db.session.commit()
+        sidelog.log("after.request")
+
+    try:
+        assert app.test_client().post("/accounts").status_code == 200
+        with app.app_context():
+            found = sidelog.entries()
+    finally:
+        app.teardown_appcontext_funcs.remove(commit_and_log)
+        with app.app_context():
+            Base.metadata.drop_all(db.engine, tables=[Account.__table__])
+        dispose(app)
+    assert [e["event"] for e in found] == ["account.insert", "after.request"]
+    for entry in found:
+        assert entry["request_id"] is not None
+        assert (entry["method"], entry["path"]) == ("POST", "/accounts")
+    assert found[0]["request_id"] == found[1]["request_id"]
