@@ -26,6 +26,7 @@ from datetime import timezone
 import sqlalchemy as sa
 
 from .engine import driver_error
+from .engine import without_parameters
 from .entry import canonical_json
 from .entry import encode_canonical as _encode
 from .entry import utcnow
@@ -197,7 +198,8 @@ def _lock_and_head_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str]:
 
     def text(statement: sa.Select[t.Any]) -> str:
         kwargs = {"literal_binds": True}
-        return str(statement.compile(dialect=dialect, compile_kwargs=kwargs))
+        compiled = str(statement.compile(dialect=dialect, compile_kwargs=kwargs))
+        return without_parameters(compiled, dialect)
 
     return text(_lock_statement(table)), text(_head_statement(table))
 

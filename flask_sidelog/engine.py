@@ -75,6 +75,11 @@ def create_log_engine(
     else:
         kwargs["pool_timeout"] = timeout
         if url.get_backend_name() == "postgresql":
+            # The chain reads its head in a statement after the one that takes
+            # its lock, which sees the previous holder's commit only with a
+            # snapshot per statement; a server or role default of REPEATABLE
+            # READ or SERIALIZABLE would make concurrent writes collide.
+            kwargs["isolation_level"] = "READ COMMITTED"
             ms = int(timeout * 1000)
             connect_args["connect_timeout"] = max(1, round(timeout))
             connect_args["options"] = (
@@ -144,6 +149,16 @@ def driver_error(
         connection_invalidated=lost,
         dialect=conn.dialect,
     )
+
+
+def without_parameters(sql: str, dialect: sa.Dialect) -> str:
+    """``sql`` compiled by SQLAlchemy, made ready to be sent with no
+    parameters: for drivers whose placeholders use ``%``, SQLAlchemy doubles
+    the ``%`` of identifiers (a table named ``audit%log``), which only a
+    statement with parameters turns back into one."""
+    if dialect.paramstyle in ("format", "pyformat"):
+        return sql.replace("%%", "%")
+    return sql
 
 
 def safe_url(url: sa.URL) -> str:

@@ -73,6 +73,10 @@ def clean_text(value: str) -> str:
     surrogate; both are kept visible as backslash escapes. Everything else,
     control characters included, is stored as given.
     """
+    if type(value) is not str:
+        # A str subclass (a StrEnum member) is stored as its text; its str()
+        # may be something else ("Event.LOGIN"), which the chain would hash.
+        value = str.__str__(value)
     if value.isascii() and "\x00" not in value:  # the common case, fast
         return value
     if "\x00" in value:

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import sqlite
 from . import batching
 from .engine import driver_error
 from .engine import is_sqlite
+from .engine import without_parameters
 from .signals import entry_failed
 from .signals import entry_written
 from .spool import Spool
@@ -149,7 +150,7 @@ class Writer:
         self._copy_sql: str | None = None
         self._many_sql: str | None = None
         if dialect.name == "postgresql" and dialect.driver == "psycopg":
-            self._copy_sql = f"COPY {target} FROM STDIN"
+            self._copy_sql = without_parameters(f"COPY {target} FROM STDIN", dialect)
         elif dialect.paramstyle == "qmark":
             marks = ", ".join("?" * len(self._names))
             self._many_sql = f"INSERT INTO {target} VALUES ({marks})"

@@ -5,10 +5,12 @@ Every tampering is done by raw SQL, as an attacker with database access would.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import multiprocessing
 import re
+import threading
 import typing as t
 from datetime import datetime
 from datetime import timedelta
@@ -827,3 +829,81 @@ def test_link_hashes_the_documented_record(
     values = [entry[name] for name in chain.HASHED_FIELDS]
     expected = chain.record(values, 7, "p")
     assert f'[1,7,"p",{chain._stored_tail(entry)[1:]}'.encode("ascii") == expected
+
+
+class Event(str, enum.Enum):
+    LOGIN = "login"
+
+
+def test_str_enum_event_is_stored_and_hashed_as_its_text(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """str(Event.LOGIN) is "Event.LOGIN"; the event holds its text, "login",
+    and the chain hashes what is stored."""
+    with app.app_context():
+        sidelog.log(Event.LOGIN)
+        (entry,) = sidelog.entries()
+    assert entry["event"] == "login"
+    code, out = verify(runner)
+    assert code == 0, out
+
+
+@pytest.mark.postgres
+def test_chain_holds_under_a_stricter_default_isolation(
+    postgres: t.Any, tmp_path: t.Any
+) -> None:
+    """The head is read after the lock with a snapshot of its own: the log
+    engine runs READ COMMITTED whatever the server's default."""
+    uri = postgres.create_database("chain_repeatable_read")
+    postgres.psql(
+        "ALTER DATABASE chain_repeatable_read"
+        " SET default_transaction_isolation = 'repeatable read'"
+    )
+    app, _, sidelog = make_app(
+        uri, str(tmp_path), {"SIDELOG_WRITE_MODE": "sync"}, with_db=False
+    )
+    failed: list[BaseException] = []
+
+    def write(i: int) -> None:
+        with app.app_context():
+            for n in range(10):
+                sidelog.log("concurrent", data={"thread": i, "n": n})
+
+    try:
+        with entry_failed.connected_to(
+            lambda sender, entry, error: failed.append(error), app
+        ):
+            with app.app_context():
+                sidelog.create_table()
+            threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+        with app.app_context():
+            result = sidelog.verify()
+    finally:
+        dispose(app)
+    assert failed == []
+    assert result.ok and result.entries == 80
+
+
+@pytest.mark.postgres
+def test_table_name_with_a_percent_sign(postgres: t.Any, tmp_path: t.Any) -> None:
+    """Statements sent without parameters (COPY, the chain's lock and head)
+    must not keep the doubled % that SQLAlchemy escapes identifiers with."""
+    uri = postgres.create_database("percent_table")
+    app, _, sidelog = make_app(
+        uri, str(tmp_path), {"SIDELOG_TABLE": "audit%log"}, with_db=False
+    )
+    try:
+        with app.app_context():
+            sidelog.log("single")
+            writer = app.extensions["sidelog"].writer
+            writer.insert([make_entry("batch.1"), make_entry("batch.2")])
+            events = [e["event"] for e in sidelog.entries()]
+            result = sidelog.verify()
+    finally:
+        dispose(app)
+    assert events == ["single", "batch.1", "batch.2"]
+    assert result.ok
