@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import typing as t
 import uuid
 
@@ -132,3 +133,17 @@ def client(app: Flask) -> FlaskClient:
 @pytest.fixture
 def runner(app: Flask) -> FlaskCliRunner:
     return app.test_cli_runner()
+
+
+def run_threads(count: int, target: t.Callable[[int], None]) -> None:
+    """Run ``target(i)`` in ``count`` threads named ``caller-<i>`` and wait
+    for them all (at most 60 s each); none may be left running."""
+    threads = [
+        threading.Thread(target=target, args=(i,), name=f"caller-{i}")
+        for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)

@@ -30,6 +30,7 @@ from _entries import ago
 from conftest import dispose
 from conftest import make_app
 from conftest import new_database_uri
+from conftest import run_threads
 from flask_sidelog import chain
 from flask_sidelog import SideLog
 from flask_sidelog.entry import make_entry
@@ -571,7 +572,6 @@ def test_record_is_the_documented_format() -> None:
 def _write_from_process(uri: str, instance: str, threads: int, each: int) -> int:
     """Write ``threads * each`` entries from threads of a new process; return
     how many failed."""
-    import threading
 
     app, _, sidelog = make_app(
         uri, instance, {**CHAINED, "SIDELOG_DATABASE_URI": uri}, False
@@ -875,11 +875,7 @@ def test_chain_holds_under_a_stricter_default_isolation(
         ):
             with app.app_context():
                 sidelog.create_table()
-            threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(timeout=60)
+            run_threads(8, write)
         with app.app_context():
             result = sidelog.verify()
     finally:

@@ -17,6 +17,7 @@ from conftest import Account
 from conftest import dispose
 from conftest import make_app
 from conftest import new_database_uri
+from conftest import run_threads
 from flask_sidelog import SideLog
 from flask_sidelog.signals import entry_failed
 
@@ -290,11 +291,7 @@ def test_first_writes_racing_to_create_the_table(
             start.wait()
             sidelog.log("first", data={"i": i})
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    run_threads(8, write)
     with app.app_context():
         assert sorted(e["data"]["i"] for e in sidelog.entries()) == list(range(8))
     assert failures == []

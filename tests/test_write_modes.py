@@ -22,6 +22,7 @@ from flask import Flask
 
 from conftest import dispose
 from conftest import make_app
+from conftest import run_threads
 from flask_sidelog import SideLog
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
@@ -76,18 +77,6 @@ def commit_threads(engine: sa.Engine) -> list[str]:
         engine, "commit", lambda conn: found.append(threading.current_thread().name)
     )
     return found
-
-
-def run_threads(count: int, target: t.Callable[[int], None]) -> None:
-    threads = [
-        threading.Thread(target=target, args=(i,), name=f"caller-{i}")
-        for i in range(count)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not any(thread.is_alive() for thread in threads)
 
 
 def hold_first_insert_until(engine: sa.Engine, ready: t.Callable[[], bool]) -> None:
