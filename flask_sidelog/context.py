@@ -16,24 +16,33 @@ import typing as t
 
 import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
-from flask import current_app
-from flask import g
-from flask import has_app_context
 from flask import has_request_context
-from flask import request
+from flask.globals import _cv_app
+from flask.globals import _cv_request
 from werkzeug.exceptions import HTTPException
 
 if t.TYPE_CHECKING:
     from flask import Request
+    from flask.ctx import AppContext
 
+from .entry import cut
 from .entry import is_redacted
 from .entry import REDACTED
+from .model import COLUMN_LIMITS
 
 # A text statement counts as a write unless it starts like a read. WITH is
 # not among these: "WITH ... INSERT" writes.
 _READ_ONLY_SQL = ("select", "show", "explain", "pragma", "values")
 #: What an incoming request id must look like to be used as is.
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+# The context variable behind Flask's current_app and g. The hooks here run
+# several times in every request, and each use of one of those proxies costs
+# about twenty times what reading the variable does.
+def app_context() -> AppContext | None:
+    """The current app context, or None outside one."""
+    return _cv_app.get(None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -134,15 +143,19 @@ def current_state(
     create: bool = True, *, with_request: bool = False
 ) -> ContextState | None:
     """The current app context's state, created on first use; with
-    ``with_request``, holding the request's id and fields."""
-    state: ContextState | None = g.get("_sidelog")
+    ``with_request``, holding the request's id and fields. None outside an
+    app context."""
+    ctx = _cv_app.get(None)
+    if ctx is None:
+        return None
+    state: ContextState | None = ctx.g.get("_sidelog")
     if state is None:
         if not create:
             return None
         state = ContextState(
             started=time.perf_counter(), in_request=has_request_context()
         )
-        g._sidelog = state
+        ctx.g._sidelog = state
     if with_request and not state.request_read:
         read_request(state)
     return state
@@ -152,18 +165,22 @@ def read_request(state: ContextState) -> None:
     """Read the request's id and the fields every entry of the request
     shares into ``state``, once; they must be read while the request is
     there (it is gone at app context teardown)."""
-    if state.request_read or not has_request_context():
+    request_ctx = _cv_request.get(None)
+    if state.request_read or request_ctx is None:
         return
     state.request_read = True
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    settings = current_app.extensions["sidelog"].settings
+    req = request_ctx.request
+    settings = request_ctx.app.extensions["sidelog"].settings
     state.request_id = _request_id(req, settings.request_id_header)
+    # Made storable once here, not again in each entry of the request.
     state.request_fields = {
-        "method": req.method,
-        "path": _redacted_path(req, settings.redact_keys),
-        "endpoint": req.endpoint,
-        "remote_addr": req.remote_addr,
-        "user_agent": req.environ.get("HTTP_USER_AGENT") or None,
+        "method": cut(req.method, COLUMN_LIMITS["method"]),
+        "path": cut(_redacted_path(req, settings.redact_keys), COLUMN_LIMITS["path"]),
+        "endpoint": cut(req.endpoint, COLUMN_LIMITS["endpoint"]),
+        "remote_addr": cut(req.remote_addr, COLUMN_LIMITS["remote_addr"]),
+        "user_agent": cut(
+            req.environ.get("HTTP_USER_AGENT") or None, COLUMN_LIMITS["user_agent"]
+        ),
     }
 
 
@@ -191,7 +208,10 @@ def _request_id(req: Request, header: str | None) -> str:
 
 
 def pop_state() -> ContextState | None:
-    state = t.cast("ContextState | None", g.pop("_sidelog", None))
+    ctx = _cv_app.get(None)
+    if ctx is None:
+        return None
+    state = t.cast("ContextState | None", ctx.g.pop("_sidelog", None))
     if state is not None:
         state.ended = True
     return state
@@ -204,9 +224,10 @@ def _main_session_state(session: sa_orm.Session) -> ContextState | None:
     state: ContextState | None = session.info.get("_sidelog")
     if state is not None and not state.ended:
         return state
-    if not has_app_context():
+    ctx = _cv_app.get(None)
+    if ctx is None:
         return None
-    app_state = current_app.extensions.get("sidelog")
+    app_state = ctx.app.extensions.get("sidelog")
     if app_state is None:
         return None
     scoped = app_state.main_session

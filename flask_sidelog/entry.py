@@ -225,42 +225,59 @@ def check_level(level: object) -> str:
     return level
 
 
+#: An entry with every field empty, in table order.
+_EMPTY_ENTRY: dict[str, t.Any] = dict.fromkeys(
+    (
+        "uuid",
+        "created_at",
+        "event",
+        "level",
+        "actor",
+        "outcome",
+        "status_code",
+        "main_tx",
+        "method",
+        "path",
+        "endpoint",
+        "remote_addr",
+        "user_agent",
+        "request_id",
+        "duration_ms",
+        "error",
+        "data",
+    )
+)
+
+
 def make_entry(
     event: str,
     *,
     level: str = "info",
     data: t.Mapping[str, t.Any] | None = None,
     redact_keys: frozenset[str] = frozenset(),
+    request_fields: t.Mapping[str, t.Any] | None = None,
     **fields: t.Any,
 ) -> dict[str, t.Any]:
     """Return a complete, storable entry row.
 
+    :param request_fields: the request's fields, storable already (see
+        :func:`flask_sidelog.context.read_request`).
     :param fields: any other column (``actor``, ``outcome``, ``path``, ...);
         bounded text columns are cut to their documented lengths.
     """
-    entry: dict[str, t.Any] = {
-        "uuid": new_uuid(),
-        "created_at": utcnow(),
-        "event": check_event(event),
-        "level": check_level(level),
-        "actor": None,
-        "outcome": None,
-        "status_code": None,
-        "main_tx": None,
-        "method": None,
-        "path": None,
-        "endpoint": None,
-        "remote_addr": None,
-        "user_agent": None,
-        "request_id": None,
-        "duration_ms": None,
-        "error": None,
-        "data": storable_data(data, redact_keys),
-    }
+    entry = _EMPTY_ENTRY.copy()
+    entry["uuid"] = new_uuid()
+    entry["created_at"] = utcnow()
+    entry["event"] = check_event(event)
+    entry["level"] = check_level(level)
+    if request_fields:
+        entry.update(request_fields)
+    if data is not None:
+        entry["data"] = storable_data(data, redact_keys)
     for name, value in fields.items():
         if name not in entry:
             raise TypeError(f"Unknown entry field {name!r}.")
-        if name in COLUMN_LIMITS and value is not None:
+        if value is not None and name in COLUMN_LIMITS:
             value = cut(str(value), COLUMN_LIMITS[name])
         entry[name] = value
     return entry

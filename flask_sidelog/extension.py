@@ -15,7 +15,6 @@ import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
 from flask import current_app
 from flask import Flask
-from flask import has_app_context
 from flask import has_request_context
 from flask import Response
 from flask.globals import app_ctx
@@ -178,12 +177,13 @@ class _AppState:
 
 
 def _app_state() -> _AppState:
-    if not has_app_context():
+    ctx = context.app_context()
+    if ctx is None:
         raise RuntimeError(
             "flask-sidelog needs an app context: call it in a request, a CLI"
             " command, or inside 'with app.app_context():'."
         )
-    state = current_app.extensions.get("sidelog")
+    state = ctx.app.extensions.get("sidelog")
     if state is None:
         raise RuntimeError(
             "SideLog is not registered on this app: call 'sidelog.init_app(app, db)'."
@@ -202,9 +202,8 @@ def _default_actor() -> str | None:
     """Flask-Login's current user id, when Flask-Login is in use."""
     # LoginManager.init_app sets app.login_manager; looking in the app's
     # attributes avoids raising an AttributeError on every request without it.
-    if not has_request_context() or "login_manager" not in vars(
-        current_app._get_current_object()  # type: ignore[attr-defined]
-    ):
+    ctx = context.app_context()
+    if ctx is None or not has_request_context() or "login_manager" not in vars(ctx.app):
         return None
     try:
         from flask_login import current_user
@@ -383,7 +382,7 @@ class SideLog:
             redact_keys=app_state.settings.redact_keys,
             actor=actor if actor is not None else self._actor(),
             request_id=state.request_id,
-            **state.request_fields,
+            request_fields=state.request_fields,
         )
         self._deliver(app_state, state, [entry])
         return entry
@@ -786,7 +785,7 @@ class SideLog:
         return writer.spool.replay(writer.insert_missing)
 
     def _after_request(self, response: Response) -> Response:
-        header = current_app.extensions["sidelog"].settings.request_id_response_header
+        header = _app_state().settings.request_id_response_header
         state = context.current_state(
             create=header is not None, with_request=header is not None
         )
@@ -814,7 +813,7 @@ class SideLog:
             current_app.logger.exception("flask-sidelog failed at teardown.")
 
     def _finish_context(self, exc: BaseException | None) -> None:
-        app_state = t.cast(_AppState, current_app.extensions["sidelog"])
+        app_state = _app_state()
         if app_state.db is None and self.session.registry.has():
             self.session.remove()
         state = context.pop_state()
@@ -862,7 +861,7 @@ class SideLog:
             request_id=state.request_id,
             duration_ms=round((time.perf_counter() - state.started) * 1000, 3),
             error=error,
-            **state.request_fields,
+            request_fields=state.request_fields,
         )
 
 
