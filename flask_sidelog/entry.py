@@ -19,6 +19,7 @@ from werkzeug.datastructures import Headers
 
 from .model import COLUMN_LIMITS
 from .model import EVENT_MAX
+from .model import FIELDS
 
 #: Appended to a text value that was cut to its column's length.
 TRUNCATION_MARK = "...[truncated]"
@@ -225,27 +226,10 @@ def check_level(level: object) -> str:
     return level
 
 
-#: An entry with every field empty, in table order.
+#: An entry with every field empty, in table order: all but the columns the
+#: database (``id``) and the chain (``seq``, ``hash``) fill in.
 _EMPTY_ENTRY: dict[str, t.Any] = dict.fromkeys(
-    (
-        "uuid",
-        "created_at",
-        "event",
-        "level",
-        "actor",
-        "outcome",
-        "status_code",
-        "main_tx",
-        "method",
-        "path",
-        "endpoint",
-        "remote_addr",
-        "user_agent",
-        "request_id",
-        "duration_ms",
-        "error",
-        "data",
-    )
+    name for name in FIELDS if name not in ("id", "seq", "hash")
 )
 
 
