@@ -16,7 +16,6 @@ import typing as t
 
 import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
-from flask import has_request_context
 from flask.globals import _cv_app
 from flask.globals import _cv_request
 from werkzeug.exceptions import HTTPException
@@ -49,8 +48,10 @@ def app_context() -> AppContext | None:
 class ContextState:
     """Per app context state, kept on ``g._sidelog`` and popped at teardown."""
 
-    #: Whether the context belongs to a request (not a CLI command or a job).
-    in_request: bool = False
+    #: The request the context belongs to; None for a CLI command or a job.
+    #: Kept so that its fields can be read after Flask popped it, for
+    #: entries made at app context teardown.
+    request: Request | None = None
     #: The request's id and fields, read by :func:`read_request` when an
     #: entry first needs them (most requests never log).
     request_id: str | None = None
@@ -152,8 +153,10 @@ def current_state(
     if state is None:
         if not create:
             return None
+        request_ctx = _cv_request.get(None)
         state = ContextState(
-            started=time.perf_counter(), in_request=has_request_context()
+            started=time.perf_counter(),
+            request=None if request_ctx is None else request_ctx.request,
         )
         ctx.g._sidelog = state
     if with_request and not state.request_read:
@@ -163,14 +166,12 @@ def current_state(
 
 def read_request(state: ContextState) -> None:
     """Read the request's id and the fields every entry of the request
-    shares into ``state``, once; they must be read while the request is
-    there (it is gone at app context teardown)."""
-    request_ctx = _cv_request.get(None)
-    if state.request_read or request_ctx is None:
+    shares into ``state``, once."""
+    req = state.request
+    if state.request_read or req is None:
         return
     state.request_read = True
-    req = request_ctx.request
-    settings = request_ctx.app.extensions["sidelog"].settings
+    settings = _cv_app.get().app.extensions["sidelog"].settings
     state.request_id = _request_id(req, settings.request_id_header)
     # Made storable once here, not again in each entry of the request.
     state.request_fields = {

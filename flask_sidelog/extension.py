@@ -254,7 +254,6 @@ class SideLog:
             # Only then: every flush and commit would pay for the listeners.
             tracking.listen(session_class)
         app.after_request(self._after_request)
-        app.teardown_request(self._read_request_while_there)
         app.teardown_appcontext(self._teardown)
         # Run last, after Flask-SQLAlchemy closed the main session: its
         # transaction's fate is known then, and on SQLite its lock is released.
@@ -795,14 +794,6 @@ class SideLog:
                 response.headers[header] = state.request_id
         return response
 
-    def _read_request_while_there(self, exc: BaseException | None) -> None:
-        # Entries made later in the app context (a teardown_appcontext
-        # handler that logs or commits tracked changes) still belong to the
-        # request, which is gone by then.
-        state = context.current_state(create=False)
-        if state is not None:
-            context.read_request(state)
-
     def _teardown(self, exc: BaseException | None) -> None:
         # Never raise: a raising teardown would skip the ones after it. So in
         # "raise" mode too, entries written here go to the spool on failure.
@@ -830,7 +821,7 @@ class SideLog:
             if audited:
                 # A no-op once its entry ended the request; here if it failed.
                 app_state.writer.request_ended()
-        if not state.in_request and click.get_current_context(silent=True):
+        if state.request is None and click.get_current_context(silent=True):
             # A CLI command's entries are committed before it exits; requests
             # do not wait for buffered entries.
             app_state.writer.flush()
@@ -849,20 +840,22 @@ class SideLog:
                 # TESTING): the client got no response of that status.
                 state.status_code = None
         outcome, status, error = state.outcome()
-        return make_entry(
+        entry = make_entry(
             t.cast(str, state.audit_event),
             level=_LEVEL_OF_OUTCOME[outcome],
             data=state.annotations or None,
             redact_keys=app_state.settings.redact_keys,
             actor=state.actor,
-            outcome=outcome,
-            status_code=status,
-            main_tx=state.main_tx,
-            request_id=state.request_id,
-            duration_ms=round((time.perf_counter() - state.started) * 1000, 3),
             error=error,
             request_fields=state.request_fields,
         )
+        # Storable as they are: make_entry need only check the free text.
+        entry["outcome"] = outcome
+        entry["status_code"] = status
+        entry["main_tx"] = state.main_tx
+        entry["request_id"] = state.request_id
+        entry["duration_ms"] = round((time.perf_counter() - state.started) * 1000, 3)
+        return entry
 
 
 def _main_holds_sqlite_lock(app_state: _AppState) -> bool:
