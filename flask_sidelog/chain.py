@@ -189,21 +189,28 @@ def lock_head(conn: sa.Connection, table: sa.Table) -> None:
         conn.execute(_lock_statement(table))
 
 
-def lock_and_read_head(conn: sa.Connection, table: sa.Table) -> tuple[int, str]:
+def lock_and_read_head(
+    conn: sa.Connection, table: sa.Table, begin: str = ""
+) -> tuple[int, str]:
     """:func:`lock_head`, then :func:`head`. With psycopg both statements go
     in one query string, one round trip: the lock is held until commit, and
     every round trip made while holding it is a wait for every other writer.
     (Each statement of the string takes its own snapshot, so the head is read
-    after the lock is granted, as when they are sent one by one.)"""
+    after the lock is granted, as when they are sent one by one.)
+
+    :param begin: with psycopg, statements to send first in the same string
+        (the writer's ``BEGIN``), ending with ``;``.
+    """
     if conn.dialect.driver != "psycopg":
         lock_head(conn, table)
         return head(conn, table)
     lock_sql, head_sql = _lock_and_head_sql(conn.dialect, table)
-    both = f"{lock_sql}; {head_sql}"
+    both = f"{begin}{lock_sql}; {head_sql}"
     cursor = conn.connection.cursor()
     try:
         cursor.execute(both)
-        cursor.nextset()
+        while cursor.nextset():  # to the head's result, the last one
+            pass
         row = cursor.fetchone()
     except conn.dialect.loaded_dbapi.Error as error:
         raise driver_error(conn, error, both) from error
@@ -343,11 +350,18 @@ class Chain:
         self.hasher = make_hasher(key)
 
     def link(
-        self, conn: sa.Connection, table: sa.Table, entries: list[dict[str, t.Any]]
+        self,
+        conn: sa.Connection,
+        table: sa.Table,
+        entries: list[dict[str, t.Any]],
+        begin: str = "",
     ) -> list[dict[str, t.Any]]:
         """Lock the head and return ``entries`` as rows to insert: each with
         its ``seq`` and ``hash``, and ``created_at`` in UTC (SQLite stores the
-        wall time without its offset). One lock for the whole batch."""
+        wall time without its offset). One lock for the whole batch.
+
+        :param begin: see :func:`lock_and_read_head`.
+        """
         # Everything but seq and prev is serialised before the lock is taken:
         # the lock is held by one writer at a time, so it must be short.
         rows = []
@@ -357,7 +371,7 @@ class Chain:
             row["created_at"] = as_utc(entry["created_at"])
             rows.append(row)
             tails.append(_stored_tail(row))
-        seq, prev = lock_and_read_head(conn, table)
+        seq, prev = lock_and_read_head(conn, table, begin)
         for row, tail in zip(rows, tails, strict=True):
             seq += 1
             # Equal to record(...): '[1,<seq>,"<prev>",' and the fields.

@@ -27,6 +27,7 @@ from flask_sidelog import SideLog
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
 from flask_sidelog.signals import entry_written
+from flask_sidelog.writer import FEW_ROWS
 
 Built = tuple[Flask, SideLog]
 
@@ -461,21 +462,66 @@ def test_a_batch_is_stored_as_single_entries_are(
         made["created_at"] = at
         return made
 
+    # PostgreSQL takes a few rows in one INSERT bound in the client, more
+    # by COPY; SQLite takes more than one by executemany.
+    sizes = (2, FEW_ROWS + 1)
     with app.app_context():
         writer = app.extensions["sidelog"].writer
         writer.insert([entry("single", **fields)])
-        writer.insert([entry("batch", **fields), entry("batch")])
+        for size in sizes:
+            bare = [entry("bare") for _ in range(size - 1)]
+            writer.insert([entry("batch", **fields), *bare])
         assert sidelog.verify().ok
         # As stored: text, not what SQLAlchemy makes of it when reading.
         query = "SELECT * FROM sidelog_entries ORDER BY id"
         with writer.lock, writer.engine.connect() as conn:
-            single, batch, bare = (row._asdict() for row in conn.exec_driver_sql(query))
+            single, *rows = (row._asdict() for row in conn.exec_driver_sql(query))
+    assert len(rows) == sum(sizes)
     volatile = ("id", "uuid", "event", "seq", "hash")
-    assert {k: v for k, v in single.items() if k not in volatile} == {
-        k: v for k, v in batch.items() if k not in volatile
-    }
-    assert single["created_at"] == bare["created_at"]
-    assert bare["data"] in (None, "null")
+    for row in rows:
+        if row["event"] == "batch":
+            assert {k: v for k, v in single.items() if k not in volatile} == {
+                k: v for k, v in row.items() if k not in volatile
+            }
+        else:
+            assert single["created_at"] == row["created_at"]
+            assert row["data"] in (None, "null")
+
+
+@pytest.mark.parametrize("chain", [True, False], ids=["chain", "no-chain"])
+@pytest.mark.parametrize("size", [1, FEW_ROWS + 1], ids=["few", "copy"])
+def test_a_failed_write_leaves_its_connection_as_it_was(
+    build: t.Callable[..., Built], database_uri: str, chain: bool, size: int
+) -> None:
+    """On PostgreSQL a write runs psycopg in autocommit mode, with its own
+    BEGIN and COMMIT. A write that fails must give the pool back its one
+    connection out of autocommit and out of any transaction: otherwise the
+    next transaction of the log engine (a prune) would commit statement by
+    statement."""
+    one_connection = {"pool_size": 1, "max_overflow": 0}
+    app, sidelog = build(
+        SIDELOG_WRITE_MODE="sync",
+        SIDELOG_CHAIN=chain,
+        # sqlite:// has one connection already, in a pool that takes no size.
+        SIDELOG_ENGINE_OPTIONS={} if database_uri == "sqlite://" else one_connection,
+    )
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        written = [make_entry("first") for _ in range(size)]
+        writer.insert(written)
+        with pytest.raises(sa.exc.IntegrityError):  # the same uuids again
+            writer.insert([make_entry("lost") for _ in range(size - 1)] + written[:1])
+        with writer.engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            if conn.dialect.name == "postgresql":
+                assert driver is not None
+                assert driver.autocommit is False
+            conn.exec_driver_sql("DELETE FROM sidelog_entries")
+            conn.rollback()  # not committed: a transaction, as it should be
+        writer.insert([make_entry("after") for _ in range(size)])
+        events = [e["event"] for e in sidelog.entries(limit=100)]
+        assert events == ["first"] * size + ["after"] * size
+        assert sidelog.verify().ok is chain
 
 
 def test_group_commit_waits_for_running_audited_requests(
