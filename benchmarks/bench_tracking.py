@@ -6,6 +6,7 @@ Usage::
     python benchmarks/bench_tracking.py            # full run
     python benchmarks/bench_tracking.py --smoke    # a few quick rounds
     python benchmarks/bench_tracking.py --postgres-url postgresql+psycopg://...
+    python benchmarks/bench_tracking.py --breakdown  # and where the time goes
 
 Both apps have flask-sidelog installed the same way and the same view; only
 the ``tracked`` one calls ``sidelog.track(Item)``. Each has its own database
@@ -14,6 +15,12 @@ default configuration does. The two are timed in alternating rounds within
 one process, so drift hits both; the report gives the median time of each and
 their ratio. Without ``--postgres-url`` a throwaway server is started (from
 ``tests/_postgres.py``); without one available, PostgreSQL is skipped.
+
+With ``--breakdown``, more tracked requests follow the timed rounds, with
+the parts of tracking timed: capturing the flush, making the entries,
+linking them into the chain, converting them for the driver, and the rest of
+the log's transaction (its insert and commit; on PostgreSQL that includes
+encoding ``data``, which psycopg does while copying).
 
 Views (``ROWS`` = 1,000 rows each, one commit):
 
@@ -44,6 +51,9 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 
 from _postgres import ThrowawayPostgres  # noqa: E402
 from flask_sidelog import SideLog  # noqa: E402
+from flask_sidelog import tracking  # noqa: E402
+from flask_sidelog.chain import Chain  # noqa: E402
+from flask_sidelog.writer import Writer  # noqa: E402
 
 ROWS = 1000
 
@@ -101,6 +111,56 @@ def time_request(app: Flask, path: str) -> float:
     return elapsed
 
 
+#: What --breakdown times: (label, owner, attribute). The log transaction
+#: includes the chain and the values; its rest is printed.
+PARTS = (
+    ("capture", tracking, "_capture_flush"),
+    ("entries", tracking, "make_change_entries"),
+    ("chain", Chain, "link"),
+    ("values", Writer, "_values"),
+    ("log transaction", Writer, "_insert_once"),
+)
+
+
+@contextlib.contextmanager
+def timing_parts() -> t.Iterator[dict[str, int]]:
+    """Within the block, sum the nanoseconds spent in each of :data:`PARTS`."""
+    spent = dict.fromkeys([label for label, _, _ in PARTS], 0)
+    originals = [(owner, name, getattr(owner, name)) for _, owner, name in PARTS]
+
+    def timed(label: str, function: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+        def call(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            start = time.perf_counter_ns()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter_ns() - start
+
+        return call
+
+    for (label, _, _), (owner, name, function) in zip(PARTS, originals, strict=True):
+        setattr(owner, name, timed(label, function))
+    try:
+        yield spent
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
+
+
+def print_breakdown(name: str, view: str, app: Flask, requests: int) -> None:
+    with timing_parts() as spent:
+        for _ in range(requests):
+            time_request(app, f"/{view}")
+    ms = {label: ns / requests / 1e6 for label, ns in spent.items()}
+    rest = ms["log transaction"] - ms["chain"] - ms["values"]
+    print(
+        f"{name:<10} {view:<7} tracked, per request: capture {ms['capture']:.1f} ms"
+        f"  entries {ms['entries']:.1f}  chain {ms['chain']:.1f}"
+        f"  values {ms['values']:.1f}  log insert+commit {rest:.1f}"
+        f"  (mean of {requests})"
+    )
+
+
 def count_entries(app: Flask) -> int:
     with app.app_context():
         state = app.extensions["sidelog"]
@@ -112,7 +172,9 @@ def count_entries(app: Flask) -> int:
             )
 
 
-def run_backend(name: str, urls: tuple[str, str], rounds: int, instance: str) -> None:
+def run_backend(
+    name: str, urls: tuple[str, str], rounds: int, instance: str, breakdown: int
+) -> None:
     apps = {
         "untracked": build_app(urls[0], False, instance),
         "tracked": build_app(urls[1], True, instance),
@@ -132,8 +194,10 @@ def run_backend(name: str, urls: tuple[str, str], rounds: int, instance: str) ->
                 f"  tracked {tracked * 1000:8.1f} ms  ratio {tracked / base:5.2f}x"
                 f"  (median of {rounds})"
             )
+            if breakdown:
+                print_breakdown(name, view, apps["tracked"][0], breakdown)
         entries = count_entries(apps["tracked"][0])
-        expected = (2 * (rounds + 1) + 1) * ROWS  # and the seed rows
+        expected = (2 * (rounds + 1 + breakdown) + 1) * ROWS  # and the seed rows
         if entries != expected or count_entries(apps["untracked"][0]) != 0:
             raise RuntimeError(
                 f"{name}: the tracked app logged {entries} entries, expected {expected}"
@@ -152,13 +216,19 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per view")
     parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="then time the parts of tracked requests (5 more per view)",
+    )
+    parser.add_argument(
         "--postgres-url", help="a PostgreSQL server URL; default: start a throwaway one"
     )
     args = parser.parse_args()
     rounds = 3 if args.smoke else args.rounds
+    breakdown = 5 if args.breakdown else 0
     with tempfile.TemporaryDirectory() as tmp:
         urls = (f"sqlite:///{tmp}/untracked.db", f"sqlite:///{tmp}/tracked.db")
-        run_backend("sqlite", urls, rounds, tmp)
+        run_backend("sqlite", urls, rounds, tmp, breakdown)
         with contextlib.ExitStack() as stack:
             if args.postgres_url:
                 server_url = args.postgres_url
@@ -183,7 +253,13 @@ def main() -> None:
                     server.create_database(f"bench_{uuid.uuid4().hex[:12]}")
                     for _ in range(2)
                 )
-            run_backend("postgresql", t.cast("tuple[str, str]", pg_urls), rounds, tmp)
+            run_backend(
+                "postgresql",
+                t.cast("tuple[str, str]", pg_urls),
+                rounds,
+                tmp,
+                breakdown,
+            )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ _PLAIN = frozenset({type(None), bool, int, float, str})
 _NO_VALUE = sa_orm.base.NO_VALUE
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _Spec:
     """How to record one mapped class: its table, its primary key and the
     columns to keep, as ``(attribute key, column name)`` pairs."""
@@ -64,6 +64,11 @@ class _Spec:
     pk: tuple[tuple[str, str], ...]
     columns: dict[str, str]
     exclude: frozenset[str]
+    #: The event of each row operation: ``{"insert": "<table>.insert", ...}``.
+    events: dict[str, str]
+    #: An upper bound of the JSON size of a row change's names and
+    #: punctuation, or None if some name is not stored as it is.
+    names_size: int | None
 
 
 @dataclasses.dataclass(slots=True)
@@ -74,6 +79,10 @@ class Change:
     data: dict[str, t.Any]
     actor: str | None
     at: datetime
+    #: Set when ``data`` is a row change of this spec's columns whose values
+    #: are all stored as they are (see :func:`_stored_as_is`): only
+    #: redaction can change it.
+    spec: _Spec | None = None
 
 
 class Tracker:
@@ -156,7 +165,14 @@ class Tracker:
                 if key not in exclude and column.name not in exclude
             }
             # Plain str, not quoted_name: the entries' short path checks types.
-            spec = _Spec(str(name), pk, kept, exclude)
+            spec = _Spec(
+                str(name),
+                pk,
+                kept,
+                exclude,
+                {op: f"{name}.{op}" for op in _ROW_OPS},
+                _names_size(str(name), [c for _, c in pk], list(kept.values())),
+            )
         self._specs[mapper] = spec
         return spec
 
@@ -169,6 +185,17 @@ def _columns(mapper: sa_orm.Mapper[t.Any]) -> list[tuple[str, sa.Column[t.Any]]]
         for key, column in mapper.columns.items()
         if isinstance(column, sa.Column)
     ]
+
+
+def _names_size(table: str, pk: list[str], columns: list[str]) -> int | None:
+    """An upper bound of the JSON size of ``{"table": table, "pk": {...},
+    "changes": {...}}`` without its values (see :func:`_plain_row_data`),
+    or None if a name would not be stored as it is."""
+    names = [table, *pk, *columns]
+    if any(clean_text(name) != name for name in names):
+        return None
+    # 6 bytes a character covers escapes; 8 a name's quotes, colon and comma.
+    return 40 + sum(6 * len(name) + 8 for name in names)
 
 
 def _value(value: t.Any) -> t.Any:
@@ -228,13 +255,28 @@ def _row_changes(
     actor: str | None = None
     found: list[Change] = []
 
-    def add(spec: _Spec, op: str, data: dict[str, t.Any]) -> None:
+    def add(
+        spec: _Spec,
+        op: str,
+        d: dict[str, t.Any],
+        st: sa_orm.InstanceState[t.Any],
+        changes: dict[str, list[t.Any]],
+    ) -> None:
         nonlocal at, actor
         if at is None:
             # Resolved once a flush, while the request context is alive.
             at = utcnow()
             actor = app_state.extension._actor()
-        found.append(Change(f"{spec.table}.{op}", data, actor, at))
+        identity = st.key[1] if st.key is not None else None
+        pk = {}
+        for i, (key, column) in enumerate(spec.pk):
+            value = d.get(key)
+            if value is None and identity is not None:
+                value = identity[i]
+            pk[column] = _value(value)
+        data = {"table": spec.table, "pk": pk, "changes": changes}
+        plain = _stored_as_is(spec, pk, changes)
+        found.append(Change(spec.events[op], data, actor, at, spec if plain else None))
 
     instance_state = sa_orm.attributes.instance_state
     for obj in session.new:
@@ -247,7 +289,7 @@ def _row_changes(
                 for key, column in spec.columns.items()
                 if key in d
             }
-            add(spec, "insert", _data(spec, d, st, changes))
+            add(spec, "insert", d, st, changes)
     for obj in session.dirty:
         st = instance_state(obj)
         spec = tracker.spec(st.mapper)
@@ -266,7 +308,7 @@ def _row_changes(
                 continue
             changes[column] = [_value(old), _value(new)]
         if changes:
-            add(spec, "update", _data(spec, d, st, changes))
+            add(spec, "update", d, st, changes)
     for obj in session.deleted:
         st = instance_state(obj)
         spec = tracker.spec(st.mapper)
@@ -280,24 +322,39 @@ def _row_changes(
                     old = d.get(key, _NO_VALUE)
                 if old is not _NO_VALUE:
                     changes[column] = [_value(old), None]
-            add(spec, "delete", _data(spec, d, st, changes))
+            add(spec, "delete", d, st, changes)
     return found
 
 
-def _data(
-    spec: _Spec,
-    d: dict[str, t.Any],
-    st: sa_orm.InstanceState[t.Any],
-    changes: dict[str, t.Any],
-) -> dict[str, t.Any]:
-    identity = st.key[1] if st.key is not None else None
-    pk = {}
-    for i, (key, column) in enumerate(spec.pk):
-        value = d.get(key)
-        if value is None and identity is not None:
-            value = identity[i]
-        pk[column] = _value(value)
-    return {"table": spec.table, "pk": pk, "changes": changes}
+def _stored_as_is(
+    spec: _Spec, pk: dict[str, t.Any], changes: dict[str, list[t.Any]]
+) -> bool:
+    """Whether a row change's values are all stored as they are: JSON
+    scalars, and text that :func:`clean_text` leaves alone, adding up to
+    well within :data:`MAX_DATA_BYTES` with the names."""
+    size = spec.names_size
+    if size is None:
+        return False
+    # 32 bytes cover any scalar and a string's quotes; 6 a character escapes.
+    size += 32 * (len(pk) + 2 * len(changes))
+    values = [*pk.values()]
+    for pair in changes.values():
+        values += pair
+    for value in values:
+        kind = type(value)
+        if kind is int:
+            if not -_INT_RANGE <= value < _INT_RANGE:
+                return False
+        elif kind is str:
+            if not value.isascii() or "\x00" in value:
+                return False
+            size += 6 * len(value)
+        elif kind is float:
+            if not math.isfinite(value):
+                return False
+        elif value is not None and kind is not bool:
+            return False
+    return size <= MAX_DATA_BYTES
 
 
 def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
@@ -448,11 +505,14 @@ def make_change_entries(
     A flush can change thousands of rows, so the fields they share go through
     :func:`make_entry` once, and each row's data takes a short path when it
     holds only plain values; anything else takes :func:`storable_data`.
+    A row change whose values are already stored as they are, with no name
+    to redact, is its own storable data.
     """
     template = make_entry(changes[0].event, redact_keys=redact_keys, **fields)
     events: dict[str, str] = {}
     actors: dict[str | None, str | None] = {}
     redacted: dict[str, bool] = {}
+    as_is: dict[_Spec, bool] = {}
     row_keys_plain = not any(
         is_redacted(key, redact_keys) for key in ("table", "pk", "changes")
     )
@@ -469,7 +529,14 @@ def make_change_entries(
         entry["actor"] = actors[change.actor]
         entry["created_at"] = change.at
         data = None
-        if row_keys_plain:
+        spec = change.spec
+        if spec is not None and row_keys_plain:
+            if spec not in as_is:
+                names = [*spec.columns.values(), *(c for _, c in spec.pk)]
+                as_is[spec] = not any(is_redacted(n, redact_keys) for n in names)
+            if as_is[spec]:
+                data = change.data
+        if data is None and row_keys_plain:
             data = _plain_row_data(change.data, redact_keys, redacted)
         if data is None:
             data = t.cast("dict[str, t.Any]", storable_data(change.data, redact_keys))

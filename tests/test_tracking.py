@@ -14,6 +14,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from flask.testing import FlaskCliRunner
 from flask_sqlalchemy import SQLAlchemy
+from hypothesis import example
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -26,6 +27,9 @@ from flask_sidelog import SideLog
 from flask_sidelog.config import DEFAULT_REDACT_KEYS
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
+from flask_sidelog.tracking import _names_size
+from flask_sidelog.tracking import _Spec
+from flask_sidelog.tracking import _stored_as_is
 from flask_sidelog.tracking import Change
 from flask_sidelog.tracking import make_change_entries
 
@@ -691,21 +695,63 @@ columns = st.sampled_from(["id", "name", "password_hash", "Token", "n\x00", "x\u
 
 
 @settings(max_examples=100, deadline=None)
+# Captured rows with a name to redact, text to clean, a value to redact.
+@example(
+    pk={"id": 1},
+    row={"name": [{"api_key": 1}, None]},
+    big=False,
+    redact=DEFAULT_REDACT_KEYS,
+    captured=True,
+)
+@example(
+    pk={"id": 1},
+    row={"password_hash": ["a", "b"]},
+    big=False,
+    redact=DEFAULT_REDACT_KEYS,
+    captured=True,
+)
+@example(
+    pk={"id": "a\x00b"},
+    row={"name": ["\u00e9", None]},
+    big=False,
+    redact=(),
+    captured=True,
+)
 @given(
     pk=st.dictionaries(columns, plain, max_size=2),
     row=st.dictionaries(columns, st.lists(plain, min_size=2, max_size=2), max_size=4),
     big=st.booleans(),
     redact=st.sampled_from([DEFAULT_REDACT_KEYS, ("pk",), ()]),
+    captured=st.booleans(),
 )
 def test_change_entries_are_those_make_entry_makes(
-    pk: dict[str, t.Any], row: dict[str, t.Any], big: bool, redact: tuple[str, ...]
+    pk: dict[str, t.Any],
+    row: dict[str, t.Any],
+    big: bool,
+    redact: tuple[str, ...],
+    captured: bool,
 ) -> None:
-    """The per-row short path stores exactly what make_entry would."""
+    """The per-row short paths store exactly what make_entry would: for any
+    data, and for data that capture found stored as it is."""
     if big:
         row["name"] = ["x" * 70_000, None]
     data = {"table": "account", "pk": pk, "changes": row}
     at = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    change = Change("account.update", data, "alice", at)
+    spec = None
+    if captured:
+        # As Tracker.spec describes a model with these columns.
+        names = [*pk, *row]
+        spec = _Spec(
+            "account",
+            tuple((name, name) for name in pk),
+            {name: name for name in names},
+            frozenset(),
+            {},
+            _names_size("account", list(pk), names),
+        )
+        if not _stored_as_is(spec, pk, row):
+            spec = None
+    change = Change("account.update", data, "alice", at, spec)
     keys = frozenset(redact)
     fields = {"main_tx": "committed", "request_id": "r", "path": "/p"}
     (entry,) = make_change_entries([change], keys, **fields)
