@@ -106,7 +106,11 @@ def make_hasher(key: bytes | None) -> Hasher:
     return lambda message: hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def _stored_tail(entry: t.Mapping[str, t.Any]) -> str:
+def _stored_tail(
+    entry: t.Mapping[str, t.Any],
+    previous: list[t.Any] | None = None,
+    data_texts: list[str] | None = None,
+) -> str:
     """An entry's hashed fields as the database will return them, encoded as
     :func:`record` encodes them after ``[1, seq, prev``: the chain covers what
     is stored, so that any reader can recompute it.
@@ -114,29 +118,55 @@ def _stored_tail(entry: t.Mapping[str, t.Any]) -> str:
     ``data`` is taken as the canonical JSON the log engine stores: for what
     :func:`~flask_sidelog.entry.make_entry` and a spool produce (JSON with
     string keys) that text is exactly what encoding the decoded column gives,
-    and it costs one encoding instead of three."""
+    and it costs one encoding instead of three.
+
+    :param previous: for the entries of one batch, in order: an empty list
+        for the first. The fields between ``uuid`` and ``data`` are encoded
+        again only if one of them is not the same object as in the entry
+        before (the row changes of a flush share them all).
+    :param data_texts: gets the entry's :func:`data_text`.
+    """
     try:
         values: list[t.Any] = list(_tail_fields(entry))
     except KeyError:  # not made by make_entry: a missing field is NULL
         values = list(map(entry.get, _TAIL_FIELDS))
-    types = tuple(map(type, values))
-    if types not in _AS_STORED:
-        if all(tp in ok for tp, ok in zip(types, _STORED_TYPES, strict=True)):
-            _AS_STORED.add(types)
-        else:  # a str subclass, a status code as text...: read back as stored
-            values = [
-                None if v is None else r(v)
-                for v, r in zip(values, _READ_BACK, strict=True)
-            ]
-    values[1] = timestamp(values[1])
+    first = values[0]
+    uuid = "null" if first is None else _encode_str(str(first))
+    given = values[1:]
+    if previous and all(map(operator.is_, given, previous[0])):
+        middle = previous[1]
+    else:
+        fields = values[1:]
+        types = tuple(map(type, fields))
+        if types not in _AS_STORED:
+            if all(tp in ok for tp, ok in zip(types, _STORED_TYPES, strict=True)):
+                _AS_STORED.add(types)
+            else:  # a str subclass, a status code as text...: read back as stored
+                fields = [
+                    None if v is None else read(v)
+                    for v, read in zip(fields, _READ_BACK, strict=True)
+                ]
+        fields[0] = timestamp(fields[0])
+        # One call of the encoder for all of them.
+        middle = _encode(fields)[1:-1]
+        if previous is not None:
+            previous[:] = (given, middle)
+    data = data_text(entry)
+    if data_texts is not None:
+        data_texts.append(data)
+    return f"[{uuid},{middle},{data}]"
+
+
+def data_text(entry: t.Mapping[str, t.Any]) -> str:
+    """The text the log engine stores for an entry's ``data``: its JSON
+    column turns None into JSON's null too."""
     data = entry.get("data")
-    # One call of the encoder for all the fields: each call builds an encoder.
-    fields = _encode(values)
-    return f"{fields[:-1]},{'null' if data is None else canonical_json(data)}]"
+    return "null" if data is None else canonical_json(data)
 
 
-#: The hashed fields but ``data``, the types in which each reads back from
-#: the database, and how a value of another type is made one of them.
+#: The hashed fields but ``data``; for those after ``uuid``, the types in
+#: which each reads back from the database, and how a value of another type
+#: is made one of them.
 _TAIL_FIELDS = HASHED_FIELDS[:-1]
 _tail_fields = operator.itemgetter(*_TAIL_FIELDS)
 _STORED_TYPES = tuple(
@@ -147,7 +177,7 @@ _STORED_TYPES = tuple(
     else frozenset((type(None), float))
     if name == "duration_ms"
     else frozenset((type(None), str))
-    for name in _TAIL_FIELDS
+    for name in _TAIL_FIELDS[1:]
 )
 _READ_BACK: tuple[t.Callable[[t.Any], t.Any], ...] = tuple(
     (lambda value: value)
@@ -157,7 +187,7 @@ _READ_BACK: tuple[t.Callable[[t.Any], t.Any], ...] = tuple(
     else float
     if name == "duration_ms"
     else str
-    for name in _TAIL_FIELDS
+    for name in _TAIL_FIELDS[1:]
 )
 #: The combinations of field types seen that need no reading back.
 _AS_STORED: set[tuple[type, ...]] = set()
@@ -355,22 +385,26 @@ class Chain:
         table: sa.Table,
         entries: list[dict[str, t.Any]],
         begin: str = "",
+        data_texts: list[str] | None = None,
     ) -> list[dict[str, t.Any]]:
         """Lock the head and return ``entries`` as rows to insert: each with
         its ``seq`` and ``hash``, and ``created_at`` in UTC (SQLite stores the
         wall time without its offset). One lock for the whole batch.
 
         :param begin: see :func:`lock_and_read_head`.
+        :param data_texts: gets each row's :func:`data_text`, which the hash
+            covers, so that the writer stores it without encoding it again.
         """
         # Everything but seq and prev is serialised before the lock is taken:
         # the lock is held by one writer at a time, so it must be short.
         rows = []
         tails = []
+        previous: list[t.Any] = []
         for entry in entries:
             row = dict(entry)
             row["created_at"] = as_utc(entry["created_at"])
             rows.append(row)
-            tails.append(_stored_tail(row))
+            tails.append(_stored_tail(row, previous, data_texts))
         seq, prev = lock_and_read_head(conn, table, begin)
         for row, tail in zip(rows, tails, strict=True):
             seq += 1

@@ -40,7 +40,7 @@ from .entry import cut
 from .entry import is_redacted
 from .entry import make_entry
 from .entry import MAX_DATA_BYTES
-from .entry import new_uuid
+from .entry import new_uuids
 from .entry import REDACTED
 from .entry import storable_data
 from .entry import to_storable
@@ -517,9 +517,9 @@ def make_change_entries(
         is_redacted(key, redact_keys) for key in ("table", "pk", "changes")
     )
     entries = []
-    for change in changes:
+    for change, entry_uuid in zip(changes, new_uuids(len(changes)), strict=True):
         entry = template.copy()
-        entry["uuid"] = new_uuid()
+        entry["uuid"] = entry_uuid
         event = events.get(change.event)
         if event is None:
             event = events[change.event] = check_event(change.event)

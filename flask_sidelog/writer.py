@@ -19,6 +19,7 @@ from . import batching
 from .engine import driver_error
 from .engine import is_sqlite
 from .engine import without_parameters
+from .entry import canonical_json
 from .signals import entry_failed
 from .signals import entry_written
 from .spool import Spool
@@ -57,6 +58,9 @@ def _leave_autocommit(conn: sa.Connection, driver: t.Any) -> None:
     except Exception:
         if not conn.invalidated:
             conn.invalidate()
+
+
+_UNSET = object()
 
 
 class SideLogWriteError(Exception):
@@ -169,6 +173,13 @@ class Writer:
         # for both client and server; SQLite through executemany.
         columns = [c for c in table.columns if c.name != "id"]
         self._names = [c.name for c in columns]
+        self._data_index = self._names.index("data")
+        # The chain hashes data as canonical_json, the log engine's serialiser:
+        # what it encoded is stored as it is, unless SIDELOG_ENGINE_OPTIONS
+        # gave the engine a json_serializer of its own.
+        self._store_chain_text = (
+            getattr(dialect, "_json_serializer", None) is canonical_json
+        )
         self._converters = [
             (i, convert)
             for i, c in enumerate(columns)
@@ -249,12 +260,11 @@ class Writer:
             if self._copy_sql is not None:
                 return self._insert_psycopg(conn, entries)
             rows = entries
+            texts = self._data_texts()
             if self.chain is not None:
-                rows = self.chain.link(conn, self.table, entries)
-            if len(rows) > 1 and self._copy_sql is not None:
-                self._copy(conn, rows)
-            elif len(rows) > 1 and self._many_sql is not None:
-                conn.exec_driver_sql(self._many_sql, self._values(rows))
+                rows = self.chain.link(conn, self.table, entries, data_texts=texts)
+            if len(rows) > 1 and self._many_sql is not None:
+                conn.exec_driver_sql(self._many_sql, self._values(rows, texts))
             else:
                 conn.execute(self._insert, rows)
         return rows
@@ -274,17 +284,21 @@ class Writer:
         driver.autocommit = True
         try:
             rows = entries
+            texts = self._data_texts()
             if self.chain is not None:
-                rows = self.chain.link(conn, self.table, entries, begin=_BEGIN)
+                rows = self.chain.link(
+                    conn, self.table, entries, begin=_BEGIN, data_texts=texts
+                )
+            values = self._values(rows, texts)
             end = "; COMMIT" if self.chain is not None else ""
             if len(rows) <= FEW_ROWS:
                 sql = self._insert_sql + ", ".join([self._row_marks] * len(rows)) + end
                 # Bound here, not by the server: a string of two statements
                 # cannot have server-side parameters.
                 with _client_cursor(driver) as cursor:
-                    cursor.execute(sql, [v for row in self._values(rows) for v in row])
+                    cursor.execute(sql, [v for row in values for v in row])
             else:
-                self._copy(conn, rows)
+                self._copy(conn, values)
                 if end:
                     sql = "COMMIT"
                     driver.execute(sql)
@@ -294,23 +308,40 @@ class Writer:
             _leave_autocommit(conn, driver)
         return rows
 
-    def _values(self, rows: list[dict[str, t.Any]]) -> list[tuple[t.Any, ...]]:
+    def _data_texts(self) -> list[str] | None:
+        """A list for the chain to fill with the ``data`` texts it hashed,
+        if they can be stored as they are."""
+        return [] if self.chain is not None and self._store_chain_text else None
+
+    def _values(
+        self, rows: list[dict[str, t.Any]], data_texts: list[str] | None = None
+    ) -> list[tuple[t.Any, ...]]:
         """``rows`` as the driver takes them, converted as ``conn.execute``
-        would convert them."""
+        would convert them; ``data`` from ``data_texts`` if given."""
+        converters = self._converters
+        if data_texts:
+            converters = [(i, c) for i, c in converters if i != self._data_index]
+        # The rows of a batch share objects (a flush's created_at): each is
+        # converted once.
+        last: list[tuple[t.Any, t.Any]] = [(_UNSET, None)] * len(converters)
         values = []
-        for row in rows:
+        for n, row in enumerate(rows):
             value = list(map(row.get, self._names))
-            for i, convert in self._converters:
-                value[i] = convert(value[i])
+            for k, (i, convert) in enumerate(converters):
+                given, converted = last[k]
+                if value[i] is not given:
+                    last[k] = given, converted = value[i], convert(value[i])
+                value[i] = converted
+            if data_texts:
+                value[self._data_index] = data_texts[n]
             values.append(tuple(value))
         return values
 
-    def _copy(self, conn: sa.Connection, rows: list[dict[str, t.Any]]) -> None:
-        """Insert ``rows`` with COPY, raising its errors as ``conn.execute``
-        would: a lost connection is invalidated, so :meth:`insert` tries again
-        on a new one."""
+    def _copy(self, conn: sa.Connection, values: list[tuple[t.Any, ...]]) -> None:
+        """Insert rows, converted by :meth:`_values`, with COPY, raising its
+        errors as ``conn.execute`` would: a lost connection is invalidated, so
+        :meth:`insert` tries again on a new one."""
         assert self._copy_sql is not None
-        values = self._values(rows)
         cursor = conn.connection.cursor()
         try:
             with cursor.copy(self._copy_sql) as copy:
