@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import threading
+import time
 import types
 import typing as t
 import uuid
@@ -20,6 +21,7 @@ from werkzeug.datastructures import Headers
 from flask_sidelog import SideLog
 from flask_sidelog.context import describe_error
 from flask_sidelog.entry import MAX_DATA_BYTES
+from flask_sidelog.entry import new_uuids
 from flask_sidelog.entry import REDACTED
 
 
@@ -218,10 +220,24 @@ def test_statement_errors_keep_the_driver_message_only() -> None:
     assert describe_error(error) == "sqlalchemy.exc.StatementError: bad value"
 
 
-def test_entry_uuids_are_unique_version_4(app: Flask, sidelog: SideLog) -> None:
+def test_entry_uuids_are_unique_version_7(app: Flask, sidelog: SideLog) -> None:
+    """Version 7 (RFC 9562): the time in milliseconds first, so that new
+    entries go at the end of the uuid index, then 74 random bits."""
     with app.app_context():
+        before = time.time()
         made = [sidelog.log("x")["uuid"] for _ in range(200)]
+        after = time.time()
     parsed = [uuid.UUID(u) for u in made]
     assert [str(u) for u in parsed] == made
-    assert {(u.version, u.variant) for u in parsed} == {(4, uuid.RFC_4122)}
+    assert {(u.version, u.variant) for u in parsed} == {(7, uuid.RFC_4122)}
     assert len(set(made)) == len(made)
+    stamps = [(u.int >> 80) / 1000 for u in parsed]
+    assert stamps == sorted(stamps)
+    assert int(before * 1000) / 1000 <= stamps[0] and stamps[-1] <= after
+
+
+def test_a_batch_of_uuids_shares_its_time_not_its_random_bits() -> None:
+    made = [uuid.UUID(u) for u in new_uuids(1000)]
+    assert len({u.int >> 80 for u in made}) == 1
+    assert len({u.int & (2**80 - 1) for u in made}) == 1000
+    assert {(u.version, u.variant) for u in made} == {(7, uuid.RFC_4122)}
