@@ -127,16 +127,13 @@ def _stored_tail(
     :param data_texts: gets the entry's :func:`data_text`.
     """
     try:
-        values: list[t.Any] = list(_tail_fields(entry))
+        uuid, given = entry["uuid"], _middle_fields(entry)
     except KeyError:  # not made by make_entry: a missing field is NULL
-        values = list(map(entry.get, _TAIL_FIELDS))
-    first = values[0]
-    uuid = "null" if first is None else _encode_str(str(first))
-    given = values[1:]
+        uuid, given = entry.get("uuid"), tuple(map(entry.get, _MIDDLE_FIELDS))
     if previous and all(map(operator.is_, given, previous[0])):
         middle = previous[1]
     else:
-        fields = values[1:]
+        fields = list(given)
         types = tuple(map(type, fields))
         if types not in _AS_STORED:
             if all(tp in ok for tp, ok in zip(types, _STORED_TYPES, strict=True)):
@@ -154,7 +151,8 @@ def _stored_tail(
     data = data_text(entry)
     if data_texts is not None:
         data_texts.append(data)
-    return f"[{uuid},{middle},{data}]"
+    text = "null" if uuid is None else _encode_str(str(uuid))
+    return f"[{text},{middle},{data}]"
 
 
 def data_text(entry: t.Mapping[str, t.Any]) -> str:
@@ -164,11 +162,11 @@ def data_text(entry: t.Mapping[str, t.Any]) -> str:
     return "null" if data is None else canonical_json(data)
 
 
-#: The hashed fields but ``data``; for those after ``uuid``, the types in
-#: which each reads back from the database, and how a value of another type
-#: is made one of them.
-_TAIL_FIELDS = HASHED_FIELDS[:-1]
-_tail_fields = operator.itemgetter(*_TAIL_FIELDS)
+#: The hashed fields between ``uuid`` and ``data``, the types in which each
+#: reads back from the database, and how a value of another type is made one
+#: of them.
+_MIDDLE_FIELDS = HASHED_FIELDS[1:-1]
+_middle_fields = operator.itemgetter(*_MIDDLE_FIELDS)
 _STORED_TYPES = tuple(
     frozenset((type(None), datetime))
     if name == "created_at"
@@ -177,7 +175,7 @@ _STORED_TYPES = tuple(
     else frozenset((type(None), float))
     if name == "duration_ms"
     else frozenset((type(None), str))
-    for name in _TAIL_FIELDS[1:]
+    for name in _MIDDLE_FIELDS
 )
 _READ_BACK: tuple[t.Callable[[t.Any], t.Any], ...] = tuple(
     (lambda value: value)
@@ -187,7 +185,7 @@ _READ_BACK: tuple[t.Callable[[t.Any], t.Any], ...] = tuple(
     else float
     if name == "duration_ms"
     else str
-    for name in _TAIL_FIELDS[1:]
+    for name in _MIDDLE_FIELDS
 )
 #: The combinations of field types seen that need no reading back.
 _AS_STORED: set[tuple[type, ...]] = set()

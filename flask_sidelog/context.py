@@ -244,7 +244,10 @@ def _main_session_state(session: sa_orm.Session) -> ContextState | None:
 def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
     state = _main_session_state(session)
     if state is not None and not state.pending_write:
-        state.pending_write = bool(session.new or session.dirty or session.deleted)
+        # check_modified() rather than dirty, which lists every changed object.
+        state.pending_write = bool(
+            session.new or session.deleted or session.identity_map.check_modified()
+        )
 
 
 def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:

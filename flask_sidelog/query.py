@@ -11,6 +11,7 @@ from datetime import timezone
 import sqlalchemy as sa
 
 from .entry import clean_text
+from .model import level_not_info
 
 #: Rows fetched at a time when streaming; the client holds at most this many.
 STREAM_BATCH = 1000
@@ -84,6 +85,9 @@ def entry_filters(
             # Stored text went through clean_text: compare like with like,
             # and never send NUL or a lone surrogate to the database.
             clauses.append(column == clean_text(value))
+    if level is not None and level != "info":
+        # The level index leaves out "info": say so, or it is not used.
+        clauses.append(level_not_info(table))
     if since is not None:
         clauses.append(c.created_at >= as_utc(since))
     if until is not None:

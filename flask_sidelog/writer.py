@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import operator
 import threading
 import typing as t
 
@@ -173,6 +174,7 @@ class Writer:
         # for both client and server; SQLite through executemany.
         columns = [c for c in table.columns if c.name != "id"]
         self._names = [c.name for c in columns]
+        self._row_values = operator.itemgetter(*self._names)
         self._data_index = self._names.index("data")
         # The chain hashes data as canonical_json, the log engine's serialiser:
         # what it encoded is stored as it is, unless SIDELOG_ENGINE_OPTIONS
@@ -325,8 +327,15 @@ class Writer:
         # converted once.
         last: list[tuple[t.Any, t.Any]] = [(_UNSET, None)] * len(converters)
         values = []
+        # Linked rows hold every column; entries lack seq and hash.
+        whole = self.chain is not None
         for n, row in enumerate(rows):
-            value = list(map(row.get, self._names))
+            try:
+                value = list(
+                    self._row_values(row) if whole else map(row.get, self._names)
+                )
+            except KeyError:  # not made by make_entry: a missing field is NULL
+                value = list(map(row.get, self._names))
             for k, (i, convert) in enumerate(converters):
                 given, converted = last[k]
                 if value[i] is not given:
