@@ -23,6 +23,7 @@ from flask import Flask
 from conftest import dispose
 from conftest import make_app
 from conftest import run_threads
+from flask_sidelog import chain
 from flask_sidelog import SideLog
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
@@ -335,30 +336,37 @@ def _fork(child: t.Callable[[], None]) -> int:
 # A memory database is not shared with a child process.
 @pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
 def test_fork_while_the_parent_is_writing(
-    build: t.Callable[..., Built], database_uri: str, mode: str
+    build: t.Callable[..., Built],
+    database_uri: str,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The parent forks while a thread of its own is inside a commit, its
-    INSERT done, holding the write mode's locks (and, on SQLite, the writer's
-    lock). The child writes and flushes its own entries, the parent's are
-    written once.
+    """The parent forks while a thread of its own is inside a write's
+    transaction, holding the write mode's locks and the chain's (PostgreSQL's
+    advisory lock; on SQLite, the file's write lock and the writer's lock).
+    The child writes and flushes its own entries, the parent's are written
+    once.
 
-    The commit ends half a second later, as commits do. The database locks
-    it holds (PostgreSQL's chain lock, SQLite's write lock) the child waits
-    for as any other process would; on SQLite the fork itself waits, since
-    the child would inherit the parent's hold on the file."""
+    The write ends half a second later, as writes do. The database locks it
+    holds the child waits for as any other process would; on SQLite the fork
+    itself waits, since the child would inherit the parent's hold on the
+    file."""
     app, sidelog = build(SIDELOG_WRITE_MODE=mode, SIDELOG_FLUSH_INTERVAL=1)
     with app.app_context():
         sidelog.create_table()
     inside = threading.Event()
     release = threading.Event()
+    lock_and_read_head = chain.lock_and_read_head
 
-    def stall(conn: t.Any, clause: t.Any, *args: t.Any) -> None:
-        if isinstance(clause, sa.Insert) and os.getpid() == parent:
+    def stall(*args: t.Any, **kwargs: t.Any) -> tuple[int, str]:
+        head = lock_and_read_head(*args, **kwargs)
+        if os.getpid() == parent:
             inside.set()
             release.wait(30)
+        return head
 
     parent = os.getpid()
-    sa.event.listen(log_engine(app), "after_execute", stall)
+    monkeypatch.setattr(chain, "lock_and_read_head", stall)
 
     def parent_writes() -> None:
         with app.app_context():
@@ -488,10 +496,10 @@ def test_a_batch_is_stored_as_single_entries_are(
             assert row["data"] in (None, "null")
 
 
-@pytest.mark.parametrize("chain", [True, False], ids=["chain", "no-chain"])
+@pytest.mark.parametrize("chained", [True, False], ids=["chain", "no-chain"])
 @pytest.mark.parametrize("size", [1, FEW_ROWS + 1], ids=["few", "copy"])
 def test_a_failed_write_leaves_its_connection_as_it_was(
-    build: t.Callable[..., Built], database_uri: str, chain: bool, size: int
+    build: t.Callable[..., Built], database_uri: str, chained: bool, size: int
 ) -> None:
     """On PostgreSQL a write runs psycopg in autocommit mode, with its own
     BEGIN and COMMIT. A write that fails must give the pool back its one
@@ -501,7 +509,7 @@ def test_a_failed_write_leaves_its_connection_as_it_was(
     one_connection = {"pool_size": 1, "max_overflow": 0}
     app, sidelog = build(
         SIDELOG_WRITE_MODE="sync",
-        SIDELOG_CHAIN=chain,
+        SIDELOG_CHAIN=chained,
         # sqlite:// has one connection already, in a pool that takes no size.
         SIDELOG_ENGINE_OPTIONS={} if database_uri == "sqlite://" else one_connection,
     )
@@ -521,7 +529,7 @@ def test_a_failed_write_leaves_its_connection_as_it_was(
         writer.insert([make_entry("after") for _ in range(size)])
         events = [e["event"] for e in sidelog.entries(limit=100)]
         assert events == ["first"] * size + ["after"] * size
-        assert sidelog.verify().ok is chain
+        assert sidelog.verify().ok is chained
 
 
 def test_group_commit_waits_for_running_audited_requests(
