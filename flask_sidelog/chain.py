@@ -151,7 +151,7 @@ def _stored_tail(
     data = data_text(entry)
     if data_texts is not None:
         data_texts.append(data)
-    text = "null" if uuid is None else _encode_str(str(uuid))
+    text = "null" if uuid is None else _encode_str(_as_text(uuid))
     return f"[{text},{middle},{data}]"
 
 
@@ -160,6 +160,12 @@ def data_text(entry: t.Mapping[str, t.Any]) -> str:
     column turns None into JSON's null too."""
     data = entry.get("data")
     return "null" if data is None else canonical_json(data)
+
+
+def _as_text(value: t.Any) -> str:
+    """A value of a text column as the database stores it: a str subclass
+    as its text, whatever its ``__str__`` says (a StrEnum member)."""
+    return str.__str__(value) if isinstance(value, str) else str(value)
 
 
 #: The hashed fields between ``uuid`` and ``data``, the types in which each
@@ -184,7 +190,7 @@ _READ_BACK: tuple[t.Callable[[t.Any], t.Any], ...] = tuple(
     if name == "status_code"
     else float
     if name == "duration_ms"
-    else str
+    else _as_text
     for name in _MIDDLE_FIELDS
 )
 #: The combinations of field types seen that need no reading back.

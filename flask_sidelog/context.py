@@ -167,9 +167,16 @@ def current_state(
 def read_request(state: ContextState) -> None:
     """Read the request's id and the fields every entry of the request
     shares into ``state``, once."""
-    req = state.request
-    if state.request_read or req is None:
+    if state.request_read:
         return
+    if state.request is None:
+        # A request pushed into an app context that had a state before it
+        # (Flask reuses a pushed app context): it is this state's request.
+        request_ctx = _cv_request.get(None)
+        if request_ctx is None:
+            return
+        state.request = request_ctx.request
+    req = state.request
     state.request_read = True
     settings = _cv_app.get().app.extensions["sidelog"].settings
     state.request_id = _request_id(req, settings.request_id_header)

@@ -46,16 +46,16 @@ def _client_cursor(driver: t.Any) -> t.Any:
     return psycopg.ClientCursor(driver)
 
 
-def _leave_autocommit(conn: sa.Connection, driver: t.Any) -> None:
-    """Roll back what an error left open, and leave autocommit mode, so that
-    the connection goes back to the pool as it came; if that fails (a lost
-    connection), the pool replaces it."""
+def _leave_autocommit(conn: sa.Connection, driver: t.Any, autocommit: bool) -> None:
+    """Roll back what an error left open, and set autocommit back to what it
+    was, so that the connection goes back to the pool as it came; if that
+    fails (a lost connection), the pool replaces it."""
     import psycopg
 
     try:
         if driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             driver.execute("ROLLBACK")
-        driver.autocommit = False
+        driver.autocommit = autocommit
     except Exception:
         if not conn.invalidated:
             conn.invalidate()
@@ -283,6 +283,8 @@ class Writer:
         driver = conn.connection.driver_connection
         sql = self._insert_sql
         assert driver is not None and self._copy_sql is not None
+        # An engine configured with isolation_level="AUTOCOMMIT" keeps it.
+        autocommit = driver.autocommit
         driver.autocommit = True
         try:
             rows = entries
@@ -307,7 +309,7 @@ class Writer:
         except conn.dialect.loaded_dbapi.Error as error:
             raise driver_error(conn, error, sql) from error
         finally:
-            _leave_autocommit(conn, driver)
+            _leave_autocommit(conn, driver, autocommit)
         return rows
 
     def _data_texts(self) -> list[str] | None:

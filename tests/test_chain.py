@@ -903,3 +903,30 @@ def test_table_name_with_a_percent_sign(postgres: t.Any, tmp_path: t.Any) -> Non
         dispose(app)
     assert events == ["single", "batch.1", "batch.2"]
     assert result.ok
+
+
+class _Shown(str):
+    """Text whose str() is not its text, as a StrEnum member's may be."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return f"Shown({str.__str__(self)})"
+
+
+@pytest.mark.parametrize("size", [1, 2, 6], ids=["one", "few", "copy"])
+def test_text_of_a_str_subclass_is_hashed_as_stored(
+    app: Flask, sidelog: SideLog, size: int
+) -> None:
+    """Entries made past make_entry (spooled, replayed, or by hand) may hold a
+    str subclass: the database stores its text, and the chain must hash that,
+    not its str()."""
+    entries = []
+    for _ in range(size):
+        entry = make_entry("shown")
+        entry.update(main_tx=_Shown("committed"), uuid=_Shown(entry["uuid"]))
+        entries.append(entry)
+    with app.app_context():
+        app.extensions["sidelog"].writer.insert(entries)
+        assert sidelog.verify().ok
+        assert {e["main_tx"] for e in sidelog.entries()} == {"committed"}

@@ -144,3 +144,47 @@ def test_entries_after_the_request_context_keep_its_fields(
         assert entry["request_id"] is not None
         assert (entry["method"], entry["path"]) == ("POST", "/accounts")
     assert found[0]["request_id"] == found[1]["request_id"]
+
+
+def test_a_request_in_an_app_context_sidelog_used_before(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """Flask reuses an app context already pushed when a request comes (a
+    test that commits, then calls the client, in one ``with
+    app.app_context()``): the context's state began before the request, and
+    its entries still carry the request's fields."""
+    app, db, sidelog = make_app(
+        database_uri,
+        str(tmp_path),
+        {"SIDELOG_REQUEST_ID_RESPONSE_HEADER": "X-Request-ID"},
+    )
+    assert db is not None
+
+    @app.post("/transfer")
+    @sidelog.audit()
+    def funds_transfer() -> str:
+        sidelog.log("inside")
+        return "ok"
+
+    try:
+        with app.app_context():
+            Base.metadata.create_all(db.engine, tables=[Account.__table__])
+            sidelog.log("before")  # the context's state begins here
+            db.session.add(Account(name="a", balance=1))
+            db.session.commit()
+            response = app.test_client().post("/transfer")
+        # The audit entry is written as the app context ends, here.
+        with app.app_context():
+            found = sidelog.entries()
+            Base.metadata.drop_all(db.engine, tables=[Account.__table__])
+    finally:
+        dispose(app)
+    assert response.status_code == 200
+    by_event = {e["event"]: e for e in found}
+    assert set(by_event) == {"before", "inside", "funds_transfer"}
+    assert by_event["before"]["path"] is None
+    for event in ("inside", "funds_transfer"):
+        entry = by_event[event]
+        assert (entry["method"], entry["path"]) == ("POST", "/transfer")
+        assert entry["endpoint"] == "funds_transfer"
+        assert entry["request_id"] == response.headers["X-Request-ID"]

@@ -532,6 +532,27 @@ def test_a_failed_write_leaves_its_connection_as_it_was(
         assert sidelog.verify().ok is chained
 
 
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_autocommit_log_engine_stays_autocommit(
+    build: t.Callable[..., Built],
+) -> None:
+    """A write switches psycopg to autocommit and back to what it was: an
+    engine configured with isolation_level="AUTOCOMMIT" keeps it."""
+    app, sidelog = build(
+        SIDELOG_ENGINE_OPTIONS={
+            "isolation_level": "AUTOCOMMIT",
+            "pool_size": 1,
+            "max_overflow": 0,
+        }
+    )
+    with app.app_context():
+        sidelog.log("first")
+        writer = app.extensions["sidelog"].writer
+        with writer.engine.connect() as conn:
+            assert conn.connection.driver_connection.autocommit is True
+        assert [e["event"] for e in sidelog.entries()] == ["first"]
+
+
 def test_group_commit_waits_for_running_audited_requests(
     build: t.Callable[..., Built], monkeypatch: pytest.MonkeyPatch
 ) -> None:
