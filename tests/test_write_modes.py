@@ -496,6 +496,32 @@ def test_a_batch_is_stored_as_single_entries_are(
             assert row["data"] in (None, "null")
 
 
+def test_a_batch_keeps_its_order_whatever_its_null_columns(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """SQLite takes each run of rows with NULL in the same columns by an
+    INSERT of its own: rows are still stored in the order given, with
+    their NULLs."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="sync")
+    kinds = ["bare", "full", "full", "bare", "full", "bare"]
+    batch = [
+        make_entry(kind, actor="ann", status_code=200)
+        if kind == "full"
+        else make_entry(kind)
+        for kind in kinds
+    ]
+    with app.app_context():
+        app.extensions["sidelog"].writer.insert(batch)
+        assert sidelog.verify().ok
+        found = sidelog.entries()
+    assert stored_events(app, database_uri) == kinds
+    for entry in found:
+        full = entry["event"] == "full"
+        assert (entry["actor"], entry["status_code"]) == (
+            ("ann", 200) if full else (None, None)
+        )
+
+
 @pytest.mark.parametrize("chained", [True, False], ids=["chain", "no-chain"])
 @pytest.mark.parametrize("size", [1, FEW_ROWS + 1], ids=["few", "copy"])
 def test_a_failed_write_leaves_its_connection_as_it_was(
