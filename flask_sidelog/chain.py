@@ -173,26 +173,15 @@ def _as_text(value: t.Any) -> str:
 #: of them.
 _MIDDLE_FIELDS = HASHED_FIELDS[1:-1]
 _middle_fields = operator.itemgetter(*_MIDDLE_FIELDS)
+_NOT_TEXT: dict[str, tuple[type, t.Callable[[t.Any], t.Any]]] = {
+    "created_at": (datetime, lambda value: value),  # timestamp() takes any
+    "status_code": (int, int),
+    "duration_ms": (float, float),
+}
 _STORED_TYPES = tuple(
-    frozenset((type(None), datetime))
-    if name == "created_at"
-    else frozenset((type(None), int))
-    if name == "status_code"
-    else frozenset((type(None), float))
-    if name == "duration_ms"
-    else frozenset((type(None), str))
-    for name in _MIDDLE_FIELDS
+    frozenset((type(None), _NOT_TEXT.get(name, (str,))[0])) for name in _MIDDLE_FIELDS
 )
-_READ_BACK: tuple[t.Callable[[t.Any], t.Any], ...] = tuple(
-    (lambda value: value)
-    if name == "created_at"
-    else int
-    if name == "status_code"
-    else float
-    if name == "duration_ms"
-    else _as_text
-    for name in _MIDDLE_FIELDS
-)
+_READ_BACK = tuple(_NOT_TEXT.get(name, (str, _as_text))[1] for name in _MIDDLE_FIELDS)
 #: The combinations of field types seen that need no reading back.
 _AS_STORED: set[tuple[type, ...]] = set()
 

@@ -358,7 +358,7 @@ def _stored_as_is(
 
 
 def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
-    if session.new or session.dirty or session.deleted:
+    if context.has_changes(session):
         found = _found(session)
         if found is not None:
             found[2].flushing = True
