@@ -330,15 +330,23 @@ class Writer:
         start = 0
         while start < len(values):
             kept = _not_null(values[start])
+            nulls = kept.count(False)
+            # Never a single column: uuid, created_at, event and level are
+            # NOT NULL, so the getter returns a tuple.
+            take = operator.itemgetter(*itertools.compress(range(len(kept)), kept))
+            run = [take(values[start])]
             end = start + 1
-            while end < len(values) and _not_null(values[end]) == kept:
+            # A row of the run has as many NULLs, none of them in a taken column.
+            while end < len(values):
+                row = values[end]
+                taken = take(row)
+                if row.count(None) != nulls or None in taken:
+                    break
+                run.append(taken)
                 end += 1
             names = ", ".join(itertools.compress(self._quoted, kept))
-            marks = ", ".join("?" * sum(kept))
-            conn.exec_driver_sql(
-                f"{self._many_sql} ({names}) VALUES ({marks})",
-                [tuple(itertools.compress(row, kept)) for row in values[start:end]],
-            )
+            marks = ", ".join("?" * len(run[0]))
+            conn.exec_driver_sql(f"{self._many_sql} ({names}) VALUES ({marks})", run)
             start = end
 
     def _data_texts(self) -> list[str] | None:
