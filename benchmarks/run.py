@@ -4,6 +4,7 @@ Usage (from anywhere)::
 
     python benchmarks/run.py            # full run: PostgreSQL and SQLite, ~5 min
     python benchmarks/run.py --smoke    # seconds: every variant, a few requests
+    python benchmarks/run.py --profile a b   # where a request's time goes
 
 If the running interpreter lacks a benchmark dependency, the script builds
 ``benchmarks/.venv`` from ``benchmarks/requirements.txt`` and runs itself
@@ -62,6 +63,7 @@ ROOT = os.path.dirname(HERE)
 VENV = os.path.join(HERE, ".venv")
 NEEDED = (
     "flask",
+    "pyinstrument",
     "flask_sqlalchemy",
     "psycopg",
     "gunicorn",
@@ -145,13 +147,16 @@ def ensure_environment(argv: list[str]) -> None:
 # -- the sequential driver: runs inside a worker process --------------------
 
 
-def sequential_worker(variant: str, url: str) -> None:
-    """Build one variant; for each line ``N`` on stdin, call it N times and
-    print a JSON line with the wall time and each call's latency."""
+def _build(variant: str, url: str) -> t.Any:
     sys.path.insert(0, HERE)
     import apps
 
-    app = eval(f"apps.{FACTORY[variant].format(url=url)}", {"apps": apps})
+    return eval(f"apps.{FACTORY[variant].format(url=url)}", {"apps": apps})
+
+
+def _caller(app: t.Any) -> tuple[t.Callable[[], None], list[str]]:
+    """A function that sends ``app`` one request in-process, straight to its
+    WSGI callable, and the list it appends each response's status to."""
     environ_base = {
         "REQUEST_METHOD": "POST",
         "SCRIPT_NAME": "",
@@ -175,6 +180,26 @@ def sequential_worker(variant: str, url: str) -> None:
         statuses.append(status)
 
     wsgi = app.wsgi_app
+
+    def call() -> None:
+        body = wsgi(dict(environ_base, **{"wsgi.input": io.BytesIO()}), start_response)
+        b"".join(body)
+        getattr(body, "close", lambda: None)()
+
+    return call, statuses
+
+
+def _flush(app: t.Any) -> None:
+    if "sidelog" in app.extensions:
+        with app.app_context():
+            app.extensions["sidelog"].extension.flush()
+
+
+def sequential_worker(variant: str, url: str) -> None:
+    """Build one variant; for each line ``N`` on stdin, call it N times and
+    print a JSON line with the wall time and each call's latency."""
+    app = _build(variant, url)
+    call, statuses = _caller(app)
     for line in sys.stdin:
         count = int(line)
         latencies = []
@@ -182,16 +207,11 @@ def sequential_worker(variant: str, url: str) -> None:
         clock = time.perf_counter
         started = clock()
         for _ in range(count):
-            environ = dict(environ_base, **{"wsgi.input": io.BytesIO()})
             t0 = clock()
-            body = wsgi(environ, start_response)
-            b"".join(body)
-            getattr(body, "close", lambda: None)()
+            call()
             latencies.append(clock() - t0)
         wall = clock() - started
-        if "sidelog" in app.extensions:
-            with app.app_context():
-                app.extensions["sidelog"].extension.flush()
+        _flush(app)
         bad = [s for s in statuses if not s.startswith("201")]
         print(
             json.dumps(
@@ -204,6 +224,26 @@ def sequential_worker(variant: str, url: str) -> None:
             ),
             flush=True,
         )
+
+
+def profile_worker(variant: str, url: str, requests: str) -> None:
+    """Build one variant, warm it up, and print pyinstrument's call tree of
+    ``requests`` sequential requests (1 ms sampling), buffered entries'
+    last flush included."""
+    from pyinstrument import Profiler
+
+    app = _build(variant, url)
+    call, _ = _caller(app)
+    for _ in range(300):
+        call()
+    _flush(app)
+    profiler = Profiler(interval=0.001)
+    profiler.start()
+    for _ in range(int(requests)):
+        call()
+    _flush(app)
+    profiler.stop()
+    print(profiler.output_text(unicode=False, color=False), flush=True)
 
 
 class SequentialVariant:
@@ -484,6 +524,28 @@ def _postgres() -> t.Any:
 
     reason = ThrowawayPostgres.available()
     return reason if reason is not None else ThrowawayPostgres()
+
+
+def profile(variants: list[str], requests: int, outdir: str) -> None:
+    """Profile each variant's sequential requests on a throwaway PostgreSQL,
+    one process each, into ``outdir/profile-<variant>.txt``."""
+    server = _postgres()
+    if isinstance(server, str):
+        sys.exit(f"Cannot profile: {server}")
+    os.makedirs(outdir, exist_ok=True)
+    with server:
+        for variant in variants:
+            url = server.create_database(f"profile_{variant}")
+            tree = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--profile-worker",
+                 variant, url, str(requests)],
+                check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            path = os.path.join(outdir, f"profile-{variant}.txt")
+            with open(path, "w") as f:
+                f.write(f"{VARIANTS[variant]}, {requests} sequential requests\n")
+                f.write(tree)
+            print(f"{VARIANTS[variant]}: {path}", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, t.Any]:
@@ -775,16 +837,36 @@ def main(argv: list[str]) -> None:
         help="the paced driver's rate, as a share of the baseline's saturated rate",
     )
     parser.add_argument("--out", help="results folder (default: results/<stamp>)")
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        metavar="VARIANT",
+        help="instead of timing, profile these variants' sequential requests on"
+        " PostgreSQL with pyinstrument (a b c d e f)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=3000,
+        help="requests to profile per variant (with --profile)",
+    )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error(f"--requests takes a number of 1 or more; got {args.requests}")
     if not 0 < args.paced_share <= 1:
         parser.error(
             f"--paced-share takes a share of the baseline's rate above 0 and up"
             f" to 1, such as 0.25; got {args.paced_share}"
         )
-    if args.worker:
+    if args.worker or args.profile_worker:
         sys.path.insert(0, ROOT)
-        sequential_worker(*args.worker)
+        if args.worker:
+            sequential_worker(*args.worker)
+        else:
+            profile_worker(*args.profile_worker)
         return
     ensure_environment(argv)
     # Stopped with SIGTERM, still stop the servers and PostgreSQL.
@@ -793,6 +875,14 @@ def main(argv: list[str]) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
     )
+    if args.profile:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        profile(
+            args.profile,
+            args.requests,
+            args.out or os.path.join(HERE, "results", stamp),
+        )
+        return
     results = run(args)
     stamp = results["started"][:19].replace(":", "").replace("-", "")
     outdir = args.out or os.path.join(
