@@ -247,13 +247,19 @@ def lock_and_read_head(
 @functools.lru_cache(maxsize=64)
 def _lock_and_head_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str]:
     """The lock and head statements as SQL text, compiled once per table."""
+    lock, head = (_compiled(dialect, s) for s in _chain_statements(table))
+    return without_parameters(lock, dialect), without_parameters(head, dialect)
 
-    def text(statement: sa.Select[t.Any]) -> str:
-        kwargs = {"literal_binds": True}
-        compiled = str(statement.compile(dialect=dialect, compile_kwargs=kwargs))
-        return without_parameters(compiled, dialect)
 
-    return text(_lock_statement(table)), text(_head_statement(table))
+def _compiled(dialect: sa.Dialect, statement: sa.Select[t.Any]) -> str:
+    """``statement`` as SQL text with its values inline (and, for psycopg,
+    the ``%`` of identifiers doubled, as for a statement with parameters)."""
+    kwargs = {"literal_binds": True}
+    return str(statement.compile(dialect=dialect, compile_kwargs=kwargs))
+
+
+def _chain_statements(table: sa.Table) -> tuple[sa.Select[t.Any], sa.Select[t.Any]]:
+    return _lock_statement(table), _head_statement(table)
 
 
 def _lock_statement(table: sa.Table) -> sa.Select[t.Any]:
@@ -267,6 +273,107 @@ def _head_statement(table: sa.Table) -> sa.Select[t.Any]:
         .order_by(table.c.seq.desc())
         .limit(1)
     )
+
+
+@functools.lru_cache(maxsize=64)
+def append_function_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str, str]:
+    """PostgreSQL's side of :meth:`Chain.link`, as a function of the database
+    that appends rows given as one JSON array: under the chain's lock it
+    reads the head, hashes each row exactly as :meth:`Chain.link` does
+    (SHA-256 only: a key stays in the app) and inserts them, returning their
+    ``seq`` and ``hash``. The app then writes in one round trip, with no head
+    to read first. On a new or fully pruned log it inserts nothing and
+    returns no row: the app links those rows itself.
+
+    Each row is ``[tail, value, ...]``: its record after
+    ``[1,<seq>,"<prev>",`` (see :meth:`Chain.prepare`), then the value of
+    each stored column but ``id``, ``seq`` and ``hash``, in table order,
+    ``created_at`` as ISO text and ``data`` as its JSON text.
+
+    Each statement of the function reads what was committed before it when
+    the transaction is READ COMMITTED, so the head is read after the lock is
+    granted; under a stricter isolation a stale head fails on the unique
+    ``seq`` instead.
+
+    :return: the ``CREATE FUNCTION`` statement for ``exec_driver_sql``, the
+        call (``%s`` for the rows' JSON text) and the function's signature
+        for ``to_regprocedure``.
+    """
+    preparer = dialect.identifier_preparer
+    name = preparer.quote(f"{table.name}_append")
+    columns = [c for c in table.columns if c.name not in ("id", "seq", "hash")]
+    names = ", ".join(preparer.quote(c.name) for c in columns)
+    # Text goes to text columns as it is; the rest is cast from its text.
+    values = ", ".join(
+        f"r ->> {i}"
+        if isinstance(c.type, sa.String)
+        else f"CAST(r ->> {i} AS {c.type.compile(dialect)})"
+        for i, c in enumerate(columns, start=1)
+    )
+    lock, head = (_compiled(dialect, s) for s in _chain_statements(table))
+    # The concatenation gives the bytes of record(): the text is ASCII, and
+    # bigint's text form is Python's.
+    create = f"""CREATE OR REPLACE FUNCTION {name}(given JSONB)
+RETURNS TABLE (linked_seq BIGINT, linked_hash TEXT)
+LANGUAGE plpgsql VOLATILE AS $sidelog$
+DECLARE
+    head_seq BIGINT;
+    head_hash TEXT;
+    seqs BIGINT[];
+    hashes TEXT[];
+BEGIN
+    PERFORM ({lock});
+    SELECT h.seq, h.hash INTO head_seq, head_hash FROM ({head}) AS h;
+    IF head_seq IS NULL THEN
+        RETURN;
+    END IF;
+    FOR i IN 1 .. jsonb_array_length(given) LOOP
+        head_seq := head_seq + 1;
+        head_hash := encode(sha256(convert_to(
+            '[1,' || head_seq || ',"' || head_hash || '",' || (given -> (i - 1) ->> 0),
+            'UTF8'
+        )), 'hex');
+        seqs[i] := head_seq;
+        hashes[i] := head_hash;
+    END LOOP;
+    INSERT INTO {preparer.format_table(table)} ({names}, seq, hash)
+        SELECT {values}, seqs[o], hashes[o]
+        FROM jsonb_array_elements(given) WITH ORDINALITY AS x (r, o);
+    RETURN QUERY SELECT * FROM unnest(seqs, hashes);
+END
+$sidelog$"""
+    call = f"SELECT linked_seq, linked_hash FROM {name}(%s::JSONB)"
+    # exec_driver_sql() sends the statement with (no) parameters, so its
+    # identifiers keep their doubled %; the signature is a value.
+    return create, call, without_parameters(f"{name}(JSONB)", dialect)
+
+
+def has_append_function(conn: sa.Connection, table: sa.Table) -> bool:
+    """Whether the database has :func:`append_function_sql`'s function for
+    ``table``, and runs READ COMMITTED by default, as the function needs."""
+    _, _, signature = append_function_sql(conn.dialect, table)
+    return bool(
+        conn.execute(
+            sa.select(
+                sa.and_(
+                    sa.func.to_regprocedure(signature).is_not(None),
+                    sa.func.current_setting("default_transaction_isolation")
+                    == "read committed",
+                )
+            )
+        ).scalar()
+    )
+
+
+def create_append_function(conn: sa.Connection, table: sa.Table) -> None:
+    """Create :func:`append_function_sql`'s function for ``table`` on
+    PostgreSQL, if it is missing; elsewhere, nothing."""
+    if conn.dialect.name != "postgresql":
+        return
+    create, _, signature = append_function_sql(conn.dialect, table)
+    exists = sa.select(sa.func.to_regprocedure(signature).is_not(None))
+    if not conn.execute(exists).scalar():
+        conn.exec_driver_sql(create)
 
 
 def checkpoints_table(table: sa.Table) -> sa.Table:
@@ -390,6 +497,22 @@ class Chain:
         """
         # Everything but seq and prev is serialised before the lock is taken:
         # the lock is held by one writer at a time, so it must be short.
+        rows, tails = self.prepare(entries, data_texts)
+        seq, prev = lock_and_read_head(conn, table, begin)
+        for row, tail in zip(rows, tails, strict=True):
+            seq += 1
+            # Equal to record(...): '[1,<seq>,"<prev>",' and the fields.
+            prev = self.hasher(f'[1,{seq},"{prev}",{tail}'.encode("ascii"))
+            row["seq"] = seq
+            row["hash"] = prev
+        return rows
+
+    def prepare(
+        self, entries: list[dict[str, t.Any]], data_texts: list[str] | None = None
+    ) -> tuple[list[dict[str, t.Any]], list[str]]:
+        """What :meth:`link` does before it takes the lock: ``entries`` as
+        rows without ``seq`` and ``hash``, and each one's record after
+        ``[1,<seq>,"<prev>",``, which the hash covers with those."""
         rows = []
         tails = []
         previous: list[t.Any] = []
@@ -397,15 +520,8 @@ class Chain:
             row = dict(entry)
             row["created_at"] = as_utc(entry["created_at"])
             rows.append(row)
-            tails.append(_stored_tail(row, previous, data_texts))
-        seq, prev = lock_and_read_head(conn, table, begin)
-        for row, tail in zip(rows, tails, strict=True):
-            seq += 1
-            # Equal to record(...): '[1,<seq>,"<prev>",' and the fields.
-            prev = self.hasher(f'[1,{seq},"{prev}",{tail[1:]}'.encode("ascii"))
-            row["seq"] = seq
-            row["hash"] = prev
-        return rows
+            tails.append(_stored_tail(row, previous, data_texts)[1:])
+        return rows, tails
 
 
 #: What :func:`verify` found wrong at the first broken position.

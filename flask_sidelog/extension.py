@@ -525,7 +525,10 @@ class SideLog:
         writer = _app_state().writer
         with writer.lock, writer.engine.begin() as conn:
             exists = sa.inspect(conn).has_table(writer.table.name)
-            if not exists:
+            if exists:
+                # A table made before the chain's append function existed.
+                chain.create_append_function(conn, writer.table)
+            else:
                 writer.table.create(conn)
         return not exists
 

@@ -84,13 +84,17 @@ def make_entries_table(name: str, metadata: sa.MetaData | None = None) -> sa.Tab
 
     # Creating the entries table alone (first write, init) creates the
     # checkpoints table too, so pruning never finds it missing; create_all
-    # on the metadata creates both itself.
+    # on the metadata creates both itself. On PostgreSQL the chain's append
+    # function comes with the table.
     @sa.event.listens_for(table, "after_create")
-    def _create_checkpoints(
+    def _create_companions(
         target: sa.Table, connection: sa.Connection, **kw: object
     ) -> None:
+        from .chain import create_append_function  # chain imports this module
+
         if not kw.get("_is_metadata_operation"):
             checkpoints.create(connection, checkfirst=True)
+        create_append_function(connection, target)
 
     return table
 

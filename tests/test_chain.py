@@ -36,6 +36,7 @@ from flask_sidelog import SideLog
 from flask_sidelog.entry import make_entry
 from flask_sidelog.model import make_entries_table
 from flask_sidelog.signals import entry_failed
+from flask_sidelog.writer import SERVER_LINKED_ROWS
 
 KEY = "k" * 32
 TABLE = "sidelog_entries"
@@ -930,3 +931,131 @@ def test_text_of_a_str_subclass_is_hashed_as_stored(
         app.extensions["sidelog"].writer.insert(entries)
         assert sidelog.verify().ok
         assert {e["main_tx"] for e in sidelog.entries()} == {"committed"}
+
+
+@pytest.fixture
+def heads_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Grows by one each time the app takes the chain's lock and reads its
+    head itself, instead of the database's append function."""
+    read: list[int] = []
+    lock_and_read_head = chain.lock_and_read_head
+
+    def counted(*args: t.Any, **kwargs: t.Any) -> tuple[int, str]:
+        read.append(1)
+        return lock_and_read_head(*args, **kwargs)
+
+    monkeypatch.setattr(chain, "lock_and_read_head", counted)
+    return read
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("keyed_chain", [False, True], ids=["unkeyed", "keyed"])
+def test_postgresql_links_small_batches_unless_the_chain_is_keyed(
+    postgres: t.Any, tmp_path: t.Any, keyed_chain: bool, heads_read: list[int]
+) -> None:
+    """On PostgreSQL, batches of up to SERVER_LINKED_ROWS entries of an
+    unkeyed chain go to the table's append function, which hashes them as
+    the app would (verify recomputes every hash). The app links the first
+    entry of a new chain, larger batches, a value JSON cannot hold, and every
+    entry of a keyed chain: its key must not reach the database."""
+    uri = postgres.create_database(f"server_linked_{keyed_chain}")
+    config = {**CHAINED, "SIDELOG_WRITE_MODE": "sync"}
+    if keyed_chain:
+        config["SIDELOG_CHAIN_KEY"] = KEY
+    app, _, sidelog = make_app(uri, str(tmp_path), config, with_db=False)
+    odd = {"é": "\u2028", "q": 'it\'s \\ "quoted"', "n": None, "f": 0.1}
+    try:
+        with app.app_context():
+            written = [sidelog.log("first", data=odd)]
+            assert heads_read == [1]  # a new chain has no head to give
+            writer = app.extensions["sidelog"].writer
+            east = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone(timedelta(hours=9)))
+            batches = [
+                [
+                    make_entry(f"few.{i}", data={"i": i})
+                    for i in range(SERVER_LINKED_ROWS)
+                ],
+                [make_entry("many") for _ in range(SERVER_LINKED_ROWS + 1)],
+                [make_entry("nan", duration_ms=float("nan"))],
+                [
+                    {
+                        **make_entry("east", actor="ann", status_code=201),
+                        "created_at": east,
+                    }
+                ],
+            ]
+            for batch in batches:
+                writer.insert(batch)
+                written += batch
+            written.append(sidelog.log("last", data=odd))
+            result = sidelog.verify()
+            stored = sidelog.entries(limit=1000)
+    finally:
+        dispose(app)
+    # The first, "many" and "nan" batches are linked by the app.
+    assert len(heads_read) == (6 if keyed_chain else 3)
+    assert result.ok, str(result)
+    assert [e["seq"] for e in written] == list(range(1, len(written) + 1))
+    assert {e["seq"]: e["hash"] for e in stored} == {
+        e["seq"]: e["hash"] for e in written
+    }
+    east_stored = next(e for e in stored if e["event"] == "east")
+    assert (east_stored["created_at"], east_stored["status_code"]) == (east, 201)
+
+
+@pytest.mark.postgres
+def test_a_missing_append_function_costs_a_round_trip_not_an_entry(
+    postgres: t.Any, tmp_path: t.Any, heads_read: list[int]
+) -> None:
+    """A function dropped while the app runs, or missing from a table made
+    before it existed, leaves the linking to the app. The table's first
+    write with SIDELOG_CREATE_TABLE on, and ``create_table()`` (``flask
+    sidelog init``), add it to an existing table."""
+    uri = postgres.create_database("append_function_missing")
+    drop = "DROP FUNCTION sidelog_entries_append(JSONB)"
+    failed: list[BaseException] = []
+    configs = [
+        {**CHAINED, "SIDELOG_WRITE_MODE": "sync", "SIDELOG_CREATE_TABLE": create}
+        for create in (True, False, True)
+    ]
+    apps = [
+        make_app(uri, str(tmp_path / str(i)), config, with_db=False)[::2]
+        for i, config in enumerate(configs)
+    ]
+    try:
+        (app, sidelog), (managed_app, managed), (later_app, later) = apps
+        with app.app_context():
+            sidelog.log("one")
+            sidelog.log("two")
+            assert len(heads_read) == 1  # "two" went to the function
+            sql(app, sidelog, drop)
+            with entry_failed.connected_to(
+                lambda sender, entry, error: failed.append(error), app
+            ):
+                sidelog.log("dropped while running")
+                sidelog.log("after")
+            assert len(heads_read) == 3
+        with managed_app.app_context():
+            managed.log("no function, table made elsewhere")
+            assert len(heads_read) == 4
+            assert managed.create_table() is False  # the table was there
+            managed.log("still linked by this app")
+            assert len(heads_read) == 5
+        with later_app.app_context():
+            later.log("a new process: the function")
+            assert len(heads_read) == 5
+            sql(later_app, later, drop)
+        # A new process on a table without the function creates it.
+        fresh_app, _, fresh = make_app(
+            uri, str(tmp_path / "f"), configs[0], with_db=False
+        )
+        apps.append((fresh_app, fresh))
+        with fresh_app.app_context():
+            fresh.log("created before the first write, which it links")
+            assert len(heads_read) == 5
+            result = fresh.verify()
+    finally:
+        for app, _ in apps:
+            dispose(app)
+    assert failed == []
+    assert result.ok and result.entries == 8, str(result)
