@@ -154,7 +154,8 @@ def _extension() -> SideLog:
 @sidelog_group.command("init")
 @with_log_database(need_table=False)
 def init_command() -> None:
-    """Create the entries table if it does not exist (safe to run again)."""
+    """Create the entries table if it does not exist (safe to run again);
+    on PostgreSQL, also the chain's append function if it is missing."""
     state = _state()
     created = state.extension.create_table()
     where = f"{state.writer.table.name} in {safe_url(state.writer.engine.url)}"

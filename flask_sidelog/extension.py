@@ -518,9 +518,11 @@ class SideLog:
         _app_state().writer.flush()
 
     def create_table(self) -> bool:
-        """Create the entries table if it is missing.
+        """Create the entries table if it is missing; on PostgreSQL, also
+        the chain's append function (:ref:`chain-writers`) if the table
+        lacks it.
 
-        :return: whether it was created.
+        :return: whether the table was created.
         """
         writer = _app_state().writer
         with writer.lock, writer.engine.begin() as conn:
