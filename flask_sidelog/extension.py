@@ -611,7 +611,7 @@ class SideLog:
                 for row in conn.execute(query.limit(limit)).mappings()
             ]
         found.sort(key=lambda e: (e["created_at"], e["id"]))
-        return found[len(found) - limit :] if limit else []
+        return found[-limit:] if limit else []
 
     def iter_entries(
         self,

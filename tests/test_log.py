@@ -241,3 +241,20 @@ def test_a_batch_of_uuids_shares_its_time_not_its_random_bits() -> None:
     assert len({u.int >> 80 for u in made}) == 1
     assert len({u.int & (2**80 - 1) for u in made}) == 1000
     assert {(u.version, u.variant) for u in made} == {(7, uuid.RFC_4122)}
+
+
+@pytest.mark.parametrize("count", [3, 7, 10, 12])
+def test_entries_returns_the_newest_limit_of_them(
+    app: Flask, sidelog: SideLog, count: int
+) -> None:
+    """Fewer entries than the limit: all of them; more: the newest ones,
+    newest last."""
+    with app.app_context():
+        for i in range(count):
+            sidelog.log(f"event.{i}")
+        assert [e["event"] for e in sidelog.entries(limit=10)] == [
+            f"event.{i}" for i in range(max(0, count - 10), count)
+        ]
+        assert [e["event"] for e in sidelog.entries(event="event.*", limit=10)] == [
+            f"event.{i}" for i in range(max(0, count - 10), count)
+        ]
