@@ -35,6 +35,9 @@ from .query import as_utc
 
 #: The ``prev`` of the first entry.
 GENESIS = "0" * 64
+#: Part of the name of the PostgreSQL function that links entries in the
+#: database (:func:`append_function_sql`): a new body gets a new number.
+APPEND_FUNCTION_VERSION = 1
 #: The stored fields a hash covers, besides ``seq`` and the previous hash.
 #: ``id`` is not among them: the database assigns it, and the chain's order
 #: is ``seq``.
@@ -107,13 +110,15 @@ def make_hasher(key: bytes | None) -> Hasher:
 
 
 def _stored_tail(
-    entry: t.Mapping[str, t.Any],
+    entry: dict[str, t.Any],
     previous: list[t.Any] | None = None,
     data_texts: list[str] | None = None,
 ) -> str:
     """An entry's hashed fields as the database will return them, encoded as
     :func:`record` encodes them after ``[1, seq, prev``: the chain covers what
-    is stored, so that any reader can recompute it.
+    is stored, so that any reader can recompute it. A field of another type
+    (a str subclass, a status code as text or float) is set in ``entry`` to
+    the value hashed, so that every write path stores exactly that.
 
     ``data`` is taken as the canonical JSON the log engine stores: for what
     :func:`~flask_sidelog.entry.make_entry` and a spool produce (JSON with
@@ -131,23 +136,25 @@ def _stored_tail(
     except KeyError:  # not made by make_entry: a missing field is NULL
         uuid, given = entry.get("uuid"), tuple(map(entry.get, _MIDDLE_FIELDS))
     if previous and all(map(operator.is_, given, previous[0])):
-        middle = previous[1]
+        middle, stored = previous[1], previous[2]
     else:
         fields = list(given)
+        stored = None
         types = tuple(map(type, fields))
         if types not in _AS_STORED:
             if all(tp in ok for tp, ok in zip(types, _STORED_TYPES, strict=True)):
                 _AS_STORED.add(types)
             else:  # a str subclass, a status code as text...: read back as stored
-                fields = [
+                fields = stored = [
                     None if v is None else read(v)
                     for v, read in zip(fields, _READ_BACK, strict=True)
                 ]
-        fields[0] = timestamp(fields[0])
         # One call of the encoder for all of them.
-        middle = _encode(fields)[1:-1]
+        middle = _encode([timestamp(fields[0]), *fields[1:]])[1:-1]
         if previous is not None:
-            previous[:] = (given, middle)
+            previous[:] = (given, middle, stored)
+    if stored is not None:
+        entry.update(zip(_MIDDLE_FIELDS, stored, strict=True))
     data = data_text(entry)
     if data_texts is not None:
         data_texts.append(data)
@@ -292,15 +299,16 @@ def append_function_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str,
 
     Each statement of the function reads what was committed before it when
     the transaction is READ COMMITTED, so the head is read after the lock is
-    granted; under a stricter isolation a stale head fails on the unique
-    ``seq`` instead.
+    granted; under a stricter isolation it returns no row, as for a new log.
+    Its name carries :data:`APPEND_FUNCTION_VERSION`, so that a release that
+    changes it creates its own.
 
     :return: the ``CREATE FUNCTION`` statement for ``exec_driver_sql``, the
         call (``%s`` for the rows' JSON text) and the function's signature
         for ``to_regprocedure``.
     """
     preparer = dialect.identifier_preparer
-    name = preparer.quote(f"{table.name}_append")
+    name = preparer.quote(f"{table.name}_append_v{APPEND_FUNCTION_VERSION}")
     columns = [c for c in table.columns if c.name not in ("id", "seq", "hash")]
     names = ", ".join(preparer.quote(c.name) for c in columns)
     # Text goes to text columns as it is; the rest is cast from its text.
@@ -313,15 +321,16 @@ def append_function_sql(dialect: sa.Dialect, table: sa.Table) -> tuple[str, str,
     lock, head = (_compiled(dialect, s) for s in _chain_statements(table))
     # The concatenation gives the bytes of record(): the text is ASCII, and
     # bigint's text form is Python's.
-    create = f"""CREATE OR REPLACE FUNCTION {name}(given JSONB)
-RETURNS TABLE (linked_seq BIGINT, linked_hash TEXT)
-LANGUAGE plpgsql VOLATILE AS $sidelog$
+    body = f"""
 DECLARE
     head_seq BIGINT;
     head_hash TEXT;
     seqs BIGINT[];
     hashes TEXT[];
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RETURN;
+    END IF;
     PERFORM ({lock});
     SELECT h.seq, h.hash INTO head_seq, head_hash FROM ({head}) AS h;
     IF head_seq IS NULL THEN
@@ -341,7 +350,15 @@ BEGIN
         FROM jsonb_array_elements(given) WITH ORDINALITY AS x (r, o);
     RETURN QUERY SELECT * FROM unnest(seqs, hashes);
 END
-$sidelog$"""
+"""
+    tag = "$sidelog$"
+    while tag in body:  # a table named so
+        tag = f"{tag[:-1]}_$"
+    create = (
+        f"CREATE OR REPLACE FUNCTION {name}(given JSONB)\n"
+        "RETURNS TABLE (linked_seq BIGINT, linked_hash TEXT)\n"
+        f"LANGUAGE plpgsql VOLATILE AS {tag}{body}{tag}"
+    )
     call = f"SELECT linked_seq, linked_hash FROM {name}(%s::JSONB)"
     # exec_driver_sql() sends the statement with (no) parameters, so its
     # identifiers keep their doubled %; the signature is a value.
@@ -350,30 +367,40 @@ $sidelog$"""
 
 def has_append_function(conn: sa.Connection, table: sa.Table) -> bool:
     """Whether the database has :func:`append_function_sql`'s function for
-    ``table``, and runs READ COMMITTED by default, as the function needs."""
+    ``table``, this role may run it, and transactions run READ COMMITTED by
+    default, as the function needs."""
     _, _, signature = append_function_sql(conn.dialect, table)
-    return bool(
-        conn.execute(
-            sa.select(
-                sa.and_(
-                    sa.func.to_regprocedure(signature).is_not(None),
-                    sa.func.current_setting("default_transaction_isolation")
-                    == "read committed",
-                )
-            )
-        ).scalar()
+    exists = sa.func.to_regprocedure(signature).is_not(None)
+    usable = sa.and_(
+        sa.func.has_function_privilege(signature, "EXECUTE"),
+        sa.func.current_setting("default_transaction_isolation") == "read committed",
     )
+    # Only asked of a function that exists: has_function_privilege fails
+    # on one that does not.
+    query = sa.select(sa.case((exists, usable), else_=False))
+    return bool(conn.execute(query).scalar())
 
 
-def create_append_function(conn: sa.Connection, table: sa.Table) -> None:
+def create_append_function(conn: sa.Connection, table: sa.Table) -> bool:
     """Create :func:`append_function_sql`'s function for ``table`` on
-    PostgreSQL, if it is missing; elsewhere, nothing."""
+    PostgreSQL, if it is missing. A role that may not (no right to create
+    in the schema, or to use PL/pgSQL) leaves the linking to the app: the
+    failure is undone and reported by the return value, never raised.
+
+    :return: whether the function exists now; False elsewhere.
+    """
     if conn.dialect.name != "postgresql":
-        return
+        return False
     create, _, signature = append_function_sql(conn.dialect, table)
     exists = sa.select(sa.func.to_regprocedure(signature).is_not(None))
-    if not conn.execute(exists).scalar():
-        conn.exec_driver_sql(create)
+    if conn.execute(exists).scalar():
+        return True
+    try:
+        with conn.begin_nested():
+            conn.exec_driver_sql(create)
+    except sa.exc.DBAPIError:
+        return False
+    return True
 
 
 def checkpoints_table(table: sa.Table) -> sa.Table:
@@ -511,14 +538,17 @@ class Chain:
         self, entries: list[dict[str, t.Any]], data_texts: list[str] | None = None
     ) -> tuple[list[dict[str, t.Any]], list[str]]:
         """What :meth:`link` does before it takes the lock: ``entries`` as
-        rows without ``seq`` and ``hash``, and each one's record after
-        ``[1,<seq>,"<prev>",``, which the hash covers with those."""
+        rows whose ``seq`` and ``hash`` are still None, and each one's record
+        after ``[1,<seq>,"<prev>",``, which the hash covers with those."""
         rows = []
         tails = []
         previous: list[t.Any] = []
         for entry in entries:
-            row = dict(entry)
+            row = dict(entry, seq=None, hash=None)
             row["created_at"] = as_utc(entry["created_at"])
+            if row.get("duration_ms") == 0:
+                # Not -0.0, which PostgreSQL's JSON cannot hold.
+                row["duration_ms"] = 0.0
             rows.append(row)
             tails.append(_stored_tail(row, previous, data_texts)[1:])
         return rows, tails

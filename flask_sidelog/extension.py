@@ -527,11 +527,19 @@ class SideLog:
         writer = _app_state().writer
         with writer.lock, writer.engine.begin() as conn:
             exists = sa.inspect(conn).has_table(writer.table.name)
-            if exists:
-                # A table made before the chain's append function existed.
-                chain.create_append_function(conn, writer.table)
-            else:
+            if not exists:
                 writer.table.create(conn)
+            # For a table made before the chain's append function existed.
+            linked = chain.create_append_function(conn, writer.table)
+        chained = writer.chain is not None and writer.chain.key is None
+        if conn.dialect.name == "postgresql" and chained and not linked:
+            current_app.logger.warning(
+                "flask-sidelog could not create %s's append function (this role"
+                " may not create functions in its schema, or use PL/pgSQL):"
+                " entries are linked into the hash chain by the app, in one"
+                " more round trip per write.",
+                writer.table.name,
+            )
         return not exists
 
     def verify(

@@ -219,8 +219,12 @@ class Writer:
             self._many_sql = f"INSERT INTO {preparer.format_table(table)}"
             self._quoted = [preparer.quote(name) for name in self._names]
         #: Whether PostgreSQL links this table's entries (see
-        #: _append_in_server); None until the first write asks it.
-        self._server_links: bool | None = None if self._copy_sql else False
+        #: _append_in_server); None until the first write asks it. Not with
+        #: a json_serializer of the app's: the data stored must be the text
+        #: the chain hashes.
+        self._server_links: bool | None = (
+            None if self._copy_sql and self._store_chain_text else False
+        )
         self._table_lock = threading.Lock()
         self.lock = self._new_lock()
         self._held_for_fork: TimedLock | None = None
@@ -391,10 +395,14 @@ class Writer:
         driver = conn.connection.driver_connection
         assert driver is not None
         try:
-            # In autocommit mode the statement is its own transaction.
-            linked: list[tuple[int, str]] = driver.execute(call, [payload]).fetchall()
-        except psycopg.errors.UndefinedFunction:
-            self._server_links = False  # dropped since: the app links
+            # In autocommit mode the statement is its own transaction. Never
+            # prepared: a pooler in transaction mode (PgBouncer before 1.21)
+            # loses prepared statements, and the call is quick to plan.
+            linked: list[tuple[int, str]] = driver.execute(
+                call, [payload], prepare=False
+            ).fetchall()
+        except (psycopg.errors.UndefinedFunction, psycopg.errors.InsufficientPrivilege):
+            self._server_links = False  # dropped or revoked since: the app links
             return []
         except psycopg.Error as error:
             raise driver_error(conn, error, call) from error
@@ -417,17 +425,19 @@ class Writer:
         start = 0
         while start < len(values):
             kept = _not_null(values[start])
-            nulls = kept.count(False)
+            left_out = [i for i, k in enumerate(kept) if not k]
             # Never a single column: uuid, created_at, event and level are
             # NOT NULL, so the getter returns a tuple.
             take = operator.itemgetter(*itertools.compress(range(len(kept)), kept))
             run = [take(values[start])]
             end = start + 1
-            # A row of the run has as many NULLs, none of them in a taken column.
+            # A row of the run is NULL where the first is, and only there.
+            # (`in` compares by ==, so a value equal to None ends the run
+            # early, harmlessly; what is left out is checked by identity.)
             while end < len(values):
                 row = values[end]
                 taken = take(row)
-                if row.count(None) != nulls or None in taken:
+                if None in taken or any(row[i] is not None for i in left_out):
                     break
                 run.append(taken)
                 end += 1
@@ -546,10 +556,7 @@ class Writer:
                     raise
             if self._server_links is None:
                 # A table made before the chain's append function was.
-                with (
-                    contextlib.suppress(sa.exc.DatabaseError),
-                    self.engine.begin() as conn,
-                ):
+                with self.engine.begin() as conn:
                     create_append_function(conn, self.table)
             self._create_table = False
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import typing as t
@@ -15,6 +16,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from _postgres import ThrowawayPostgres
 from flask_sidelog import SideLog
+from flask_sidelog.signals import entry_failed
 
 BACKENDS = ("sqlite_file", "sqlite_memory", "postgres")
 
@@ -147,3 +149,14 @@ def run_threads(count: int, target: t.Callable[[int], None]) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads)
+
+
+@contextlib.contextmanager
+def failures(app: Flask) -> t.Iterator[list[BaseException]]:
+    """Within the block, collect the errors of ``app``'s entries that could
+    not be written (``entry_failed``)."""
+    failed: list[BaseException] = []
+    with entry_failed.connected_to(
+        lambda sender, entry, error: failed.append(error), app
+    ):
+        yield failed

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from _entries import add_entries
 from _entries import ago
 from conftest import dispose
+from conftest import failures
 from conftest import make_app
 from conftest import new_database_uri
 from conftest import run_threads
@@ -75,6 +76,17 @@ def sql(app: Flask, sidelog: SideLog, *statements: str, **params: t.Any) -> None
     with app.app_context(), sidelog.log_session() as session:
         for statement in statements:
             session.execute(sa.text(statement), params)
+
+
+def log_from_threads(app: Flask, sidelog: SideLog, threads: int) -> None:
+    """Log 10 entries from each of ``threads`` threads at once."""
+
+    def write(i: int) -> None:
+        with app.app_context():
+            for n in range(10):
+                sidelog.log("concurrent", data={"thread": i, "n": n})
+
+    run_threads(threads, write)
 
 
 def verify(runner: FlaskCliRunner, *args: str) -> tuple[int, str]:
@@ -863,20 +875,12 @@ def test_chain_holds_under_a_stricter_default_isolation(
     app, _, sidelog = make_app(
         uri, str(tmp_path), {"SIDELOG_WRITE_MODE": "sync"}, with_db=False
     )
-    failed: list[BaseException] = []
-
-    def write(i: int) -> None:
-        with app.app_context():
-            for n in range(10):
-                sidelog.log("concurrent", data={"thread": i, "n": n})
 
     try:
-        with entry_failed.connected_to(
-            lambda sender, entry, error: failed.append(error), app
-        ):
+        with failures(app) as failed:
             with app.app_context():
                 sidelog.create_table()
-            run_threads(8, write)
+            log_from_threads(app, sidelog, 8)
         with app.app_context():
             result = sidelog.verify()
     finally:
@@ -1012,8 +1016,7 @@ def test_a_missing_append_function_costs_a_round_trip_not_an_entry(
     write with SIDELOG_CREATE_TABLE on, and ``create_table()`` (``flask
     sidelog init``), add it to an existing table."""
     uri = postgres.create_database("append_function_missing")
-    drop = "DROP FUNCTION sidelog_entries_append(JSONB)"
-    failed: list[BaseException] = []
+    drop = "DROP FUNCTION sidelog_entries_append_v1(JSONB)"
     configs = [
         {**CHAINED, "SIDELOG_WRITE_MODE": "sync", "SIDELOG_CREATE_TABLE": create}
         for create in (True, False, True)
@@ -1029,9 +1032,7 @@ def test_a_missing_append_function_costs_a_round_trip_not_an_entry(
             sidelog.log("two")
             assert len(heads_read) == 1  # "two" went to the function
             sql(app, sidelog, drop)
-            with entry_failed.connected_to(
-                lambda sender, entry, error: failed.append(error), app
-            ):
+            with failures(app) as failed:
                 sidelog.log("dropped while running")
                 sidelog.log("after")
             assert len(heads_read) == 3
@@ -1059,3 +1060,165 @@ def test_a_missing_append_function_costs_a_round_trip_not_an_entry(
             dispose(app)
     assert failed == []
     assert result.ok and result.entries == 8, str(result)
+
+
+class _EqualsAnything(str):
+    """Text that says it equals anything, None included."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.parametrize("size", [1, 10, 40])
+def test_values_are_stored_as_the_chain_hashed_them(
+    app: Flask, sidelog: SideLog, size: int
+) -> None:
+    """Whatever path a batch takes (on PostgreSQL: up to 4 rows bound in the
+    client, up to 32 through the append function, more by COPY): -0.0, a
+    float status code and text that equals None are stored as hashed."""
+    odd = {"duration_ms": -0.0, "status_code": 201.0, "outcome": _EqualsAnything("ok")}
+    batch = [
+        make_entry("plain") if i % 2 else make_entry("odd", **odd) for i in range(size)
+    ]
+    with app.app_context():
+        sidelog.log("first")  # so that the chain has a head
+        app.extensions["sidelog"].writer.insert(batch)
+        result = sidelog.verify()
+        stored = [e for e in sidelog.entries(limit=100) if e["event"] == "odd"]
+    assert result.ok, str(result)
+    assert len(stored) == (size + 1) // 2
+    for entry in stored:
+        assert (entry["duration_ms"], entry["status_code"], entry["outcome"]) == (
+            0.0,
+            201,
+            "ok",
+        )
+
+
+@pytest.fixture
+def limited_role(postgres: t.Any) -> str:
+    """A login role that may only read and insert: no function, no table of
+    its own (PostgreSQL 15 gives PUBLIC no CREATE on schema public)."""
+    postgres.psql(
+        "DO $$ BEGIN CREATE ROLE sidelog_app LOGIN;"
+        " EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
+    return "sidelog_app"
+
+
+def _grant(postgres: t.Any, database: str, role: str) -> None:
+    engine = sa.create_engine(postgres.url_for(database), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(
+            f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public TO {role};"
+            f" GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        )
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_not_run_the_append_function_still_writes(
+    postgres: t.Any, tmp_path: t.Any, limited_role: str, heads_read: list[int]
+) -> None:
+    """EXECUTE revoked from PUBLIC (a common hardening step): the app links,
+    and ``flask sidelog init`` by that role, which may not create a
+    function either, still says the table exists."""
+    uri = postgres.create_database("append_function_revoked")
+    owner, _, owner_log = make_app(uri, str(tmp_path / "o"), CHAINED, with_db=False)
+    try:
+        with owner.app_context():
+            owner_log.log("by the owner")
+        sql(
+            owner,
+            owner_log,
+            "REVOKE EXECUTE ON FUNCTION sidelog_entries_append_v1(JSONB) FROM PUBLIC",
+        )
+        _grant(postgres, "append_function_revoked", limited_role)
+        limited_uri = uri.replace("postgres@", f"{limited_role}@")
+        config = {
+            **CHAINED,
+            "SIDELOG_CREATE_TABLE": False,
+            "SIDELOG_WRITE_MODE": "sync",
+        }
+        app, _, sidelog = make_app(
+            limited_uri, str(tmp_path / "l"), config, with_db=False
+        )
+        try:
+            with (
+                failures(app) as failed,
+                app.app_context(),
+            ):
+                for i in range(3):
+                    sidelog.log(f"by the app role {i}")
+            runner = app.test_cli_runner()
+            init = runner.invoke(args=["sidelog", "init"])
+        finally:
+            dispose(app)
+        with owner.app_context():
+            result = owner_log.verify()
+    finally:
+        dispose(owner)
+    assert failed == []
+    assert len(heads_read) == 4  # the owner's first entry, then the app's
+    assert result.ok and result.entries == 4, str(result)
+    assert init.exit_code == 0, init.output
+    assert "already exists" in init.output
+
+
+@pytest.mark.postgres
+def test_the_append_function_declines_a_stricter_isolation(
+    postgres: t.Any, tmp_path: t.Any, heads_read: list[int]
+) -> None:
+    """The default isolation made stricter after the app checked it: the
+    function declines each write (its head would be read in a snapshot
+    taken before the lock) and the app links, so concurrent writers still
+    make one chain, without a failed write."""
+    uri = postgres.create_database("append_isolation")
+    config = {**CHAINED, "SIDELOG_WRITE_MODE": "sync"}
+    app, _, sidelog = make_app(uri, str(tmp_path), config, with_db=False)
+
+    try:
+        with failures(app) as failed:
+            with app.app_context():
+                sidelog.log("first")
+                sidelog.log("checked and linked by the function")
+            assert len(heads_read) == 1
+            postgres.psql(
+                "ALTER DATABASE append_isolation"
+                " SET default_transaction_isolation = 'repeatable read'"
+            )
+            app.extensions["sidelog"].writer.engine.dispose()  # new sessions
+            log_from_threads(app, sidelog, 6)
+        with app.app_context():
+            result = sidelog.verify()
+    finally:
+        dispose(app)
+    assert failed == []
+    assert len(heads_read) == 61  # each of the 60 declined and linked by the app
+    assert result.ok and result.entries == 62, str(result)
+
+
+@pytest.mark.postgres
+def test_writes_leave_no_prepared_statement(postgres: t.Any, tmp_path: t.Any) -> None:
+    """A pooler in transaction mode (PgBouncer before 1.21) loses prepared
+    statements: the writes prepare none, however often they run."""
+    uri = postgres.create_database("append_unprepared")
+    one = {"pool_size": 1, "max_overflow": 0}
+    config = {**CHAINED, "SIDELOG_WRITE_MODE": "sync", "SIDELOG_ENGINE_OPTIONS": one}
+    app, _, sidelog = make_app(uri, str(tmp_path), config, with_db=False)
+    try:
+        with app.app_context():
+            for _ in range(8):
+                sidelog.log("written")
+            writer = app.extensions["sidelog"].writer
+            writer.insert([make_entry("batch") for _ in range(SERVER_LINKED_ROWS + 1)])
+            with writer.engine.connect() as conn:
+                prepared = conn.exec_driver_sql(
+                    "SELECT statement FROM pg_prepared_statements"
+                ).all()
+            assert sidelog.verify().ok
+    finally:
+        dispose(app)
+    assert prepared == []

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from conftest import dispose
+from conftest import failures
 from conftest import make_app
 from conftest import run_threads
 from flask_sidelog import chain
@@ -29,6 +30,7 @@ from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
 from flask_sidelog.signals import entry_written
 from flask_sidelog.writer import FEW_ROWS
+from flask_sidelog.writer import SERVER_LINKED_ROWS
 
 Built = tuple[Flask, SideLog]
 
@@ -404,12 +406,9 @@ def test_write_after_a_server_restart(
     connection the restart closed is replaced, the entry is not lost."""
     uri = postgres.create_database("restart_idle_ping")
     app, _, sidelog = make_app(uri, str(tmp_path), with_db=False)
-    failed: list[BaseException] = []
     try:
         with (
-            entry_failed.connected_to(
-                lambda sender, entry, error: failed.append(error), app
-            ),
+            failures(app) as failed,
             app.app_context(),
         ):
             sidelog.log("before")
@@ -426,32 +425,37 @@ def test_write_after_a_server_restart(
 
 @pytest.mark.slow
 @pytest.mark.postgres
+@pytest.mark.parametrize(
+    "size", [2, SERVER_LINKED_ROWS + 1], ids=["append-function", "copy"]
+)
 def test_batch_after_a_server_restart(
-    postgres: t.Any, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+    postgres: t.Any, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    """A batch goes through COPY on PostgreSQL: a connection the restart
-    closed fails it like an INSERT, and it is tried again on a new one."""
-    uri = postgres.create_database("restart_copy")
+    """A batch goes to PostgreSQL's append function, or a larger one through
+    COPY: a connection the restart closed fails either like an INSERT, and
+    the batch is tried again on a new one."""
+    uri = postgres.create_database(f"restart_batch_{size}")
     app, _, sidelog = make_app(uri, str(tmp_path), with_db=False)
-    failed: list[BaseException] = []
     monkeypatch.setattr("flask_sidelog.engine.PING_AFTER", 3600.0)
     try:
         with (
-            entry_failed.connected_to(
-                lambda sender, entry, error: failed.append(error), app
-            ),
+            failures(app) as failed,
             app.app_context(),
         ):
             writer = app.extensions["sidelog"].writer
-            writer.insert([make_entry("before.1"), make_entry("before.2")])
+            before = [make_entry(f"before.{i}") for i in range(size)]
+            writer.insert(before)
             postgres.stop()
             postgres.start()
-            writer.insert([make_entry("after.1"), make_entry("after.2")])
-            events = [e["event"] for e in sidelog.entries()]
+            writer.insert([make_entry(f"after.{i}") for i in range(size)])
+            events = [e["event"] for e in sidelog.entries(limit=100)]
+            assert sidelog.verify().ok
     finally:
         dispose(app)
     assert failed == []
-    assert events == ["before.1", "before.2", "after.1", "after.2"]
+    assert events == [
+        f"{when}.{i}" for when in ("before", "after") for i in range(size)
+    ]
 
 
 def test_a_batch_is_stored_as_single_entries_are(
