@@ -153,8 +153,10 @@ def _stored_tail(
         middle = _encode([timestamp(fields[0]), *fields[1:]])[1:-1]
         if previous is not None:
             previous[:] = (given, middle, stored)
-    if stored is not None:
-        entry.update(zip(_MIDDLE_FIELDS, stored, strict=True))
+    if stored is not None:  # only what changed: a missing field stays missing
+        for name, value, was in zip(_MIDDLE_FIELDS, stored, given, strict=True):
+            if value is not was:
+                entry[name] = value
     data = data_text(entry)
     if data_texts is not None:
         data_texts.append(data)
@@ -183,7 +185,7 @@ _middle_fields = operator.itemgetter(*_MIDDLE_FIELDS)
 _NOT_TEXT: dict[str, tuple[type, t.Callable[[t.Any], t.Any]]] = {
     "created_at": (datetime, lambda value: value),  # timestamp() takes any
     "status_code": (int, int),
-    "duration_ms": (float, float),
+    "duration_ms": (float, lambda value: float(value) + 0.0),  # never -0.0
 }
 _STORED_TYPES = tuple(
     frozenset((type(None), _NOT_TEXT.get(name, (str,))[0])) for name in _MIDDLE_FIELDS
@@ -395,8 +397,11 @@ def create_append_function(conn: sa.Connection, table: sa.Table) -> bool:
     exists = sa.select(sa.func.to_regprocedure(signature).is_not(None))
     if conn.execute(exists).scalar():
         return True
+    # A savepoint needs a transaction: an AUTOCOMMIT engine has none, and
+    # there each statement is undone on its own anyway.
+    autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
     try:
-        with conn.begin_nested():
+        with contextlib.nullcontext() if autocommit else conn.begin_nested():
             conn.exec_driver_sql(create)
     except sa.exc.DBAPIError:
         return False
