@@ -1246,3 +1246,31 @@ def test_writes_leave_no_prepared_statement(postgres: t.Any, tmp_path: t.Any) ->
     finally:
         dispose(app)
     assert prepared == []
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_not_use_plpgsql_still_gets_its_table(
+    postgres: t.Any, tmp_path: t.Any, limited_role: str, heads_read: list[int]
+) -> None:
+    """The append function is made in a savepoint: a role that may create
+    tables but not use PL/pgSQL gets the table on its first write, and the
+    app links its entries."""
+    uri = postgres.create_database("append_no_plpgsql")
+    postgres.psql(
+        f"GRANT CREATE ON SCHEMA public TO {limited_role};"
+        " REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC",
+        dbname="append_no_plpgsql",
+    )
+    limited_uri = uri.replace("postgres@", f"{limited_role}@")
+    config = {**CHAINED, "SIDELOG_CREATE_TABLE": True, "SIDELOG_WRITE_MODE": "sync"}
+    app, _, sidelog = make_app(limited_uri, str(tmp_path), config, with_db=False)
+    try:
+        with failures(app) as failed, app.app_context():
+            for i in range(3):
+                sidelog.log(f"entry {i}")
+            result = sidelog.verify()
+    finally:
+        dispose(app)
+    assert failed == []
+    assert len(heads_read) == 3
+    assert result.ok and result.entries == 3, str(result)
