@@ -367,12 +367,16 @@ END
     return create, call, without_parameters(f"{name}(JSONB)", dialect)
 
 
+def _function_exists(signature: str) -> sa.ColumnElement[bool]:
+    return sa.func.to_regprocedure(signature).is_not(None)
+
+
 def has_append_function(conn: sa.Connection, table: sa.Table) -> bool:
     """Whether the database has :func:`append_function_sql`'s function for
     ``table``, this role may run it, and transactions run READ COMMITTED by
     default, as the function needs."""
     _, _, signature = append_function_sql(conn.dialect, table)
-    exists = sa.func.to_regprocedure(signature).is_not(None)
+    exists = _function_exists(signature)
     usable = sa.and_(
         sa.func.has_function_privilege(signature, "EXECUTE"),
         sa.func.current_setting("default_transaction_isolation") == "read committed",
@@ -394,8 +398,7 @@ def create_append_function(conn: sa.Connection, table: sa.Table) -> bool:
     if conn.dialect.name != "postgresql":
         return False
     create, _, signature = append_function_sql(conn.dialect, table)
-    exists = sa.select(sa.func.to_regprocedure(signature).is_not(None))
-    if conn.execute(exists).scalar():
+    if conn.execute(sa.select(_function_exists(signature))).scalar():
         return True
     # A savepoint needs a transaction: an AUTOCOMMIT engine has none, and
     # there each statement is undone on its own anyway.

@@ -335,7 +335,6 @@ class Writer:
                 rows = self._append_in_server(conn, entries, texts)
                 if rows:
                     return rows
-                rows = entries
                 texts = self._data_texts()
             if chain is not None:
                 rows = chain.link(
