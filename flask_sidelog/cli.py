@@ -113,7 +113,7 @@ def with_log_database(*, need_table: bool = True) -> t.Callable[[F], F]:
                 raise click.ClickException(str(e)) from None
             where = safe_url(writer.engine.url)
             try:
-                with writer.lock, writer.engine.connect() as conn:
+                with writer.connect() as conn:
                     exists = sa.inspect(conn).has_table(writer.table.name)
             except sa.exc.SQLAlchemyError as e:
                 raise click.ClickException(

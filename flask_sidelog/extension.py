@@ -525,7 +525,7 @@ class SideLog:
         :return: whether the table was created.
         """
         writer = _app_state().writer
-        with writer.lock, writer.engine.begin() as conn:
+        with writer.connect() as conn, conn.begin():
             exists = sa.inspect(conn).has_table(writer.table.name)
             if not exists:
                 writer.table.create(conn)
@@ -558,7 +558,7 @@ class SideLog:
         """
         state = _app_state()
         writer = state.writer
-        with writer.lock, writer.engine.connect() as conn:
+        with writer.connect() as conn:
             return chain.verify(
                 conn,
                 writer.table,
@@ -599,7 +599,7 @@ class SideLog:
             since=since,
             until=until,
         )
-        with writer.lock, writer.engine.connect() as conn:
+        with writer.connect() as conn:
             by_event = entry_filters(table, event=event)
             queries = [newest_first(table, *clauses, *by_event)]
             if event is not None and "*" in event:
@@ -660,11 +660,11 @@ class SideLog:
             # A read that lasts the whole export would hold SQLite's shared
             # lock and make every writer of the file, the app's too, fail
             # with "database is locked": read page by page instead.
-            yield from pages(writer.engine, writer.lock, writer.table, clauses)
+            yield from pages(writer.connect, writer.table, clauses)
             return
         else:
             query = oldest_first(writer.table, *clauses)
-        with writer.lock, writer.engine.connect() as conn:
+        with writer.connect() as conn:
             if conn.dialect.name == "postgresql":
                 # The log engine's timeouts keep writes from hanging; a long
                 # read goes at its reader's pace (export | less) instead.
@@ -686,7 +686,7 @@ class SideLog:
         writer = _ready_writer()
         clauses = entry_filters(writer.table, since=since, until=until)
         query = count_by_event_and_outcome(writer.table).where(*clauses)
-        with writer.lock, writer.engine.connect() as conn:
+        with writer.connect() as conn:
             rows = [dict(row) for row in conn.execute(query).mappings()]
         for row in rows:
             row["last_at"] = as_utc(row["last_at"])
@@ -729,11 +729,11 @@ class SideLog:
             older = sa.and_(older, table.c.seq.is_(None))
         if dry_run:
             count = sa.select(sa.func.count()).select_from(table).where(older)
-            with writer.lock, writer.engine.connect() as conn:
+            with writer.connect() as conn:
                 return deleted + int(conn.scalar(count) or 0)
         batch = sa.select(table.c.id).where(older).order_by(table.c.id)
         while True:
-            with writer.lock, writer.engine.begin() as conn:
+            with writer.connect() as conn, conn.begin():
                 ids = list(conn.scalars(batch.limit(batch_size)))
                 if ids:
                     conn.execute(table.delete().where(table.c.id.in_(ids)))
@@ -752,7 +752,7 @@ class SideLog:
         times at new positions, and deleting them would cut the chain."""
         c = writer.table.c
         (newer,) = entry_filters(writer.table, since=before)
-        with writer.lock, writer.engine.connect() as conn:
+        with writer.connect() as conn:
             first_kept = conn.scalar(sa.select(sa.func.min(c.seq)).where(newer))
             if first_kept is None:
                 last = conn.scalar(sa.select(sa.func.max(c.seq)))
@@ -768,7 +768,7 @@ class SideLog:
         key = _app_state().settings.chain_key
         while low <= last:
             upto = min(last, low + batch_size - 1)
-            with writer.lock, writer.engine.begin() as conn:
+            with writer.connect() as conn, conn.begin():
                 last_hash = conn.scalar(sa.select(c.hash).where(c.seq == upto))
                 if last_hash is None:
                     raise RuntimeError(

@@ -125,8 +125,7 @@ def stream(
 
 
 def pages(
-    engine: sa.Engine,
-    lock: t.ContextManager[t.Any],
+    connect: t.Callable[[], t.ContextManager[sa.Connection]],
     table: sa.Table,
     clauses: list[sa.ColumnElement[bool]],
 ) -> t.Iterator[dict[str, t.Any]]:
@@ -137,7 +136,7 @@ def pages(
     after: sa.ColumnElement[bool] | None = None
     while True:
         page = query if after is None else query.where(after)
-        with lock, engine.connect() as conn:
+        with connect() as conn:
             rows = [row_to_dict(row) for row in conn.execute(page).mappings()]
         yield from rows
         if len(rows) < STREAM_BATCH:

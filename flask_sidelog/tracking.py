@@ -699,7 +699,7 @@ def row_history(
     )
     if only is not None:
         query = query.where(c.main_tx == only)
-    with writer.lock, writer.engine.connect() as conn:
+    with writer.connect() as conn:
         rows = conn.execute(query).mappings().all()
     found = []
     for row in rows:

@@ -510,7 +510,7 @@ class Writer:
         )
         with self.lock:
             self.ensure_table()
-            with self.engine.begin() as conn:
+            with self.connect() as conn, conn.begin():
                 # With the chain on, only entries that really land may take a
                 # chain position: choose them first, then link them.
                 if (
@@ -537,6 +537,20 @@ class Writer:
                         rows = self.chain.link(conn, self.table, missing)
                     conn.execute(self.table.insert(), rows)
                 return len(missing)
+
+    @contextlib.contextmanager
+    def connect(self) -> t.Iterator[sa.Connection]:
+        """A connection of the log engine, holding :attr:`lock`. Its statements
+        run in transactions even when ``SIDELOG_ENGINE_OPTIONS`` puts the
+        engine in autocommit mode: on PostgreSQL a streamed read needs one,
+        and so do the chain's lock and a prune's checkpoint."""
+        with self.lock, self.engine.connect() as conn:
+            autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
+            if autocommit and conn.dialect.name == "postgresql":
+                # Until the connection goes back to the pool; READ COMMITTED
+                # as the engine's default would be (engine.create_log_engine).
+                conn.execution_options(isolation_level="READ COMMITTED")
+            yield conn
 
     def ensure_table(self) -> None:
         """Create the table on first use when ``SIDELOG_CREATE_TABLE`` is on."""

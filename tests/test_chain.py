@@ -1274,3 +1274,62 @@ def test_a_role_that_may_not_use_plpgsql_still_gets_its_table(
     assert failed == []
     assert len(heads_read) == 3
     assert result.ok and result.entries == 3, str(result)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_autocommit_log_engine_still_reads_replays_and_prunes(
+    database_uri: str, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine in autocommit mode (``SIDELOG_ENGINE_OPTIONS``) starts no
+    transaction, which PostgreSQL's server-side cursors need (verify, export,
+    iter_entries), and neither do the chain's lock for a replay and a prune's
+    delete with its checkpoint: each gets one."""
+    app, _, sidelog = make_app(
+        database_uri,
+        str(tmp_path / "instance"),
+        {
+            **CHAINED,
+            "SIDELOG_CREATE_TABLE": False,
+            "SIDELOG_ENGINE_OPTIONS": {"isolation_level": "AUTOCOMMIT"},
+        },
+    )
+    runner = app.test_cli_runner()
+    try:
+        with app.app_context():
+            for i in range(2):
+                sidelog.log(f"spooled.{i}")  # no table yet
+        assert runner.invoke(args=["sidelog", "init"]).exit_code == 0
+        fill(app, sidelog, 3)
+        replayed = runner.invoke(args=["sidelog", "replay"])
+        assert replayed.output.startswith("Moved 2 entries"), replayed.output
+        code, out = verify(runner)
+        assert code == 0, out
+        assert out.startswith("OK: 5 entries")
+        exported = runner.invoke(args=["sidelog", "export"])
+        assert exported.exit_code == 0, exported.output
+        *lines, summary = exported.output.splitlines()
+        assert sorted(json.loads(line)["seq"] for line in lines) == [1, 2, 3, 4, 5]
+        assert summary == "Exported 5 entries."
+        with app.app_context():
+            assert len(list(sidelog.iter_entries())) == 5
+
+            def refuse(*args: t.Any, **kwargs: t.Any) -> None:
+                raise RuntimeError("checkpoint refused")
+
+            later = datetime.now(timezone.utc) + timedelta(seconds=1)
+            with monkeypatch.context() as patch:
+                patch.setattr(chain, "record_checkpoint", refuse)
+                with pytest.raises(RuntimeError, match="checkpoint refused"):
+                    sidelog.prune(later)
+            assert len(sidelog.entries()) == 5  # the delete was undone with it
+            assert sidelog.prune(later) == 5
+        code, out = verify(runner)
+        assert code == 0, out
+        assert out.startswith("Checkpoint: entries up to seq 5 pruned (5 at")
+        assert "\nOK: 0 entries" in out
+        with app.app_context():
+            writer = app.extensions["sidelog"].writer
+            with writer.engine.connect() as conn:  # back in the pool as it was
+                assert conn.connection.driver_connection.autocommit is True
+    finally:
+        dispose(app)
