@@ -63,6 +63,8 @@ class _Spec:
     table: str
     pk: tuple[tuple[str, str], ...]
     columns: dict[str, str]
+    #: The names excluded, and every other name of their columns (attribute
+    #: key, column name, column key).
     exclude: frozenset[str]
     #: The event of each row operation: ``{"insert": "<table>.insert", ...}``.
     events: dict[str, str]
@@ -144,9 +146,9 @@ class Tracker:
         except KeyError:
             pass
         spec = None
-        exclude = next(
-            (self._models[c] for c in mapper.class_.__mro__ if c in self._models), None
-        )
+        # A subclass keeps what a tracked base class excludes.
+        found = [self._models[c] for c in mapper.class_.__mro__ if c in self._models]
+        exclude = frozenset().union(*found) if found else None
         table = mapper.local_table
         name = t.cast(str, getattr(table, "name", str(table)))
         if exclude is None and self._all_except is not None:
@@ -164,12 +166,18 @@ class Tracker:
                 for key, column in columns
                 if key not in exclude and column.name not in exclude
             }
+            left_out = {
+                name
+                for key, column in columns
+                if key not in kept
+                for name in (key, str(column.name), str(column.key))
+            }
             # Plain str, not quoted_name: the entries' short path checks types.
             spec = _Spec(
                 str(name),
                 pk,
                 kept,
-                exclude,
+                exclude | left_out,
                 {op: f"{name}.{op}" for op in _ROW_OPS},
                 _names_size(str(name), [c for _, c in pk], list(kept.values())),
             )
@@ -415,38 +423,80 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
     where = getattr(execute_state.statement, "whereclause", None)
     if where is not None:
         try:
-            data.update(_where(where, spec))
+            data.update(_where(where, spec, app_state.settings.redact_keys))
         except Exception:  # a construct with no generic rendering
             current_app.logger.exception("flask-sidelog could not render a WHERE.")
             data["where"] = "[not rendered]"
-    at = utcnow()
-    actor = app_state.extension._actor()
-    result = execute_state.invoke_statement()
-    rowcount = getattr(result, "rowcount", None)
-    data["rowcount"] = rowcount if isinstance(rowcount, int) and rowcount >= 0 else None
     if execute_state.is_executemany:
         data["parameter_sets"] = len(t.cast(list[t.Any], execute_state.parameters))
-    _add(session, state, [Change(f"{spec.table}.{op}", data, actor, at)])
+    data["rowcount"] = None
+    change = Change(f"{spec.table}.{op}", data, app_state.extension._actor(), utcnow())
+    try:
+        result = execute_state.invoke_statement()
+    except Exception:
+        # A statement that failed changed nothing, whatever its transaction
+        # does next (a caller may catch the error and commit the rest).
+        _deliver(state, [change], "rolled_back")
+        raise
+    rowcount = getattr(result, "rowcount", None)
+    if isinstance(rowcount, int) and rowcount >= 0:
+        data["rowcount"] = rowcount
+    _add(session, state, [change])
     return result
 
 
-def _where(where: sa.ColumnElement[t.Any], spec: _Spec) -> dict[str, t.Any]:
+def _where(
+    where: sa.ColumnElement[t.Any], spec: _Spec, redact_keys: frozenset[str]
+) -> dict[str, t.Any]:
     # Rendered apart from any dialect, with each value as a named parameter:
-    # the text never holds a value, the params are redacted by name, and
-    # those of excluded columns are dropped.
+    # the text never holds a value. A parameter is dropped if it is compared
+    # with an excluded column, and hidden if with a column of a redacted name,
+    # whatever its own name says (lower(social) = :lower_1).
     compiled = where.compile(compile_kwargs={"render_postcompile": True})
-    return {
-        "where": str(compiled),
-        "params": {
-            name: _value(value)
-            for name, value in compiled.params.items()
-            if not _names_excluded(name, spec)
-        },
-    }
+    # A SQL compiler's: which name each parameter got.
+    bind_names: dict[t.Any, str] = getattr(compiled, "bind_names", {})
+    dropped, hidden = _params_of_columns(where, bind_names, spec, redact_keys)
+    params = {}
+    for name, value in compiled.params.items():
+        if _named(name, dropped) or _named(name, spec.exclude):
+            continue
+        params[name] = REDACTED if _named(name, hidden) else _value(value)
+    return {"where": str(compiled), "params": params}
 
 
-def _names_excluded(param: str, spec: _Spec) -> bool:
-    return any(param == name or param.startswith(f"{name}_") for name in spec.exclude)
+def _params_of_columns(
+    where: sa.ColumnElement[t.Any],
+    bind_names: dict[t.Any, str],
+    spec: _Spec,
+    redact_keys: frozenset[str],
+) -> tuple[set[str], set[str]]:
+    """The names of the parameters in a comparison (or any binary expression)
+    with an excluded column, and with a column whose name is redacted."""
+    dropped: set[str] = set()
+    hidden: set[str] = set()
+    for node in sa.sql.visitors.iterate(where):
+        if not isinstance(node, sa.BinaryExpression):
+            continue
+        inside = list(sa.sql.visitors.iterate(node))
+        names = {
+            bind_names[part]
+            for part in inside
+            if isinstance(part, sa.BindParameter) and part in bind_names
+        }
+        for column in inside:
+            if isinstance(column, sa.ColumnClause):
+                given = {column.name, column.key}
+                if given & spec.exclude:
+                    dropped |= names
+                elif any(is_redacted(name, redact_keys) for name in given):
+                    hidden |= names
+    return dropped, hidden
+
+
+def _named(param: str, names: t.Iterable[str]) -> bool:
+    """Whether ``param`` is one of ``names``, or a name SQLAlchemy derived
+    from one (``ssn_1``; an expanded IN's ``ssn_1_2``)."""
+    return any(param == name or param.startswith(f"{name}_") for name in names)
 
 
 def _after_commit(session: sa_orm.Session) -> None:

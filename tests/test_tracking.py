@@ -55,6 +55,31 @@ class Note(Base):
     text: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(200))
 
 
+class Badge(Base):
+    __tablename__ = "tr_badge"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    code: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40))
+    # An attribute whose column has another name.
+    secret: sa_orm.Mapped[str] = sa_orm.mapped_column("social", sa.String(40))
+
+
+class Person(Base):
+    __tablename__ = "tr_person"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    kind: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+    name: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(80))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "person"}
+
+
+class Employee(Person):
+    __tablename__ = "tr_employee"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(
+        sa.ForeignKey("tr_person.id"), primary_key=True
+    )
+    salary: sa_orm.Mapped[int] = sa_orm.mapped_column(default=0)
+    __mapper_args__ = {"polymorphic_identity": "employee"}
+
+
 OPS = ("insert", "update", "delete", "bulk_insert", "bulk_update", "bulk_delete")
 
 
@@ -476,6 +501,108 @@ def test_excluded_and_redacted_columns_never_stored(
         stored = json.dumps([dict(row) for row in rows], default=str)
     for secret in ("HASH-ONE", "HASH-TWO", "HASH-3", "SSN-111", "SSN-222", "SSN-333"):
         assert secret not in stored
+
+
+def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A parameter compared with an excluded or redacted column is left out
+    or hidden whatever SQLAlchemy named it: after the column's name rather
+    than the attribute excluded, or after a function around the column."""
+    sidelog.track(Badge, exclude={"secret"})
+    sidelog.track(Credential)
+
+    @app.post("/")
+    def bulk() -> str:
+        db.session.execute(
+            sa.update(Badge)
+            .where(Badge.secret == "S-TWO", Badge.code == "kept")
+            .values(code="x")
+        )
+        db.session.execute(
+            sa.delete(Badge).where(
+                sa.or_(
+                    sa.func.lower(Badge.secret) == "s-three",
+                    Badge.secret.in_(["S-FOUR", "S-FIVE"]),
+                )
+            )
+        )
+        db.session.execute(
+            sa.update(Credential)
+            .where(sa.func.lower(Credential.password_hash) == "hash-six")
+            .values(login="x")
+        )
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+
+    update, delete, redacted = changes(app, sidelog)
+    assert update["data"]["params"] == {"code_1": "kept"}
+    assert delete["data"]["params"] == {}
+    assert redacted["data"]["params"] == {"lower_1": "[redacted]"}
+    with app.app_context(), sidelog.log_session() as s:
+        table = app.extensions["sidelog"].table
+        rows = s.execute(sa.select(table)).mappings()
+        stored = json.dumps([dict(row) for row in rows], default=str).lower()
+    for secret in ("s-two", "s-three", "s-four", "s-five", "hash-six"):
+        assert secret not in stored
+
+
+def test_a_subclass_keeps_what_its_tracked_base_excludes(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    sidelog.track(Person, exclude={"name"})
+    sidelog.track(Employee, exclude={"salary"})
+
+    @app.post("/")
+    def hire() -> str:
+        db.session.add(Employee(name="SECRET-NAME", salary=7))
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+
+    (insert,) = changes(app, sidelog)
+    assert insert["data"]["changes"] == {"id": [None, 1], "kind": [None, "employee"]}
+
+
+def test_a_failed_bulk_statement_is_recorded_rolled_back(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """The attempt is kept; its fate is rolled_back even when the caller
+    catches the error and commits other work in the same session."""
+    seed(app, db, ("taken", 0))
+    sidelog.track(Account)
+
+    @app.post("/")
+    def clash() -> str:
+        try:
+            db.session.execute(sa.insert(Account).values([{"name": "taken"}]))
+        except sa.exc.IntegrityError:
+            db.session.rollback()
+        db.session.add(Account(name="other"))
+        db.session.commit()
+        return "ok"
+
+    @app.post("/raise")
+    def clash_and_raise() -> str:
+        db.session.execute(sa.update(Account).values(name="taken"))
+        return "never"
+
+    client.post("/")
+    with pytest.raises(sa.exc.IntegrityError):
+        client.post("/raise")
+
+    assert balances(app, db) == {"taken": 0, "other": 0}
+    found = [(e["event"], e["main_tx"]) for e in changes(app, sidelog)]
+    assert found == [
+        ("account.bulk_insert", "rolled_back"),
+        ("account.insert", "committed"),
+        ("account.bulk_update", "rolled_back"),
+    ]
+    bulk = [e for e in changes(app, sidelog) if ".bulk_" in e["event"]]
+    assert [e["data"]["rowcount"] for e in bulk] == [None, None]
 
 
 def test_change_entries_share_request_id_and_actor(
