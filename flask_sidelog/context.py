@@ -77,6 +77,9 @@ class ContextState:
     log_session_held: list[dict[str, t.Any]] | None = None
     #: A flush of the main session started and has not finished yet.
     flushing: bool = False
+    #: For that flush: the stored values of tracked columns of changed rows
+    #: the session had expired, by instance state (see tracking).
+    old_values: dict[t.Any, dict[str, t.Any]] = dataclasses.field(default_factory=dict)
     #: Popped at teardown: the main session no longer reports to this state.
     ended: bool = False
     #: The write mode's token for a running audited request (see

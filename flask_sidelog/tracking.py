@@ -256,9 +256,13 @@ def _add(
 
 
 def _row_changes(
-    app_state: _AppState, tracker: Tracker, session: sa_orm.Session
+    app_state: _AppState,
+    tracker: Tracker,
+    session: sa_orm.Session,
+    old_values: dict[t.Any, dict[str, t.Any]],
 ) -> list[Change]:
-    """One change per tracked row in the session's pending flush."""
+    """One change per tracked row in the session's pending flush;
+    ``old_values`` from :func:`_read_old_values`."""
     at: datetime | None = None
     actor: str | None = None
     found: list[Change] = []
@@ -311,7 +315,11 @@ def _row_changes(
                 continue
             new = d.get(key)
             if old is _NO_VALUE:
-                old = None
+                # Expired when set: as read before the flush (None for a row
+                # the database no longer had).
+                old = old_values.get(st, {}).get(key)
+                if old is new or old == new:
+                    continue
             elif old is new or old == new:
                 continue
             changes[column] = [_value(old), _value(new)]
@@ -370,6 +378,34 @@ def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
         found = _found(session)
         if found is not None:
             found[2].flushing = True
+            _read_old_values(session, found[1], found[2])
+
+
+def _read_old_values(
+    session: sa_orm.Session, tracker: Tracker, state: context.ContextState
+) -> None:
+    """Read the stored values of the tracked columns of each changed row
+    that the session has expired (a commit does), before the flush writes
+    over them: SQLAlchemy's history has no old value for a column set, or a
+    foreign key synced, before it was loaded again."""
+    instance_state = sa_orm.attributes.instance_state
+    for obj in session.dirty:
+        st = instance_state(obj)
+        if st.key is None or not (
+            st.expired_attributes or _NO_VALUE in st.committed_state.values()
+        ):
+            continue
+        spec = tracker.spec(st.mapper)
+        if spec is None:
+            continue
+        keys = list(spec.columns)
+        query = sa.select(*(getattr(st.class_, key) for key in keys)).where(
+            *(c == v for c, v in zip(st.mapper.primary_key, st.key[1], strict=True))
+        )
+        with session.no_autoflush:
+            row = session.execute(query).first()
+        if row is not None:
+            state.old_values[st] = dict(zip(keys, row, strict=True))
 
 
 def _after_flush(session: sa_orm.Session, flush_context: t.Any) -> None:
@@ -389,8 +425,9 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
         return
     app_state, tracker, state = found
     state.flushing = False
+    old_values, state.old_values = state.old_values, {}
     try:
-        changes = _row_changes(app_state, tracker, session)
+        changes = _row_changes(app_state, tracker, session, old_values)
     except Exception:
         # A session event that raises would break the main transaction.
         current_app.logger.exception("flask-sidelog could not capture a flush.")

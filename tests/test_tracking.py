@@ -189,6 +189,47 @@ def test_delete_of_an_expired_row_keeps_its_old_values(
     ]
 
 
+def test_a_change_after_a_commit_keeps_the_old_value(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A commit expires the row; a column set before it is loaded again has
+    no old value in the session's history. It is read from the database
+    before the flush writes over it, not recorded as null."""
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+    sidelog.track(Person)
+
+    @app.post("/")
+    def twice() -> str:
+        account = db.session.get(Account, 1)
+        assert account is not None
+        account.name = "alice2"
+        employee = Employee(name="erin", salary=1)
+        db.session.add(employee)
+        db.session.commit()  # expires both
+        account.balance = 99
+        employee.name = "erin2"
+        employee.salary = 2
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+
+    updates = [
+        (e["event"], e["data"]["changes"])
+        for e in changes(app, sidelog)
+        if e["event"].endswith(".update")
+    ]
+    # A flush's entries share their time; their order within it is the
+    # session's.
+    expected = [
+        ("account.update", {"name": ["alice", "alice2"]}),
+        ("account.update", {"balance": [10, 99]}),
+        ("tr_employee.update", {"name": ["erin", "erin2"], "salary": [1, 2]}),
+    ]
+    assert sorted(updates, key=str) == sorted(expected, key=str)
+
+
 def test_rolled_back_by_exception_after_flush(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
