@@ -391,7 +391,11 @@ class SideLog:
         app_state: _AppState,
         state: context.ContextState,
         entries: list[dict[str, t.Any]],
+        main_ended: bool = False,
     ) -> None:
+        """:param main_ended: the main session's transaction has just ended
+        (its events call this), so it holds no SQLite lock, though the
+        session does not let go of it until they return."""
         writer = app_state.writer
         if state.log_session_held is not None:
             # This thread holds the SQLite log in a log_session(): writing now
@@ -399,8 +403,10 @@ class SideLog:
             # log_session() writes these as it ends.
             state.log_session_held.extend(entries)
             return
-        if app_state.defer_while_main_writes and (
-            state.pending_write or _main_holds_sqlite_lock(app_state)
+        if (
+            app_state.defer_while_main_writes
+            and not main_ended
+            and (state.pending_write or _main_holds_sqlite_lock(app_state))
         ):
             # The main session holds SQLite's only write lock until the end of
             # its transaction; writing now would wait for ourselves until

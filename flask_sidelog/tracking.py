@@ -547,7 +547,7 @@ def _after_commit(session: sa_orm.Session) -> None:
     if transaction.nested and transaction.parent is not None:
         state.changes.setdefault(_carrier(transaction.parent), []).extend(changes)
     else:
-        _deliver(state, changes, "committed")
+        _deliver(state, changes, "committed", main_ended=True)
 
 
 def _after_transaction_end(
@@ -563,10 +563,16 @@ def _after_transaction_end(
     # Still waiting at its end: the transaction did not commit.
     changes = state.changes.pop(transaction, None)
     if changes:
-        _deliver(state, changes, "rolled_back")
+        # A savepoint's end leaves the outer transaction open.
+        _deliver(state, changes, "rolled_back", transaction.parent is None)
 
 
-def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -> None:
+def _deliver(
+    state: context.ContextState,
+    changes: list[Change],
+    main_tx: str,
+    main_ended: bool = False,
+) -> None:
     # Called from session events, which must not break the main session.
     try:
         app_state: _AppState = current_app.extensions["sidelog"]
@@ -577,7 +583,7 @@ def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -
             request_id=state.request_id,
             **state.request_fields,
         )
-        app_state.extension._deliver(app_state, state, entries)
+        app_state.extension._deliver(app_state, state, entries, main_ended)
     except Exception:
         current_app.logger.exception(
             "flask-sidelog could not record %d tracked change(s).", len(changes)

@@ -683,6 +683,39 @@ def test_outside_a_request(app: Flask, db: SQLAlchemy, sidelog: SideLog) -> None
     assert entry["request_id"] is None
 
 
+@pytest.mark.parametrize("mode", ["sync", "group", "buffered"])
+def test_a_long_job_has_its_changes_written_as_each_transaction_ends(
+    database_uri: str, tmp_path: t.Any, mode: str
+) -> None:
+    """Not held until the app context ends, which a worker's loop may never
+    reach: even when the log shares the app's SQLite file, the main session
+    lets go of its lock when its transaction ends."""
+    app, db, sidelog = make_app(
+        database_uri, str(tmp_path / "instance"), {"SIDELOG_WRITE_MODE": mode}
+    )
+    assert db is not None
+    sidelog.track(Account)
+    try:
+        with app.app_context():
+            Base.metadata.create_all(db.engine)
+            db.session.add(Account(name="kept"))
+            db.session.commit()
+            sidelog.flush()
+            assert [(e["event"], e["main_tx"]) for e in changes(app, sidelog)] == [
+                ("account.insert", "committed")
+            ]
+            db.session.add(Account(name="undone"))
+            db.session.flush()
+            db.session.rollback()
+            sidelog.flush()
+            assert [(e["event"], e["main_tx"]) for e in changes(app, sidelog)] == [
+                ("account.insert", "committed"),
+                ("account.insert", "rolled_back"),
+            ]
+    finally:
+        dispose(app)
+
+
 def test_log_failure_does_not_break_the_main_transaction(
     database_uri: str, tmp_path: t.Any
 ) -> None:
