@@ -291,6 +291,22 @@ def _row_changes(
         found.append(Change(spec.events[op], data, actor, at, spec if plain else None))
 
     instance_state = sa_orm.attributes.instance_state
+    # Deletes first: a row deleted and added again with its key in one
+    # flush (which SQLAlchemy sends as an UPDATE) ends as the new row.
+    for obj in session.deleted:
+        st = instance_state(obj)
+        spec = tracker.spec(st.mapper)
+        if spec is not None:
+            d = st.dict
+            committed = st.committed_state
+            changes = {}
+            for key, column in spec.columns.items():
+                old = committed.get(key, _NO_VALUE)
+                if old is _NO_VALUE:
+                    old = d.get(key, _NO_VALUE)
+                if old is not _NO_VALUE:
+                    changes[column] = [_value(old), None]
+            add(spec, "delete", d, st, changes)
     for obj in session.new:
         st = instance_state(obj)
         spec = tracker.spec(st.mapper)
@@ -325,20 +341,6 @@ def _row_changes(
             changes[column] = [_value(old), _value(new)]
         if changes:
             add(spec, "update", d, st, changes)
-    for obj in session.deleted:
-        st = instance_state(obj)
-        spec = tracker.spec(st.mapper)
-        if spec is not None:
-            d = st.dict
-            committed = st.committed_state
-            changes = {}
-            for key, column in spec.columns.items():
-                old = committed.get(key, _NO_VALUE)
-                if old is _NO_VALUE:
-                    old = d.get(key, _NO_VALUE)
-                if old is not _NO_VALUE:
-                    changes[column] = [_value(old), None]
-            add(spec, "delete", d, st, changes)
     return found
 
 

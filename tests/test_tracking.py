@@ -230,6 +230,40 @@ def test_a_change_after_a_commit_keeps_the_old_value(
     assert sorted(updates, key=str) == sorted(expected, key=str)
 
 
+def test_a_row_deleted_and_added_again_in_one_flush_ends_as_the_new_row(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """SQLAlchemy sends it as one UPDATE; its history ends with the row
+    that is in the table, not with its deletion."""
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+
+    @app.post("/")
+    def replace() -> str:
+        db.session.delete(db.session.get(Account, 1))
+        db.session.add(Account(id=1, name="bob", balance=5))
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+
+    assert balances(app, db) == {"bob": 5}
+    with app.app_context():
+        life = sidelog.history("account", 1)
+    assert summary(life) == [
+        (
+            "account.delete",
+            "committed",
+            {"id": [1, None], "name": ["alice", None], "balance": [10, None]},
+        ),
+        (
+            "account.insert",
+            "committed",
+            {"id": [None, 1], "name": [None, "bob"], "balance": [None, 5]},
+        ),
+    ]
+
+
 def test_rolled_back_by_exception_after_flush(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
