@@ -326,8 +326,8 @@ def _row_changes(
         d = st.dict
         changes = {}
         for key, old in st.committed_state.items():
-            column = spec.columns.get(key)
-            if column is None:
+            name = spec.columns.get(key)
+            if name is None:
                 continue
             new = d.get(key)
             if old is _NO_VALUE:
@@ -338,7 +338,7 @@ def _row_changes(
                     continue
             elif old is new or old == new:
                 continue
-            changes[column] = [_value(old), _value(new)]
+            changes[name] = [_value(old), _value(new)]
         if changes:
             add(spec, "update", d, st, changes)
     return found
