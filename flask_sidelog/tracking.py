@@ -799,6 +799,24 @@ def row_history(
     found = []
     for row in rows:
         data = row["data"]
-        if isinstance(data, dict) and _pk_matches(data.get("pk"), wanted):
+        if isinstance(data, dict) and any(
+            _pk_matches(key, wanted) for key in _keys(row["event"], data)
+        ):
             found.append(row_to_dict(row))
     return found
+
+
+def _keys(event: str, data: dict[str, t.Any]) -> list[t.Any]:
+    """The primary keys a row change concerns: its row's, and for an
+    update of the key itself, the one the row had before."""
+    pk, changes = data.get("pk"), data.get("changes")
+    if not event.endswith(".update") or not (
+        isinstance(pk, dict) and isinstance(changes, dict)
+    ):
+        return [pk]
+    before = {
+        name: pair[0]
+        for name, pair in changes.items()
+        if name in pk and isinstance(pair, list) and len(pair) == 2
+    }
+    return [pk, {**pk, **before}] if before else [pk]

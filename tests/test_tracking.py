@@ -264,6 +264,28 @@ def test_a_row_deleted_and_added_again_in_one_flush_ends_as_the_new_row(
     ]
 
 
+def test_a_changed_primary_key_is_in_the_history_of_both_keys(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+
+    @app.post("/")
+    def renumber() -> str:
+        account = db.session.get(Account, 1)
+        assert account is not None
+        account.id = 7
+        db.session.commit()
+        return "ok"
+
+    client.post("/")
+
+    with app.app_context():
+        before = summary(sidelog.history("account", 1))
+        after = summary(sidelog.history("account", 7))
+    assert before == after == [("account.update", "committed", {"id": [1, 7]})]
+
+
 def test_rolled_back_by_exception_after_flush(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
