@@ -153,24 +153,14 @@ def current_state(
     if ctx is None:
         return None
     state: ContextState | None = ctx.g.get("_sidelog")
-    earlier = None
-    if state is not None and _of_earlier_request(state):
-        earlier, state = state, None
-        # Ended at the context's teardown, with this one (see pop_states).
-        ctx.g._sidelog_earlier = [*ctx.g.get("_sidelog_earlier", ()), earlier]
-        earlier.ended = True
     if state is None:
-        if not create and earlier is None:
+        if not create:
             return None
         request_ctx = _cv_request.get(None)
         state = ContextState(
             started=time.perf_counter(),
             request=None if request_ctx is None else request_ctx.request,
         )
-        if earlier is not None:
-            # A main transaction the earlier request left open goes on here.
-            state.changes, earlier.changes = earlier.changes, {}
-            state.pending_write = earlier.pending_write
         ctx.g._sidelog = state
     if with_request and not state.request_read:
         read_request(state)
@@ -228,29 +218,14 @@ def _request_id(req: Request, header: str | None) -> str:
     return os.urandom(16).hex()
 
 
-def _of_earlier_request(state: ContextState) -> bool:
-    """Whether ``state`` belongs to a request that ended before the current
-    one began in the same app context: Flask before 3.2 runs a request in an
-    app context pushed before it (a test's ``with app.app_context():``),
-    whose teardown comes only when that context ends."""
-    if state.request is None:
-        return False
-    request_ctx = _cv_request.get(None)
-    return request_ctx is not None and request_ctx.request is not state.request
-
-
-def pop_states() -> list[ContextState]:
-    """The app context's states, oldest first: those of its earlier
-    requests, and its own."""
+def pop_state() -> ContextState | None:
     ctx = _cv_app.get(None)
     if ctx is None:
-        return []
-    states = [*ctx.g.pop("_sidelog_earlier", ())]
-    state = ctx.g.pop("_sidelog", None)
+        return None
+    state = t.cast("ContextState | None", ctx.g.pop("_sidelog", None))
     if state is not None:
         state.ended = True
-        states.append(state)
-    return states
+    return state
 
 
 def _main_session_state(session: sa_orm.Session) -> ContextState | None:
@@ -258,7 +233,7 @@ def _main_session_state(session: sa_orm.Session) -> ContextState | None:
     # Each flush and commit sends several events: the first one finds the
     # state and leaves it on the session, the others take it from there.
     state: ContextState | None = session.info.get("_sidelog")
-    if state is not None and not state.ended and not _of_earlier_request(state):
+    if state is not None and not state.ended:
         return state
     ctx = _cv_app.get(None)
     if ctx is None:

@@ -826,24 +826,9 @@ class SideLog:
         app_state = _app_state()
         if app_state.db is None and self.session.registry.has():
             self.session.remove()
-        states = context.pop_states()
-        if not states:
+        state = context.pop_state()
+        if state is None:
             return
-        for state in states:
-            # Only the last state's request is the one that raised.
-            self._finish_state(app_state, state, exc if state is states[-1] else None)
-        if state.request is None and click.get_current_context(silent=True):
-            # A CLI command's entries are committed before it exits; requests
-            # do not wait for buffered entries.
-            app_state.writer.flush()
-
-    def _finish_state(
-        self,
-        app_state: _AppState,
-        state: context.ContextState,
-        exc: BaseException | None,
-    ) -> None:
-        """Write what ``state`` held back, and its request's ``@audit`` entry."""
         audited = state.audit_event is not None
         try:
             entries = state.deferred
@@ -855,6 +840,10 @@ class SideLog:
             if audited:
                 # A no-op once its entry ended the request; here if it failed.
                 app_state.writer.request_ended()
+        if state.request is None and click.get_current_context(silent=True):
+            # A CLI command's entries are committed before it exits; requests
+            # do not wait for buffered entries.
+            app_state.writer.flush()
 
     def _audit_entry(
         self,

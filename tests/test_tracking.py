@@ -727,45 +727,6 @@ def test_change_entries_share_request_id_and_actor(
     assert {e["actor"] for e in found} == {"alice"}
 
 
-def test_requests_in_an_app_context_pushed_before_them_are_apart(
-    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
-) -> None:
-    """Flask before 3.2 runs requests in an app context already pushed (a
-    test's ``with app.app_context():``): each request still gets its own
-    ``@audit`` entry, request id and path, and so do its changes."""
-    sidelog.track(Account)
-
-    @app.post("/<name>")
-    @sidelog.audit("account.open")
-    def open_account(name: str) -> str:
-        db.session.add(Account(name=name))
-        db.session.commit()
-        return "ok"
-
-    with app.app_context():
-        client.post("/a", headers={"X-Request-ID": "req-a"})
-        client.post("/b", headers={"X-Request-ID": "req-b"})
-        client.post("/c", headers={"X-Request-ID": "req-c"})
-
-    with app.app_context():
-        audits = sidelog.entries(event="account.open")
-    assert sorted((e["path"], e["outcome"]) for e in audits) == [
-        ("/a", "success"),
-        ("/b", "success"),
-        ("/c", "success"),
-    ]
-    request_of = {e["path"]: e["request_id"] for e in audits}
-    assert len(set(request_of.values())) == 3
-    found = changes(app, sidelog)
-    assert sorted((e["data"]["changes"]["name"][1], e["path"]) for e in found) == [
-        ("a", "/a"),
-        ("b", "/b"),
-        ("c", "/c"),
-    ]
-    for entry in found:
-        assert entry["request_id"] == request_of[entry["path"]]
-
-
 def test_outside_a_request(app: Flask, db: SQLAlchemy, sidelog: SideLog) -> None:
     """A CLI command or job in an app context is recorded too, with no
     request id."""
