@@ -53,6 +53,9 @@ if t.TYPE_CHECKING:
 
 _PLAIN = frozenset({type(None), bool, int, float, str})
 _NO_VALUE = sa_orm.base.NO_VALUE
+#: The old value of an updated column that the session had not loaded and
+#: that could not be read before the flush.
+NOT_LOADED = "[not loaded]"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -331,9 +334,8 @@ def _row_changes(
                 continue
             new = d.get(key)
             if old is _NO_VALUE:
-                # Expired when set: as read before the flush (None for a row
-                # the database no longer had).
-                old = old_values.get(st, {}).get(key)
+                # Expired when set: as read before the flush, if it was.
+                old = old_values.get(st, {}).get(key, NOT_LOADED)
                 if old is new or old == new:
                     continue
             elif old is new or old == new:
@@ -404,8 +406,16 @@ def _read_old_values(
         query = sa.select(*(getattr(st.class_, key) for key in keys)).where(
             *(c == v for c, v in zip(st.mapper.primary_key, st.key[1], strict=True))
         )
-        with session.no_autoflush:
-            row = session.execute(query).first()
+        try:
+            with session.no_autoflush:
+                row = session.execute(query).first()
+        except Exception:
+            # A stored value its type cannot read (an enum member since
+            # removed): the flush goes on, and the old values are unknown.
+            current_app.logger.exception(
+                "flask-sidelog could not read the old values of a %s row.", spec.table
+            )
+            continue
         if row is not None:
             state.old_values[st] = dict(zip(keys, row, strict=True))
 
