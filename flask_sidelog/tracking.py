@@ -482,10 +482,19 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
     change = Change(f"{spec.table}.{op}", data, app_state.extension._actor(), utcnow())
     try:
         result = execute_state.invoke_statement()
+    except sa.exc.DBAPIError:
+        if execute_state.is_executemany:
+            # The rows before the failing one stay in the transaction.
+            _add(session, state, [change])
+        else:
+            # A statement the database refused changed nothing, whatever its
+            # transaction does next (a caller may catch it and commit).
+            _deliver(state, [change], "rolled_back")
+        raise
     except Exception:
-        # A statement that failed changed nothing, whatever its transaction
-        # does next (a caller may catch the error and commit the rest).
-        _deliver(state, [change], "rolled_back")
+        # Raised after the statement ran (a StaleDataError): its fate is
+        # the transaction's.
+        _add(session, state, [change])
         raise
     rowcount = getattr(result, "rowcount", None)
     if isinstance(rowcount, int) and rowcount >= 0:

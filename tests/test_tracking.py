@@ -771,6 +771,37 @@ def test_a_failed_bulk_statement_is_recorded_rolled_back(
     assert [e["data"]["rowcount"] for e in bulk] == [None, None]
 
 
+def test_a_bulk_statement_that_ran_before_it_failed_shares_its_transaction_fate(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """An update by primary key that finds one key missing raises after its
+    rows were written; a caller that catches it and commits keeps them."""
+    seed(app, db, ("a", 1), ("b", 2))
+    sidelog.track(Account)
+
+    @app.post("/")
+    def update_some() -> str:
+        try:
+            db.session.execute(
+                sa.update(Account),
+                [
+                    {"id": 1, "balance": 100},
+                    {"id": 2, "balance": 200},
+                    {"id": 3, "balance": 3},
+                ],
+            )
+        except sa.orm.exc.StaleDataError:
+            db.session.commit()
+            return "caught"
+        return "not raised"
+
+    assert client.post("/").get_data(as_text=True) == "caught"
+
+    assert balances(app, db) == {"a": 100, "b": 200}
+    ((event, main_tx, _),) = summary(changes(app, sidelog))
+    assert (event, main_tx) == ("account.bulk_update", "committed")
+
+
 def test_change_entries_share_request_id_and_actor(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
