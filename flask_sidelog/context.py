@@ -77,6 +77,8 @@ class ContextState:
     log_session_held: list[dict[str, t.Any]] | None = None
     #: A flush of the main session started and has not finished yet.
     flushing: bool = False
+    #: The DBAPI connection the main session's tracked changes went through.
+    main_connection: t.Any = None
     #: For that flush: the stored values of tracked columns of changed rows
     #: the session had expired, by instance state (see tracking).
     old_values: dict[t.Any, dict[str, t.Any]] = dataclasses.field(default_factory=dict)

@@ -391,11 +391,7 @@ class SideLog:
         app_state: _AppState,
         state: context.ContextState,
         entries: list[dict[str, t.Any]],
-        main_ended: bool = False,
     ) -> None:
-        """:param main_ended: the main session's transaction has just ended
-        (its events call this), so it holds no SQLite lock, though the
-        session does not let go of it until they return."""
         writer = app_state.writer
         if state.log_session_held is not None:
             # This thread holds the SQLite log in a log_session(): writing now
@@ -403,10 +399,8 @@ class SideLog:
             # log_session() writes these as it ends.
             state.log_session_held.extend(entries)
             return
-        if (
-            app_state.defer_while_main_writes
-            and not main_ended
-            and (state.pending_write or _main_holds_sqlite_lock(app_state))
+        if app_state.defer_while_main_writes and (
+            state.pending_write or _main_holds_sqlite_lock(app_state, state)
         ):
             # The main session holds SQLite's only write lock until the end of
             # its transaction; writing now would wait for ourselves until
@@ -489,7 +483,7 @@ class SideLog:
         writer = app_state.writer
         state = context.current_state()
         if app_state.defer_while_main_writes and (
-            state.pending_write or _main_holds_sqlite_lock(app_state)
+            state.pending_write or _main_holds_sqlite_lock(app_state, state)
         ):
             raise RuntimeError(
                 "log_session() cannot write to the SQLite file the main session"
@@ -877,7 +871,7 @@ class SideLog:
         return entry
 
 
-def _main_holds_sqlite_lock(app_state: _AppState) -> bool:
+def _main_holds_sqlite_lock(app_state: _AppState, state: context.ContextState) -> bool:
     """Whether this context's main session has a SQLite write transaction
     open, however it wrote (flush, ``connection().execute``, raw SQL)."""
     scoped = app_state.main_session
@@ -888,8 +882,13 @@ def _main_holds_sqlite_lock(app_state: _AppState) -> bool:
         return False
     try:
         dbapi = session.connection().connection.dbapi_connection
-    except Exception:  # a failed transaction: assume it still holds the lock
-        return True
+    except Exception:
+        # In the session's own commit events, or after a failure, it refuses
+        # connection(): ask the one its tracked changes went through (still
+        # in a transaction if the session joined an outer one).
+        dbapi = state.main_connection
+        if dbapi is None:
+            return True
     return bool(getattr(dbapi, "in_transaction", False))
 
 

@@ -18,6 +18,7 @@ engine, after the main transaction has ended: nothing is added to it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import decimal
 import math
@@ -256,6 +257,14 @@ def _add(
     carrier = _current_carrier(session)
     if changes and carrier is not None:
         state.changes.setdefault(carrier, []).extend(changes)
+        transaction = session.get_transaction()
+        if transaction is not None and transaction.is_active:
+            # Asked whether it holds SQLite's lock once their fate is known,
+            # when the session no longer says. (Tested active: connection()
+            # would begin a transaction otherwise.)
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                connection = session.connection().connection
+                state.main_connection = connection.dbapi_connection
 
 
 def _row_changes(
@@ -568,7 +577,7 @@ def _after_commit(session: sa_orm.Session) -> None:
     if transaction.nested and transaction.parent is not None:
         state.changes.setdefault(_carrier(transaction.parent), []).extend(changes)
     else:
-        _deliver(state, changes, "committed", main_ended=True)
+        _deliver(state, changes, "committed")
 
 
 def _after_transaction_end(
@@ -584,16 +593,10 @@ def _after_transaction_end(
     # Still waiting at its end: the transaction did not commit.
     changes = state.changes.pop(transaction, None)
     if changes:
-        # A savepoint's end leaves the outer transaction open.
-        _deliver(state, changes, "rolled_back", transaction.parent is None)
+        _deliver(state, changes, "rolled_back")
 
 
-def _deliver(
-    state: context.ContextState,
-    changes: list[Change],
-    main_tx: str,
-    main_ended: bool = False,
-) -> None:
+def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -> None:
     # Called from session events, which must not break the main session.
     try:
         app_state: _AppState = current_app.extensions["sidelog"]
@@ -604,7 +607,7 @@ def _deliver(
             request_id=state.request_id,
             **state.request_fields,
         )
-        app_state.extension._deliver(app_state, state, entries, main_ended)
+        app_state.extension._deliver(app_state, state, entries)
     except Exception:
         current_app.logger.exception(
             "flask-sidelog could not record %d tracked change(s).", len(changes)

@@ -872,6 +872,40 @@ def test_a_long_job_has_its_changes_written_as_each_transaction_ends(
         dispose(app)
 
 
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_a_session_in_an_outer_transaction_does_not_lock_out_its_log(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """A session joined to a connection's transaction (a common test
+    recipe) still holds SQLite's lock after its own commit: its changes wait
+    for the app context's teardown instead of for the lock."""
+    app, _, sidelog = make_app(
+        database_uri,
+        str(tmp_path / "instance"),
+        {"SIDELOG_WRITE_TIMEOUT": 2},
+        with_db=False,
+    )
+    sidelog.track(Account)
+    failed: list[object] = []
+    entry_failed.connect(lambda *a, **kw: failed.append(kw), app, weak=False)
+    try:
+        with app.app_context():
+            engine = app.extensions["sidelog"].main_engine
+            Base.metadata.create_all(engine)
+            with engine.connect() as conn, conn.begin():
+                sidelog.session.remove()
+                sidelog.session.configure(bind=conn)
+                sidelog.session.add(Account(name="joined"))
+                sidelog.session.commit()
+                sidelog.session.remove()
+        assert failed == []
+        assert [(e["event"], e["main_tx"]) for e in changes(app, sidelog)] == [
+            ("account.insert", "committed")
+        ]
+    finally:
+        dispose(app)
+
+
 def test_log_failure_does_not_break_the_main_transaction(
     database_uri: str, tmp_path: t.Any
 ) -> None:
