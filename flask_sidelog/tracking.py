@@ -98,6 +98,7 @@ class Tracker:
         self._models: dict[type, frozenset[str]] = {}
         self._all_except: frozenset[str] | None = None
         self._specs: dict[sa_orm.Mapper[t.Any], _Spec | None] = {}
+        self._excluded: frozenset[str] | None = None
 
     def __bool__(self) -> bool:
         return bool(self._models) or self._all_except is not None
@@ -133,6 +134,16 @@ class Tracker:
             )
         self._models[model] = names
         self._specs.clear()
+        self._excluded = None
+
+    def excluded_names(self) -> frozenset[str]:
+        """Every name of every column excluded from a model tracked by
+        class: a bulk statement's parameter compared with one is left out,
+        even in a subquery of another model's statement."""
+        if self._excluded is None:
+            specs = [self.spec(sa_orm.class_mapper(model)) for model in self._models]
+            self._excluded = frozenset().union(*(s.exclude for s in specs if s))
+        return self._excluded
 
     def track_all(self, exclude_tables: t.Iterable[str]) -> None:
         if isinstance(exclude_tables, str):
@@ -142,6 +153,7 @@ class Tracker:
             )
         self._all_except = frozenset(exclude_tables)
         self._specs.clear()
+        self._excluded = None
 
     def spec(self, mapper: sa_orm.Mapper[t.Any]) -> _Spec | None:
         """How to record rows of ``mapper``, or None if it is not tracked."""
@@ -481,7 +493,8 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
     where = getattr(execute_state.statement, "whereclause", None)
     if where is not None:
         try:
-            data.update(_where(where, spec, app_state.settings.redact_keys))
+            excluded = spec.exclude | tracker.excluded_names()
+            data.update(_where(where, excluded, app_state.settings.redact_keys))
         except Exception:  # a construct with no generic rendering
             current_app.logger.exception("flask-sidelog could not render a WHERE.")
             data["where"] = "[not rendered]"
@@ -513,34 +526,42 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
 
 
 def _where(
-    where: sa.ColumnElement[t.Any], spec: _Spec, redact_keys: frozenset[str]
+    where: sa.ColumnElement[t.Any],
+    excluded: frozenset[str],
+    redact_keys: frozenset[str],
 ) -> dict[str, t.Any]:
     # Rendered apart from any dialect, with each value as a named parameter:
-    # the text never holds a value. A parameter is dropped if it is compared
-    # with an excluded column, and hidden if with a column of a redacted name,
-    # whatever its own name says (lower(social) = :lower_1).
+    # the text never holds a value. A parameter is kept only if it is
+    # compared with a column: hidden if a column of a redacted name, left out
+    # if an excluded one (of any tracked model: a subquery may name it) or
+    # none at all (text(), a lone function), whatever its own name says.
     compiled = where.compile(compile_kwargs={"render_postcompile": True})
     # A SQL compiler's: which name each parameter got.
     bind_names: dict[t.Any, str] = getattr(compiled, "bind_names", {})
-    dropped, hidden = _params_of_columns(where, bind_names, spec, redact_keys)
+    kept, hidden, dropped = _params_of_columns(where, bind_names, excluded, redact_keys)
     params = {}
     for name, value in compiled.params.items():
-        if _named(name, dropped) or _named(name, spec.exclude):
+        if _named(name, dropped):
             continue
-        params[name] = REDACTED if _named(name, hidden) else _value(value)
+        if _named(name, hidden):
+            params[name] = REDACTED
+        elif _named(name, kept):
+            params[name] = _value(value)
     return {"where": str(compiled), "params": params}
 
 
 def _params_of_columns(
     where: sa.ColumnElement[t.Any],
     bind_names: dict[t.Any, str],
-    spec: _Spec,
+    excluded: frozenset[str],
     redact_keys: frozenset[str],
-) -> tuple[set[str], set[str]]:
-    """The names of the parameters in a comparison (or any binary expression)
-    with an excluded column, and with a column whose name is redacted."""
-    dropped: set[str] = set()
+) -> tuple[set[str], set[str], set[str]]:
+    """The names of the parameters in a comparison (any binary expression)
+    with columns: with plain ones only, with one of a redacted name, and
+    with an excluded one."""
+    kept: set[str] = set()
     hidden: set[str] = set()
+    dropped: set[str] = set()
     for node in sa.sql.visitors.iterate(where):
         if not isinstance(node, sa.BinaryExpression):
             continue
@@ -550,19 +571,23 @@ def _params_of_columns(
             for part in inside
             if isinstance(part, sa.BindParameter) and part in bind_names
         }
-        for column in inside:
-            if isinstance(column, sa.ColumnClause):
-                given = {column.name, column.key}
-                if given & spec.exclude:
-                    dropped |= names
-                elif any(is_redacted(name, redact_keys) for name in given):
-                    hidden |= names
-    return dropped, hidden
+        columns = [
+            {str(part.name), str(part.key)}
+            for part in inside
+            if isinstance(part, sa.ColumnClause)
+        ]
+        if any(given & excluded for given in columns):
+            dropped |= names
+        elif any(is_redacted(n, redact_keys) for given in columns for n in given):
+            hidden |= names
+        elif columns:
+            kept |= names
+    return kept, hidden, dropped
 
 
 def _named(param: str, names: t.Iterable[str]) -> bool:
-    """Whether ``param`` is one of ``names``, or a name SQLAlchemy derived
-    from one (``ssn_1``; an expanded IN's ``ssn_1_2``)."""
+    """Whether ``param`` is one of the parameter ``names``, or one an
+    expanded IN made of it (``name_1`` gives ``name_1_1``, ``name_1_2``...)."""
     return any(param == name or param.startswith(f"{name}_") for name in names)
 
 

@@ -698,21 +698,40 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
             .where(sa.func.lower(Credential.password_hash) == "hash-six")
             .values(login="x")
         )
+        # Another model's excluded column, in a subquery; SQL text.
+        db.session.execute(
+            sa.update(Credential)
+            .where(
+                Credential.login.in_(
+                    sa.select(Badge.code).where(Badge.secret == "S-SEVEN")
+                ),
+                Credential.login != "secret_kept",
+            )
+            .values(ssn="x")
+        )
+        db.session.execute(
+            sa.update(Credential)
+            .where(sa.text("login = :who").bindparams(who="S-EIGHT"))
+            .values(ssn="x")
+        )
         db.session.commit()
         return "ok"
 
     client.post("/")
 
-    update, delete, redacted = changes(app, sidelog)
+    update, delete, redacted, subquery, text = changes(app, sidelog)
     assert update["data"]["params"] == {"code_1": "kept"}
     assert delete["data"]["params"] == {}
     assert redacted["data"]["params"] == {"lower_1": "[redacted]"}
+    assert subquery["data"]["params"] == {"login_1": "secret_kept"}
+    assert text["data"]["params"] == {}
     with app.app_context(), sidelog.log_session() as s:
         table = app.extensions["sidelog"].table
         rows = s.execute(sa.select(table)).mappings()
         stored = json.dumps([dict(row) for row in rows], default=str).lower()
-    for secret in ("s-two", "s-three", "s-four", "s-five", "hash-six"):
+    for secret in ("s-two", "s-three", "s-four", "s-five", "hash-six", "s-seven"):
         assert secret not in stored
+    assert "s-eight" not in stored
 
 
 def test_a_subclass_keeps_what_its_tracked_base_excludes(
