@@ -545,12 +545,26 @@ class Writer:
         engine in autocommit mode: on PostgreSQL a streamed read needs one,
         and so do the chain's lock and a prune's checkpoint."""
         with self.lock, self.engine.connect() as conn:
-            autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
-            if autocommit and conn.dialect.name == "postgresql":
-                # Until the connection goes back to the pool; READ COMMITTED
-                # as the engine's default would be (engine.create_log_engine).
-                conn.execution_options(isolation_level="READ COMMITTED")
-            yield conn
+            driver: t.Any = conn.connection.driver_connection
+            autocommit = conn.dialect.driver == "psycopg" and driver.autocommit
+            if not autocommit:
+                yield conn
+                return
+            # Set on psycopg itself and back: SQLAlchemy before 2.0.17 resets
+            # an isolation level set on a Connection to the server's default,
+            # not to the engine's AUTOCOMMIT. READ COMMITTED as the engine's
+            # default would be (engine.create_log_engine).
+            import psycopg
+
+            isolation = driver.isolation_level
+            driver.autocommit = False
+            driver.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+            try:
+                yield conn
+            finally:
+                conn.rollback()  # what the caller left open; commits stay
+                driver.isolation_level = isolation
+                _leave_autocommit(conn, driver, True)
 
     def ensure_table(self) -> None:
         """Create the table on first use when ``SIDELOG_CREATE_TABLE`` is on."""
