@@ -264,17 +264,27 @@ def _current_carrier(session: sa_orm.Session) -> sa_orm.SessionTransaction | Non
 
 
 def _add(
-    session: sa_orm.Session, state: context.ContextState, changes: list[Change]
+    app_state: _AppState,
+    session: sa_orm.Session,
+    state: context.ContextState,
+    changes: list[Change],
 ) -> None:
     carrier = _current_carrier(session)
     if changes and carrier is not None:
         state.changes.setdefault(carrier, []).extend(changes)
         transaction = session.get_transaction()
-        if transaction is not None and transaction.is_active:
-            # Asked whether it holds SQLite's lock once their fate is known,
-            # when the session no longer says. (Tested active: connection()
-            # would begin a transaction otherwise.)
-            with contextlib.suppress(sa.exc.SQLAlchemyError):
+        # Only when the log shares the main database's SQLite file: the
+        # default bind is then that file. (Tested active: connection()
+        # would begin a transaction otherwise.)
+        with contextlib.suppress(Exception):
+            if (
+                app_state.writer is not None
+                and app_state.defer_while_main_writes
+                and transaction is not None
+                and transaction.is_active
+            ):
+                # Asked whether it still holds SQLite's lock once their fate
+                # is known, when the session no longer says.
                 connection = session.connection().connection
                 state.main_connection = connection.dbapi_connection
 
@@ -465,7 +475,7 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
         # A session event that raises would break the main transaction.
         current_app.logger.exception("flask-sidelog could not capture a flush.")
         return
-    _add(session, state, changes)
+    _add(app_state, session, state, changes)
 
 
 def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
@@ -504,24 +514,23 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
     change = Change(f"{spec.table}.{op}", data, app_state.extension._actor(), utcnow())
     try:
         result = execute_state.invoke_statement()
-    except sa.exc.DBAPIError:
-        if execute_state.is_executemany:
-            # The rows before the failing one stay in the transaction.
-            _add(session, state, [change])
+    except Exception as error:
+        if isinstance(error, sa.orm.exc.StaleDataError) or (
+            isinstance(error, sa.exc.DBAPIError) and execute_state.is_executemany
+        ):
+            # Raised after rows were written (an update by key that missed
+            # one; an executemany's rows before the failing one): its fate
+            # is the transaction's.
+            _add(app_state, session, state, [change])
         else:
-            # A statement the database refused changed nothing, whatever its
-            # transaction does next (a caller may catch it and commit).
+            # Refused by the database, or never sent: it changed nothing,
+            # whatever its transaction does next (a caller may catch it).
             _deliver(state, [change], "rolled_back")
-        raise
-    except Exception:
-        # Raised after the statement ran (a StaleDataError): its fate is
-        # the transaction's.
-        _add(session, state, [change])
         raise
     rowcount = getattr(result, "rowcount", None)
     if isinstance(rowcount, int) and rowcount >= 0:
         data["rowcount"] = rowcount
-    _add(session, state, [change])
+    _add(app_state, session, state, [change])
     return result
 
 
@@ -556,33 +565,43 @@ def _params_of_columns(
     excluded: frozenset[str],
     redact_keys: frozenset[str],
 ) -> tuple[set[str], set[str], set[str]]:
-    """The names of the parameters in a comparison (any binary expression)
-    with columns: with plain ones only, with one of a redacted name, and
-    with an excluded one."""
+    """The names of the parameters by the innermost binary expression,
+    subquery or ``text()`` around each: compared with plain columns only,
+    with one of a redacted name, and with an excluded one or none (in
+    ``text()``, or in a subquery but in no comparison of its own)."""
+    # Each node's size, the number of nodes under it, tells which of two
+    # nested nodes around a parameter is the inner one.
+    innermost: dict[t.Any, tuple[int, list[set[str]] | None]] = {}
+    for node in sa.sql.visitors.iterate(where):
+        if isinstance(node, (sa.BinaryExpression, sa.Select, sa.TextClause)):
+            inside = list(sa.sql.visitors.iterate(node))
+            columns = None
+            if isinstance(node, sa.BinaryExpression):
+                columns = [
+                    {str(part.name), str(part.key)}
+                    for part in inside
+                    if isinstance(part, sa.ColumnClause)
+                ]
+            for part in inside:
+                if isinstance(part, sa.BindParameter) and (
+                    part not in innermost or len(inside) < innermost[part][0]
+                ):
+                    innermost[part] = (len(inside), columns)
     kept: set[str] = set()
     hidden: set[str] = set()
     dropped: set[str] = set()
-    for node in sa.sql.visitors.iterate(where):
-        if not isinstance(node, sa.BinaryExpression):
+    for bind, (_, columns) in innermost.items():
+        name = bind_names.get(bind)
+        if name is None:
             continue
-        inside = list(sa.sql.visitors.iterate(node))
-        names = {
-            bind_names[part]
-            for part in inside
-            if isinstance(part, sa.BindParameter) and part in bind_names
-        }
-        columns = [
-            {str(part.name), str(part.key)}
-            for part in inside
-            if isinstance(part, sa.ColumnClause)
-        ]
-        if any(given & excluded for given in columns):
-            dropped |= names
+        if not columns or any(given & excluded for given in columns):
+            dropped.add(name)  # in text(), a subquery, or with an excluded column
         elif any(is_redacted(n, redact_keys) for given in columns for n in given):
-            hidden |= names
-        elif columns:
-            kept |= names
-    return kept, hidden, dropped
+            hidden.add(name)
+        else:
+            kept.add(name)
+    # A parameter SQLAlchemy renders twice keeps the strictest verdict.
+    return kept - hidden - dropped, hidden - dropped, dropped
 
 
 def _named(param: str, names: t.Iterable[str]) -> bool:
@@ -613,12 +632,13 @@ def _after_transaction_end(
     state = context._main_session_state(session) if has_app_context() else None
     if state is None:
         return
-    if transaction.parent is None:
-        state.flushing = False
     # Still waiting at its end: the transaction did not commit.
     changes = state.changes.pop(transaction, None)
     if changes:
         _deliver(state, changes, "rolled_back")
+    if transaction.parent is None:
+        state.flushing = False
+        state.main_connection = None  # may go to another session next
 
 
 def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -> None:
