@@ -85,6 +85,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+#: Byte maps that set a UUID's version (7) and variant (RFC 9562) bits: one
+#: ``translate`` call sets them in every UUID of a batch.
+_VERSION_7 = bytes(x & 0x0F | 0x70 for x in range(256))
+_VARIANT = bytes(x & 0x3F | 0x80 for x in range(256))
+
+
 def new_uuid() -> str:
     """A new entry's uuid: see :func:`new_uuids`."""
     return new_uuids(1)[0]
@@ -101,8 +107,8 @@ def new_uuids(count: int) -> list[str]:
     ms = time.time_ns() // 1_000_000 % 2**48
     when = ms.to_bytes(6, "big").hex()
     b = bytearray(os.urandom(10 * count))
-    b[0::10] = bytes(x & 0x0F | 0x70 for x in b[0::10])  # version 7
-    b[2::10] = bytes(x & 0x3F | 0x80 for x in b[2::10])  # RFC 9562 variant
+    b[0::10] = b[0::10].translate(_VERSION_7)
+    b[2::10] = b[2::10].translate(_VARIANT)
     x = b.hex()
     return [
         f"{when[:8]}-{when[8:]}-{x[i : i + 4]}-{x[i + 4 : i + 8]}-{x[i + 8 : i + 20]}"
