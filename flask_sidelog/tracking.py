@@ -416,39 +416,91 @@ def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
             _read_old_values(session, found[1], found[2])
 
 
+#: How many rows one SELECT of old values asks for: well within every
+#: database's limit on bound parameters, for a few primary key columns.
+OLD_VALUES_PER_SELECT = 500
+
+
 def _read_old_values(
     session: sa_orm.Session, tracker: Tracker, state: context.ContextState
 ) -> None:
     """Read the stored values of the tracked columns of each changed row
     that the session has expired (a commit does), before the flush writes
     over them: SQLAlchemy's history has no old value for a column set, or a
-    foreign key synced, before it was loaded again."""
+    foreign key synced, before it was loaded again. One SELECT per mapper and
+    :data:`OLD_VALUES_PER_SELECT` rows, so that a job changing many rows
+    after a commit does not make a query per row."""
     instance_state = sa_orm.attributes.instance_state
+    expired: dict[sa_orm.Mapper[t.Any], list[sa_orm.InstanceState[t.Any]]] = {}
     for obj in session.dirty:
         st = instance_state(obj)
-        if st.key is None or not (
+        if st.key is not None and (
             st.expired_attributes or _NO_VALUE in st.committed_state.values()
         ):
-            continue
-        spec = tracker.spec(st.mapper)
+            expired.setdefault(st.mapper, []).append(st)
+    for mapper, states in expired.items():
+        spec = tracker.spec(mapper)
         if spec is None:
             continue
-        keys = list(spec.columns)
-        query = sa.select(*(getattr(st.class_, key) for key in keys)).where(
-            *(c == v for c, v in zip(st.mapper.primary_key, st.key[1], strict=True))
-        )
-        try:
-            with session.no_autoflush:
-                row = session.execute(query).first()
-        except Exception:
-            # A stored value its type cannot read (an enum member since
-            # removed): the flush goes on, and the old values are unknown.
-            current_app.logger.exception(
-                "flask-sidelog could not read the old values of a %s row.", spec.table
-            )
-            continue
-        if row is not None:
-            state.old_values[st] = dict(zip(keys, row, strict=True))
+        for i in range(0, len(states), OLD_VALUES_PER_SELECT):
+            chunk = states[i : i + OLD_VALUES_PER_SELECT]
+            try:
+                found = _select_old_values(session, spec, chunk)
+            except Exception as error:
+                # Refused by the database: asking again would not do.
+                if len(chunk) == 1 or isinstance(error, sa.exc.DBAPIError):
+                    _log_unread(spec)
+                    continue
+                # A stored value its type cannot read (an enum member since
+                # removed) spoils the whole SELECT: ask row by row, so that
+                # only that row's old values stay unknown.
+                found = {}
+            # Row by row too if a key read back differs from the session's
+            # (CHAR padding): a lookup by the session's key still finds it.
+            # A row deleted meanwhile is asked for twice, and not found.
+            missing = [st for st in chunk if st not in found] if len(chunk) > 1 else ()
+            for st in missing:
+                try:
+                    found.update(_select_old_values(session, spec, [st]))
+                except Exception:
+                    _log_unread(spec)
+            state.old_values.update(found)
+
+
+def _select_old_values(
+    session: sa_orm.Session, spec: _Spec, states: list[sa_orm.InstanceState[t.Any]]
+) -> dict[t.Any, dict[str, t.Any]]:
+    """The stored values of ``spec``'s columns of ``states``, rows of one
+    mapper, by state, read in one SELECT in the main transaction."""
+    mapper = states[0].mapper
+    keys = list(spec.columns)
+    pk_columns = mapper.primary_key
+    state_of = {st.key[1]: st for st in states if st.key is not None}
+    if len(pk_columns) == 1:
+        where = pk_columns[0].in_([identity[0] for identity in state_of])
+    else:
+        where = sa.tuple_(*pk_columns).in_(list(state_of))
+    # Labelled: a select names a column once, and a tracked key column is
+    # among the columns too.
+    pks = [c.label(f"_sidelog_pk_{i}") for i, c in enumerate(pk_columns)]
+    columns = [getattr(mapper.class_, key) for key in keys]
+    with session.no_autoflush:
+        rows = session.execute(sa.select(*pks, *columns).where(where)).all()
+    width = len(pk_columns)
+    found = {}
+    for row in rows:
+        # One row asked for by its key is that row, however its key reads.
+        st = states[0] if len(states) == 1 else state_of.get(tuple(row[:width]))
+        if st is not None:
+            found[st] = dict(zip(keys, row[width:], strict=True))
+    return found
+
+
+def _log_unread(spec: _Spec) -> None:
+    # The flush goes on, and the old values are unknown ("[not loaded]").
+    current_app.logger.exception(
+        "flask-sidelog could not read the old values of %s rows.", spec.table
+    )
 
 
 def _after_flush(session: sa_orm.Session, flush_context: t.Any) -> None:

@@ -33,6 +33,7 @@ from flask_sidelog.tracking import _Spec
 from flask_sidelog.tracking import _stored_as_is
 from flask_sidelog.tracking import Change
 from flask_sidelog.tracking import make_change_entries
+from flask_sidelog.tracking import OLD_VALUES_PER_SELECT
 
 
 class Credential(Base):
@@ -297,6 +298,73 @@ def test_an_old_value_that_cannot_be_read_is_marked_and_the_flush_goes_on(
         "tr_task.update": {"stage": ["[not loaded]", "<Stage.done: 'done'>"]},
         "tr_file.update": {"folder_id": ["[not loaded]", 2]},
     }
+
+
+def test_old_values_of_many_expired_rows_take_one_select_per_500(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A job that sets columns of rows a commit expired reads their old
+    values in batches, not a SELECT per row; composite keys too. A value its
+    type refuses leaves only its own row's old values unknown."""
+    rows = OLD_VALUES_PER_SELECT + 100
+    with app.app_context():
+        db.session.add_all(
+            Membership(org_id=1, user_id=i, role="r") for i in range(rows)
+        )
+        db.session.execute(
+            sa.text("INSERT INTO tr_task (id, title, stage) VALUES (1, 'a', 'legacy')")
+        )
+        db.session.add_all(Task(id=i, title="t", stage=Stage.new) for i in (2, 3))
+        db.session.commit()
+    sidelog.track(Membership)
+    sidelog.track(Task)
+    selects: list[str] = []
+
+    def count(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+        # flask-sidelog's own (SQLAlchemy's flush loads the expired keys).
+        if "_sidelog_pk_" in statement:
+            selects.append(statement)
+
+    @app.post("/")
+    def job() -> str:
+        members = db.session.scalars(sa.select(Membership)).all()
+        tasks = db.session.scalars(
+            sa.select(Task).options(sa_orm.load_only(Task.title))
+        ).all()
+        db.session.commit()  # expires them all
+        sa.event.listen(db.engine, "before_cursor_execute", count)
+        try:
+            for member in members:
+                # Its key, not member.user_id: reading that would load the row.
+                member.role = f"r{sa.inspect(member).identity[1]}"
+            for task in tasks:
+                task.stage = Stage.done
+            db.session.commit()
+        finally:
+            sa.event.remove(db.engine, "before_cursor_execute", count)
+        return "ok"
+
+    assert client.post("/").status_code == 200
+
+    found = changes(app, sidelog)
+    roles = {
+        e["data"]["pk"]["user_id"]: e["data"]["changes"]["role"]
+        for e in found
+        if e["event"] == "tr_membership.update"
+    }
+    assert roles == {i: ["r", f"r{i}"] for i in range(rows)}
+    stages = {
+        e["data"]["pk"]["id"]: e["data"]["changes"]["stage"][0]
+        for e in found
+        if e["event"] == "tr_task.update"
+    }
+    assert stages == {
+        1: "[not loaded]",
+        2: "<Stage.new: 'new'>",
+        3: "<Stage.new: 'new'>",
+    }
+    # Memberships: 2 batches. Tasks: the batch, refused, then row by row.
+    assert len(selects) == 2 + 1 + 3
 
 
 def test_a_row_deleted_and_added_again_in_one_flush_ends_as_the_new_row(
