@@ -77,7 +77,8 @@ class ContextState:
     log_session_held: list[dict[str, t.Any]] | None = None
     #: A flush of the main session started and has not finished yet.
     flushing: bool = False
-    #: The DBAPI connection the main session's tracked changes went through.
+    #: The DBAPI connection the main session's tracked changes went through;
+    #: False if they all went to binds other than the log's SQLite file.
     main_connection: t.Any = None
     #: For that flush: the stored values of tracked columns of changed rows
     #: the session had expired, by instance state (see tracking).

@@ -268,7 +268,9 @@ def _add(
     session: sa_orm.Session,
     state: context.ContextState,
     changes: list[Change],
+    mappers: t.Iterable[sa_orm.Mapper[t.Any]],
 ) -> None:
+    """Keep ``changes``, written for ``mappers``, until their fate is known."""
     carrier = _current_carrier(session)
     if changes and carrier is not None:
         state.changes.setdefault(carrier, []).extend(changes)
@@ -283,10 +285,28 @@ def _add(
                 and transaction is not None
                 and transaction.is_active
             ):
-                # Asked whether it still holds SQLite's lock once their fate
-                # is known, when the session no longer says.
-                connection = session.connection().connection
-                state.main_connection = connection.dbapi_connection
+                _keep_main_connection(app_state, session, state, mappers)
+
+
+def _keep_main_connection(
+    app_state: _AppState,
+    session: sa_orm.Session,
+    state: context.ContextState,
+    mappers: t.Iterable[sa_orm.Mapper[t.Any]],
+) -> None:
+    """Keep the DBAPI connection through which the changes of ``mappers``
+    went to the main database, the log's SQLite file: it is asked whether it
+    still holds SQLite's lock once their fate is known, when the session no
+    longer says. Changes that went to another bind hold no lock on it: for
+    those, ``False``, unless changes of this transaction went to the file."""
+    for mapper in mappers:
+        bind = session.get_bind(mapper=mapper)
+        if getattr(bind, "engine", bind) is app_state.main_engine:
+            connection = session.connection(bind_arguments={"mapper": mapper})
+            state.main_connection = connection.connection.dbapi_connection
+            return
+    if state.main_connection is None:
+        state.main_connection = False
 
 
 def _row_changes(
@@ -294,9 +314,11 @@ def _row_changes(
     tracker: Tracker,
     session: sa_orm.Session,
     old_values: dict[t.Any, dict[str, t.Any]],
+    mappers: set[sa_orm.Mapper[t.Any]],
 ) -> list[Change]:
     """One change per tracked row in the session's pending flush;
-    ``old_values`` from :func:`_read_old_values`."""
+    ``old_values`` from :func:`_read_old_values`. Adds the rows' mappers
+    to ``mappers``."""
     at: datetime | None = None
     actor: str | None = None
     found: list[Change] = []
@@ -323,6 +345,7 @@ def _row_changes(
         data = {"table": spec.table, "pk": pk, "changes": changes}
         plain = _stored_as_is(spec, pk, changes)
         found.append(Change(spec.events[op], data, actor, at, spec if plain else None))
+        mappers.add(st.mapper)
 
     instance_state = sa_orm.attributes.instance_state
     # Deletes first: a row deleted and added again with its key in one
@@ -521,13 +544,14 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     app_state, tracker, state = found
     state.flushing = False
     old_values, state.old_values = state.old_values, {}
+    mappers: set[sa_orm.Mapper[t.Any]] = set()
     try:
-        changes = _row_changes(app_state, tracker, session, old_values)
+        changes = _row_changes(app_state, tracker, session, old_values, mappers)
     except Exception:
         # A session event that raises would break the main transaction.
         current_app.logger.exception("flask-sidelog could not capture a flush.")
         return
-    _add(app_state, session, state, changes)
+    _add(app_state, session, state, changes, mappers)
 
 
 def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
@@ -573,7 +597,7 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
             # Raised after rows were written (an update by key that missed
             # one; an executemany's rows before the failing one): its fate
             # is the transaction's.
-            _add(app_state, session, state, [change])
+            _add(app_state, session, state, [change], [mapper])
         else:
             # Refused by the database, or never sent: it changed nothing,
             # whatever its transaction does next (a caller may catch it).
@@ -582,7 +606,7 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
     rowcount = getattr(result, "rowcount", None)
     if isinstance(rowcount, int) and rowcount >= 0:
         data["rowcount"] = rowcount
-    _add(app_state, session, state, [change])
+    _add(app_state, session, state, [change], [mapper])
     return result
 
 

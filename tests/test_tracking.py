@@ -1022,6 +1022,53 @@ def test_a_session_in_an_outer_transaction_does_not_lock_out_its_log(
         dispose(app)
 
 
+class OtherBase(sa_orm.DeclarativeBase):
+    # Flask-SQLAlchemy sends the models of this metadata to the "other" bind.
+    metadata = sa.MetaData(info={"bind_key": "other"})
+
+
+class Gadget(OtherBase):
+    __tablename__ = "tr_gadget"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    name: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40))
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+@pytest.mark.parametrize("bulk", [False, True])
+def test_changes_on_another_bind_take_no_connection_of_the_log_file(
+    database_uri: str, tmp_path: t.Any, bulk: bool
+) -> None:
+    """When the log shares the default bind's SQLite file, changes of a model
+    on another bind hold no lock on it: tracking them checks out no
+    connection of the default bind, and they are written at their commit."""
+    app, db, sidelog = make_app(
+        database_uri,
+        str(tmp_path / "instance"),
+        {"SQLALCHEMY_BINDS": {"other": f"sqlite:///{tmp_path / 'other.db'}"}},
+    )
+    assert db is not None
+    sidelog.track(Gadget)
+    checkouts: list[object] = []
+    try:
+        with app.app_context():
+            OtherBase.metadata.create_all(db.engines["other"])
+            sidelog.create_table()
+            sa.event.listen(db.engine, "checkout", lambda *args: checkouts.append(args))
+            db.session.add(Gadget(id=1, name="a"))
+            db.session.commit()
+            if bulk:
+                db.session.execute(sa.update(Gadget).values(name="b"))
+                db.session.commit()
+            assert checkouts == []
+            events = [(e["event"], e["main_tx"]) for e in changes(app, sidelog)]
+        expected = [("tr_gadget.insert", "committed")]
+        if bulk:
+            expected.append(("tr_gadget.bulk_update", "committed"))
+        assert events == expected
+    finally:
+        dispose(app)
+
+
 def test_log_failure_does_not_break_the_main_transaction(
     database_uri: str, tmp_path: t.Any
 ) -> None:
