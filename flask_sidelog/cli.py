@@ -203,7 +203,8 @@ def history_command(
     """Show one row's life: every attempted change to row PK of TABLE,
     oldest first, with its time, actor, request id and whether it stuck.
 
-    PK is the primary key value, or k1=v1,k2=v2 for a composite key.
+    PK is the primary key value, or k1=v1,k2=v2 for a composite key
+    (\\, for a comma within a value).
     """
     if only_committed and only_rolled_back:
         raise click.UsageError(

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import decimal
 import math
+import re
 import typing as t
 import uuid
 from datetime import date
@@ -892,22 +893,27 @@ FATES = ("committed", "rolled_back")
 
 def parse_pk(pk: t.Any) -> dict[str, str] | str:
     """A primary key as given to :meth:`SideLog.history`: a mapping, a
-    ``"k1=v1,k2=v2"`` string, or one value, with every value as text."""
+    ``"k1=v1,k2=v2"`` string (``\\,`` for a comma within a value), or one
+    value, with every value as text."""
     if isinstance(pk, t.Mapping):
         return {str(k): "" if v is None else str(v) for k, v in pk.items()}
     if not isinstance(pk, str) or "=" not in pk:
         return str(pk)
     parsed: dict[str, str] = {}
-    for part in pk.split(","):
+    for part in _UNESCAPED_COMMA.split(pk):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or not key or key in parsed:
             raise ValueError(
                 f"Cannot read the primary key {pk!r}: give one value such as 7,"
-                " or every key column as k1=v1,k2=v2 (each column once)."
+                " or every key column as k1=v1,k2=v2 (each column once; write"
+                " a comma within a value as \\,)."
             )
-        parsed[key] = value.strip()
+        parsed[key] = value.strip().replace("\\,", ",")
     return parsed
+
+
+_UNESCAPED_COMMA = re.compile(r"(?<!\\),")
 
 
 def _pk_matches(stored: t.Any, wanted: dict[str, str] | str) -> bool:

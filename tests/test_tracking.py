@@ -97,6 +97,13 @@ class Task(Base):
     )
 
 
+class Label(Base):
+    __tablename__ = "tr_label"
+    scope: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40), primary_key=True)
+    name: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40), primary_key=True)
+    color: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+
+
 class Folder(Base):
     __tablename__ = "tr_folder"
     id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
@@ -1020,6 +1027,32 @@ def test_a_session_in_an_outer_transaction_does_not_lock_out_its_log(
         ]
     finally:
         dispose(app)
+
+
+def test_history_of_a_composite_key_with_a_comma_in_a_value(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """``\\,`` is a comma within a value of ``k1=v1,k2=v2``."""
+    sidelog.track(Label)
+    with app.app_context():
+        db.session.add(Label(scope="a,b", name="x=y", color="red"))
+        db.session.add(Label(scope="a", name="b", color="blue"))
+        db.session.commit()
+        assert len(sidelog.history("tr_label", "scope=a\\,b,name=x=y")) == 1
+        assert sidelog.history("tr_label", "scope=a,name=b")[0]["data"]["pk"] == {
+            "scope": "a",
+            "name": "b",
+        }
+
+    found = runner.invoke(
+        args=["sidelog", "history", "tr_label", "name=x=y,scope=a\\,b"]
+    )
+    assert found.exit_code == 0, found.output
+    assert 'color: null -> "red"' in found.output
+    assert len(found.output.splitlines()) == 1
+    bad = runner.invoke(args=["sidelog", "history", "tr_label", "scope=a,b"])
+    assert bad.exit_code == 2
+    assert "write a comma within a value as \\," in bad.output
 
 
 class OtherBase(sa_orm.DeclarativeBase):
