@@ -9,7 +9,6 @@ and Flask-SQLAlchemy's teardown closes the session without a rollback event.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 import typing as t
@@ -26,6 +25,7 @@ if t.TYPE_CHECKING:
 
 from .entry import cut
 from .entry import is_redacted
+from .entry import random_bytes
 from .entry import REDACTED
 from .model import COLUMN_LIMITS
 
@@ -218,7 +218,7 @@ def _request_id(req: Request, header: str | None) -> str:
         if incoming is not None and REQUEST_ID_RE.fullmatch(incoming):
             return incoming
     # As random as uuid4().hex, without building a UUID.
-    return os.urandom(16).hex()
+    return random_bytes(16).hex()
 
 
 def pop_state() -> ContextState | None:

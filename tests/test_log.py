@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import threading
 import time
 import types
@@ -22,6 +23,7 @@ from flask_sidelog import SideLog
 from flask_sidelog.context import describe_error
 from flask_sidelog.entry import MAX_DATA_BYTES
 from flask_sidelog.entry import new_uuids
+from flask_sidelog.entry import random_bytes
 from flask_sidelog.entry import REDACTED
 
 
@@ -241,6 +243,28 @@ def test_a_batch_of_uuids_shares_its_time_not_its_random_bits() -> None:
     assert len({u.int >> 80 for u in made}) == 1
     assert len({u.int & (2**80 - 1) for u in made}) == 1000
     assert {(u.version, u.variant) for u in made} == {(7, uuid.RFC_4122)}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_worker_draws_random_bytes_of_its_own() -> None:
+    """Random bytes are read ahead; a worker forked from a process that
+    read some (gunicorn --preload) must not hand out the same ones."""
+    random_bytes(16)  # the parent has bytes left over
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next bytes, then leave at once
+        try:
+            os.write(write, random_bytes(16) + new_uuids(1)[0].encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert len(child) == 16 + 36
+    assert child[:16] != random_bytes(16)
+    assert child[16:].decode() != new_uuids(1)[0]
+    assert len({random_bytes(16) for _ in range(1000)}) == 1000
 
 
 @pytest.mark.parametrize("count", [3, 7, 10, 12])
