@@ -100,6 +100,8 @@ class Tracker:
         self._all_except: frozenset[str] | None = None
         self._specs: dict[sa_orm.Mapper[t.Any], _Spec | None] = {}
         self._excluded: frozenset[str] | None = None
+        #: The registries whose tables exclude_tables was checked against.
+        self._checked: set[sa_orm.registry] = set()
 
     def __bool__(self) -> bool:
         return bool(self._models) or self._all_except is not None
@@ -155,6 +157,7 @@ class Tracker:
         self._all_except = frozenset(exclude_tables)
         self._specs.clear()
         self._excluded = None
+        self._checked.clear()
 
     def spec(self, mapper: sa_orm.Mapper[t.Any]) -> _Spec | None:
         """How to record rows of ``mapper``, or None if it is not tracked."""
@@ -170,6 +173,8 @@ class Tracker:
         name = t.cast(str, getattr(table, "name", str(table)))
         if exclude is None and self._all_except is not None:
             exclude = None if name in self._all_except else frozenset()
+            if mapper.registry not in self._checked:
+                self._check_exclude_tables(mapper)
         if exclude is not None:
             columns = _columns(mapper)
             by_column: dict[t.Any, str] = {column: key for key, column in columns}
@@ -200,6 +205,28 @@ class Tracker:
             )
         self._specs[mapper] = spec
         return spec
+
+    def _check_exclude_tables(self, mapper: sa_orm.Mapper[t.Any]) -> None:
+        """Warn of names in ``exclude_tables`` that no table of ``mapper``'s
+        registry (its ``db.Model``) has: a misspelt name leaves its table
+        tracked. Only now are the app's models all known; a warning, since a
+        flush must not fail for it."""
+        self._checked.add(mapper.registry)
+        known = {
+            str(getattr(table, "name", table))
+            for m in mapper.registry.mappers
+            for table in m.tables
+        }
+        unknown = sorted((self._all_except or frozenset()) - known)
+        if unknown and has_app_context():
+            current_app.logger.warning(
+                "track_all(exclude_tables=...) names %s, which no table mapped"
+                " with %s has: changes to nothing are left out for it. Mapped"
+                " tables: %s.",
+                ", ".join(map(repr, unknown)),
+                mapper.class_.__name__,
+                ", ".join(sorted(known)),
+            )
 
 
 def _columns(mapper: sa_orm.Mapper[t.Any]) -> list[tuple[str, sa.Column[t.Any]]]:

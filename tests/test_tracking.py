@@ -1163,6 +1163,36 @@ def test_tracked_decorator_before_init_app_and_track_all(
         dispose(app)
 
 
+def test_track_all_warns_once_of_an_excluded_table_no_model_has(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A misspelt name in exclude_tables leaves its table tracked; the
+    first flush, once the models are all known, says so in the log."""
+    sidelog.track_all(exclude_tables={"tr_note", "tr_notes"})
+
+    @app.post("/")
+    def write() -> str:
+        db.session.add(Note(text="left out"))
+        db.session.commit()
+        db.session.add(Account(name="a"))
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    warnings = [
+        r.getMessage() for r in caplog.records if "exclude_tables" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "names 'tr_notes', which no table mapped with" in warnings[0]
+    assert "'tr_note'" not in warnings[0].split("Mapped tables")[0]
+    assert "tr_note," in warnings[0]  # among the tables it lists
+    assert [e["event"] for e in changes(app, sidelog)] == ["account.insert"]
+
+
 def test_track_rejects_bad_arguments(sidelog: SideLog) -> None:
     with pytest.raises(TypeError, match="mapped model class"):
         sidelog.track(dict)
