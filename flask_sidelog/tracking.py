@@ -326,7 +326,9 @@ def _keep_main_connection(
     went to the main database, the log's SQLite file: it is asked whether it
     still holds SQLite's lock once their fate is known, when the session no
     longer says. Changes that went to another bind hold no lock on it: for
-    those, ``False``, unless changes of this transaction went to the file."""
+    those, ``False``, unless changes of this transaction went to the file or
+    the session is bound to a connection of the file (an outer transaction,
+    which may have written and commits after the session)."""
     for mapper in mappers:
         bind = session.get_bind(mapper=mapper)
         if getattr(bind, "engine", bind) is app_state.main_engine:
@@ -334,7 +336,15 @@ def _keep_main_connection(
             state.main_connection = connection.connection.dbapi_connection
             return
     if state.main_connection is None:
-        state.main_connection = False
+        default = session.get_bind()
+        if (
+            isinstance(default, sa.Connection)
+            and default.engine is app_state.main_engine
+        ):
+            # Checked out by the app already: asking it takes nothing.
+            state.main_connection = default.connection.dbapi_connection
+        else:
+            state.main_connection = False
 
 
 def _row_changes(
@@ -467,9 +477,10 @@ def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
             _read_old_values(session, found[1], found[2])
 
 
-#: How many rows one SELECT of old values asks for: well within every
-#: database's limit on bound parameters, for a few primary key columns.
+#: How many rows one SELECT of old values asks for, at most.
 OLD_VALUES_PER_SELECT = 500
+#: How many key values it binds, at most: SQLite before 3.32 takes 999.
+_OLD_VALUES_PARAMETERS = 999
 
 
 def _read_old_values(
@@ -479,8 +490,9 @@ def _read_old_values(
     that the session has expired (a commit does), before the flush writes
     over them: SQLAlchemy's history has no old value for a column set, or a
     foreign key synced, before it was loaded again. One SELECT per mapper and
-    :data:`OLD_VALUES_PER_SELECT` rows, so that a job changing many rows
-    after a commit does not make a query per row."""
+    :data:`OLD_VALUES_PER_SELECT` rows (fewer for a key of many columns), so
+    that a job changing many rows after a commit does not make a query per
+    row."""
     instance_state = sa_orm.attributes.instance_state
     expired: dict[sa_orm.Mapper[t.Any], list[sa_orm.InstanceState[t.Any]]] = {}
     for obj in session.dirty:
@@ -493,8 +505,11 @@ def _read_old_values(
         spec = tracker.spec(mapper)
         if spec is None:
             continue
-        for i in range(0, len(states), OLD_VALUES_PER_SELECT):
-            chunk = states[i : i + OLD_VALUES_PER_SELECT]
+        size = min(
+            OLD_VALUES_PER_SELECT, _OLD_VALUES_PARAMETERS // len(mapper.primary_key)
+        )
+        for i in range(0, len(states), size):
+            chunk = states[i : i + size]
             try:
                 found = _select_old_values(session, spec, chunk)
             except Exception as error:

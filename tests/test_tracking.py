@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sqlite3
 import typing as t
 from datetime import datetime
 from datetime import timezone
@@ -372,6 +373,45 @@ def test_old_values_of_many_expired_rows_take_one_select_per_500(
     }
     # Memberships: 2 batches. Tasks: the batch, refused, then row by row.
     assert len(selects) == 2 + 1 + 3
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_old_values_of_a_composite_key_fit_an_old_sqlite_limit(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """SQLite before 3.32 binds at most 999 values in a statement: 500 rows
+    of a two-column key must not go in one SELECT."""
+    with app.app_context():
+        sa.event.listen(
+            db.engine,
+            "connect",
+            lambda dbapi, record: dbapi.setlimit(
+                sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999
+            ),
+        )
+        db.engine.dispose()
+        db.session.add_all(
+            Membership(org_id=1, user_id=i, role="r") for i in range(500)
+        )
+        db.session.commit()
+    sidelog.track(Membership)
+
+    @app.post("/")
+    def job() -> str:
+        members = db.session.scalars(sa.select(Membership)).all()
+        db.session.commit()
+        for member in members:
+            member.role = "x"
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    olds = [
+        e["data"]["changes"]["role"][0]
+        for e in changes(app, sidelog)
+        if e["event"] == "tr_membership.update"
+    ]
+    assert olds == ["r"] * 500
 
 
 def test_a_row_deleted_and_added_again_in_one_flush_ends_as_the_new_row(
@@ -1099,6 +1139,46 @@ def test_changes_on_another_bind_take_no_connection_of_the_log_file(
             expected.append(("tr_gadget.bulk_update", "committed"))
         assert events == expected
     finally:
+        dispose(app)
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_an_outer_transaction_on_the_log_file_still_defers_other_bind_changes(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """A session joined to an outer transaction on the log's file, whose
+    tracked changes went to another bind: the outer transaction may have
+    written to the file, so the entries wait for it instead of for the lock."""
+    app, _, sidelog = make_app(
+        database_uri,
+        str(tmp_path / "instance"),
+        {"SIDELOG_WRITE_TIMEOUT": 2},
+        with_db=False,
+    )
+    sidelog.track(Gadget)
+    failed: list[object] = []
+    entry_failed.connect(lambda *a, **kw: failed.append(kw), app, weak=False)
+    other = sa.create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        with app.app_context():
+            engine = app.extensions["sidelog"].main_engine
+            Base.metadata.create_all(engine)
+            OtherBase.metadata.create_all(other)
+            sidelog.create_table()
+            with engine.connect() as conn, conn.begin():
+                sidelog.session.remove()
+                sidelog.session.configure(bind=conn, binds={Gadget: other})
+                sidelog.session.add(Account(name="seed"))
+                sidelog.session.commit()
+                sidelog.session.add(Gadget(id=1, name="a"))
+                sidelog.session.commit()
+                sidelog.session.remove()
+        assert failed == []
+        assert [(e["event"], e["main_tx"]) for e in changes(app, sidelog)] == [
+            ("tr_gadget.insert", "committed")
+        ]
+    finally:
+        other.dispose()
         dispose(app)
 
 
