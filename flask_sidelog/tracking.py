@@ -701,6 +701,7 @@ def _params_of_columns(
                     for part in inside
                     if isinstance(part, sa.ColumnClause)
                 ]
+                columns += [_json_keys(part) for part in inside]
             for part in inside:
                 if isinstance(part, sa.BindParameter) and (
                     part not in innermost or len(inside) < innermost[part][0]
@@ -721,6 +722,20 @@ def _params_of_columns(
             kept.add(name)
     # A parameter SQLAlchemy renders twice keeps the strictest verdict.
     return kept - hidden - dropped, hidden - dropped, dropped
+
+
+def _json_keys(node: t.Any) -> set[str]:
+    """The keys a JSON path expression (``doc["k"]``, ``doc[("a", "b")]``)
+    looks up, which a value compared with it is named by, as with a column."""
+    if not (
+        isinstance(node, sa.BinaryExpression)
+        and isinstance(getattr(node.left, "type", None), sa.JSON)
+        and isinstance(node.right, sa.BindParameter)
+    ):
+        return set()
+    path = node.right.value
+    keys = path if isinstance(path, (list, tuple)) else [path]
+    return {key for key in keys if isinstance(key, str)}
 
 
 def _named(param: str, names: t.Iterable[str]) -> bool:

@@ -105,6 +105,13 @@ class Label(Base):
     color: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
 
 
+class Profile(Base):
+    __tablename__ = "tr_profile"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    meta: sa_orm.Mapped[dict[str, t.Any]] = sa_orm.mapped_column(sa.JSON)
+    plan: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20), default="free")
+
+
 class Folder(Base):
     __tablename__ = "tr_folder"
     id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
@@ -782,6 +789,35 @@ def test_excluded_and_redacted_columns_never_stored(
         stored = json.dumps([dict(row) for row in rows], default=str)
     for secret in ("HASH-ONE", "HASH-TWO", "HASH-3", "SSN-111", "SSN-222", "SSN-333"):
         assert secret not in stored
+
+
+def test_bulk_parameters_compared_with_a_redacted_json_key_are_hidden(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A value compared with a JSON document's key named like
+    SIDELOG_REDACT_KEYS is hidden, as one compared with such a column is."""
+    sidelog.track(Profile)
+
+    @app.post("/")
+    def bulk() -> str:
+        db.session.execute(
+            sa.update(Profile)
+            .where(
+                Profile.meta["api_token"].as_string() == "J-ONE",
+                Profile.meta[("card", "password")].as_string() == "J-TWO",
+                Profile.meta["color"].as_string() == "kept-3",
+            )
+            .values(plan="x")
+        )
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/").status_code == 200
+    (entry,) = changes(app, sidelog)
+    stored = json.dumps(entry["data"])
+    assert "J-ONE" not in stored and "J-TWO" not in stored
+    assert "kept-3" in stored
+    assert list(entry["data"]["params"].values()).count("[redacted]") >= 2
 
 
 def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
