@@ -204,7 +204,7 @@ def history_command(
     oldest first, with its time, actor, request id and whether it stuck.
 
     PK is the primary key value, or k1=v1,k2=v2 for a composite key
-    (\\, for a comma within a value).
+    (\\, for a comma within a value, \\\\ for a backslash that ends one).
     """
     if only_committed and only_rolled_back:
         raise click.UsageError(

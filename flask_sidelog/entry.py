@@ -95,19 +95,24 @@ class _RandomBytes:
     def __init__(self) -> None:
         self._reset()
         if hasattr(os, "register_at_fork"):
-            # A forked worker must not hand out its parent's bytes again.
+            # A lock held by another thread at the fork would stay held.
             os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._buffer = b""
         self._used = 0
+        self._pid = os.getpid()
 
     def take(self, count: int) -> bytes:
         with self._lock:
-            if self._used + count > len(self._buffer):
+            # A forked worker must not hand out its parent's bytes again, and
+            # not every server's fork runs Python's fork hooks (uWSGI's by
+            # default does not): the process id tells.
+            if self._used + count > len(self._buffer) or self._pid != os.getpid():
                 self._buffer = os.urandom(max(4096, count))
                 self._used = 0
+                self._pid = os.getpid()
             start = self._used
             self._used += count
             return self._buffer[start : self._used]

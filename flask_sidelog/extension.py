@@ -335,7 +335,8 @@ class SideLog:
         :param table: the table name, as in the events (``"account"``).
         :param pk: the primary key: one value (``7`` or ``"7"``), a mapping
             ``{"k1": v1, "k2": v2}``, or the text ``"k1=v1,k2=v2"`` (with
-            ``\\,`` for a comma within a value).
+            ``\\,`` for a comma within a value, ``\\\\`` for a backslash that
+            ends one).
         :param only: ``"committed"`` or ``"rolled_back"`` to keep one fate.
         :raise ValueError: for an unreadable ``pk`` or an unknown ``only``.
 

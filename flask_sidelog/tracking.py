@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import decimal
+import importlib
 import math
-import re
 import typing as t
 import uuid
 from datetime import date
@@ -100,8 +100,8 @@ class Tracker:
         self._all_except: frozenset[str] | None = None
         self._specs: dict[sa_orm.Mapper[t.Any], _Spec | None] = {}
         self._excluded: frozenset[str] | None = None
-        #: The registries whose tables exclude_tables was checked against.
-        self._checked: set[sa_orm.registry] = set()
+        #: Whether exclude_tables was checked against the mapped tables.
+        self._checked = False
 
     def __bool__(self) -> bool:
         return bool(self._models) or self._all_except is not None
@@ -154,10 +154,18 @@ class Tracker:
                 "exclude_tables takes a set of table names, got the string"
                 f" {exclude_tables!r}; write exclude_tables={{{exclude_tables!r}}}."
             )
-        self._all_except = frozenset(exclude_tables)
+        names = frozenset(exclude_tables)
+        not_names = [name for name in names if not isinstance(name, str)]
+        if not_names:
+            raise TypeError(
+                "exclude_tables takes table names as strings, got"
+                f" {', '.join(map(repr, not_names))}; write"
+                " exclude_tables={'sessions', ...}."
+            )
+        self._all_except = names
         self._specs.clear()
         self._excluded = None
-        self._checked.clear()
+        self._checked = False
 
     def spec(self, mapper: sa_orm.Mapper[t.Any]) -> _Spec | None:
         """How to record rows of ``mapper``, or None if it is not tracked."""
@@ -173,7 +181,7 @@ class Tracker:
         name = t.cast(str, getattr(table, "name", str(table)))
         if exclude is None and self._all_except is not None:
             exclude = None if name in self._all_except else frozenset()
-            if mapper.registry not in self._checked:
+            if not self._checked:
                 self._check_exclude_tables(mapper)
         if exclude is not None:
             columns = _columns(mapper)
@@ -207,26 +215,42 @@ class Tracker:
         return spec
 
     def _check_exclude_tables(self, mapper: sa_orm.Mapper[t.Any]) -> None:
-        """Warn of names in ``exclude_tables`` that no table of ``mapper``'s
-        registry (its ``db.Model``) has: a misspelt name leaves its table
-        tracked. Only now are the app's models all known; a warning, since a
-        flush must not fail for it."""
-        self._checked.add(mapper.registry)
-        known = {
-            str(getattr(table, "name", table))
-            for m in mapper.registry.mappers
-            for table in m.tables
-        }
-        unknown = sorted((self._all_except or frozenset()) - known)
-        if unknown and has_app_context():
-            current_app.logger.warning(
-                "track_all(exclude_tables=...) names %s, which no table mapped"
-                " with %s has: changes to nothing are left out for it. Mapped"
-                " tables: %s.",
-                ", ".join(map(repr, unknown)),
-                mapper.class_.__name__,
-                ", ".join(sorted(known)),
+        """Warn once of names in ``exclude_tables`` that no mapped table
+        has: a misspelt name leaves its table tracked. Only at a flush are
+        the app's models all known; a warning, since a flush must not fail
+        for it."""
+        self._checked = True
+        try:
+            # Every declarative base's tables: a name may be of another
+            # base's (a second bind).
+            known = {
+                str(table.name)
+                for m in _all_mappers(mapper)
+                for table in m.tables
+                if hasattr(table, "name")
+            }
+            unknown = sorted((self._all_except or frozenset()) - known)
+            if unknown and has_app_context():
+                current_app.logger.warning(
+                    "track_all(exclude_tables=...) names %s, which no mapped table"
+                    " has: changes to nothing are left out for it. Mapped tables:"
+                    " %s.",
+                    ", ".join(map(repr, unknown)),
+                    ", ".join(sorted(known)),
+                )
+        except Exception:  # never break the flush it runs in
+            current_app.logger.exception(
+                "flask-sidelog could not check exclude_tables."
             )
+
+
+def _all_mappers(mapper: sa_orm.Mapper[t.Any]) -> set[sa_orm.Mapper[t.Any]]:
+    """The mappers of every declarative base (registry), ``mapper``'s
+    included. No public API lists the registries; without SQLAlchemy's
+    private function, only ``mapper``'s own is searched."""
+    module = importlib.import_module("sqlalchemy.orm.mapper")
+    registries = getattr(module, "_all_registries", lambda: {mapper.registry})()
+    return {m for registry in registries for m in registry.mappers}
 
 
 def _columns(mapper: sa_orm.Mapper[t.Any]) -> list[tuple[str, sa.Column[t.Any]]]:
@@ -336,15 +360,28 @@ def _keep_main_connection(
             state.main_connection = connection.connection.dbapi_connection
             return
     if state.main_connection is None:
-        default = session.get_bind()
-        if (
-            isinstance(default, sa.Connection)
-            and default.engine is app_state.main_engine
-        ):
-            # Checked out by the app already: asking it takes nothing.
-            state.main_connection = default.connection.dbapi_connection
-        else:
-            state.main_connection = False
+        outer = _outer_connection(app_state, session, mappers)
+        state.main_connection = False if outer is None else outer
+
+
+def _outer_connection(
+    app_state: _AppState,
+    session: sa_orm.Session,
+    mappers: t.Iterable[sa_orm.Mapper[t.Any]],
+) -> t.Any:
+    """The DBAPI connection of the log's SQLite file that ``session`` is
+    bound to, for itself or for any model of ``mappers``' bases, if any: an
+    outer transaction, checked out by the app already, so asking it takes
+    nothing. None if the session has no such bind."""
+    others = {m for mapper in mappers for m in _all_mappers(mapper)}
+    for mapper in (None, *others):
+        try:
+            bind = session.get_bind(mapper=mapper)
+        except sa.exc.UnboundExecutionError:  # bound per model only
+            continue
+        if isinstance(bind, sa.Connection) and bind.engine is app_state.main_engine:
+            return bind.connection.dbapi_connection
+    return None
 
 
 def _row_changes(
@@ -508,22 +545,31 @@ def _read_old_values(
         size = min(
             OLD_VALUES_PER_SELECT, _OLD_VALUES_PARAMETERS // len(mapper.primary_key)
         )
-        for i in range(0, len(states), size):
-            chunk = states[i : i + size]
+        pending = [states[i : i + size] for i in range(0, len(states), size)]
+        while pending:
+            chunk = pending.pop()
             try:
                 found = _select_old_values(session, spec, chunk)
             except Exception as error:
-                # Refused by the database: asking again would not do.
-                if len(chunk) == 1 or isinstance(error, sa.exc.DBAPIError):
+                if len(chunk) == 1 or (
+                    isinstance(error, sa.exc.DBAPIError)
+                    and session.get_bind(mapper=mapper).dialect.name != "sqlite"
+                ):
+                    # Refused by a database that then aborts the transaction
+                    # (PostgreSQL): asking again would not do.
                     _log_unread(spec)
                     continue
                 # A stored value its type cannot read (an enum member since
-                # removed) spoils the whole SELECT: ask row by row, so that
-                # only that row's old values stay unknown.
-                found = {}
-            # Row by row too if a key read back differs from the session's
-            # (CHAR padding): a lookup by the session's key still finds it.
-            # A row deleted meanwhile is asked for twice, and not found.
+                # removed) spoils the whole SELECT, and so do more values
+                # than an old SQLite binds (the query may bind some of its
+                # own): ask in halves, so that only the row at fault is
+                # left with unknown old values.
+                half = len(chunk) // 2
+                pending += [chunk[:half], chunk[half:]]
+                continue
+            # Row by row if a key read back differs from the session's (CHAR
+            # padding): a lookup by the session's key still finds it. A row
+            # deleted meanwhile is asked for twice, and not found.
             missing = [st for st in chunk if st not in found] if len(chunk) > 1 else ()
             for st in missing:
                 try:
@@ -950,14 +996,14 @@ FATES = ("committed", "rolled_back")
 
 def parse_pk(pk: t.Any) -> dict[str, str] | str:
     """A primary key as given to :meth:`SideLog.history`: a mapping, a
-    ``"k1=v1,k2=v2"`` string (``\\,`` for a comma within a value), or one
-    value, with every value as text."""
+    ``"k1=v1,k2=v2"`` string (``\\,`` for a comma within a value, ``\\\\``
+    for a backslash before a comma), or one value, with every value as text."""
     if isinstance(pk, t.Mapping):
         return {str(k): "" if v is None else str(v) for k, v in pk.items()}
     if not isinstance(pk, str) or "=" not in pk:
         return str(pk)
     parsed: dict[str, str] = {}
-    for part in _UNESCAPED_COMMA.split(pk):
+    for part in _split_pairs(pk):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or not key or key in parsed:
@@ -966,11 +1012,27 @@ def parse_pk(pk: t.Any) -> dict[str, str] | str:
                 " or every key column as k1=v1,k2=v2 (each column once; write"
                 " a comma within a value as \\,)."
             )
-        parsed[key] = value.strip().replace("\\,", ",")
+        parsed[key] = value.strip()
     return parsed
 
 
-_UNESCAPED_COMMA = re.compile(r"(?<!\\),")
+def _split_pairs(text: str) -> list[str]:
+    """``text`` split at its commas but those written ``\\,``; ``\\\\`` is a
+    backslash (one that ends a value); any other backslash is kept."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, "")
+            current.append(escaped if escaped in (",", "\\") else char + escaped)
+        elif char == ",":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
 
 
 def _pk_matches(stored: t.Any, wanted: dict[str, str] | str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import math
@@ -245,13 +246,23 @@ def test_a_batch_of_uuids_shares_its_time_not_its_random_bits() -> None:
     assert {(u.version, u.variant) for u in made} == {(7, uuid.RFC_4122)}
 
 
+def _c_fork() -> int:
+    # fork() without Python's fork hooks, as uWSGI's prefork calls it by
+    # default. PyDLL keeps the GIL across the call.
+    return t.cast(int, ctypes.PyDLL(None).fork())
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_worker_draws_random_bytes_of_its_own() -> None:
+@pytest.mark.parametrize("fork", [os.fork, _c_fork], ids=["os.fork", "C fork"])
+def test_a_forked_worker_draws_random_bytes_of_its_own(
+    fork: t.Callable[[], int],
+) -> None:
     """Random bytes are read ahead; a worker forked from a process that
-    read some (gunicorn --preload) must not hand out the same ones."""
+    read some (gunicorn --preload) must not hand out the same ones, even
+    when its server forks without running Python's fork hooks."""
     random_bytes(16)  # the parent has bytes left over
     read, write = os.pipe()
-    pid = os.fork()
+    pid = fork()
     if pid == 0:  # the child: report its next bytes, then leave at once
         try:
             os.write(write, random_bytes(16) + new_uuids(1)[0].encode())
