@@ -551,12 +551,16 @@ def _read_old_values(
             try:
                 found = _select_old_values(session, spec, chunk)
             except Exception as error:
-                if len(chunk) == 1 or (
-                    isinstance(error, sa.exc.DBAPIError)
-                    and session.get_bind(mapper=mapper).dialect.name != "sqlite"
-                ):
-                    # Refused by a database that then aborts the transaction
-                    # (PostgreSQL): asking again would not do.
+                if isinstance(
+                    error, sa.exc.DBAPIError
+                ) and "too many SQL variables" not in str(error.orig):
+                    # Refused by the database: asking again would not do (on
+                    # PostgreSQL the transaction is aborted; on SQLite, a lock
+                    # would be waited for again and again).
+                    _log_unread(spec)
+                    pending.clear()
+                    continue
+                if len(chunk) == 1:
                     _log_unread(spec)
                     continue
                 # A stored value its type cannot read (an enum member since
@@ -747,7 +751,15 @@ def _params_of_columns(
                     for part in inside
                     if isinstance(part, sa.ColumnClause)
                 ]
-                columns += [_json_keys(part) for part in inside]
+                if any(
+                    _is_json(part.type)
+                    for part in inside
+                    if isinstance(part, sa.ColumnClause)
+                ):
+                    # A JSON document's keys come as values (doc["k"],
+                    # json_extract(doc, '$.k')): every text in the
+                    # comparison names it, as a column's name would.
+                    columns.append(_texts(inside))
             for part in inside:
                 if isinstance(part, sa.BindParameter) and (
                     part not in innermost or len(inside) < innermost[part][0]
@@ -770,18 +782,23 @@ def _params_of_columns(
     return kept - hidden - dropped, hidden - dropped, dropped
 
 
-def _json_keys(node: t.Any) -> set[str]:
-    """The keys a JSON path expression (``doc["k"]``, ``doc[("a", "b")]``)
-    looks up, which a value compared with it is named by, as with a column."""
-    if not (
-        isinstance(node, sa.BinaryExpression)
-        and isinstance(getattr(node.left, "type", None), sa.JSON)
-        and isinstance(node.right, sa.BindParameter)
-    ):
-        return set()
-    path = node.right.value
-    keys = path if isinstance(path, (list, tuple)) else [path]
-    return {key for key in keys if isinstance(key, str)}
+def _is_json(type_: t.Any) -> bool:
+    """Whether a column of ``type_`` holds JSON (a TypeDecorator over it too)."""
+    return isinstance(type_, sa.JSON) or isinstance(
+        getattr(type_, "impl_instance", None), sa.JSON
+    )
+
+
+def _texts(nodes: list[t.Any]) -> set[str]:
+    """The text values of the parameters among ``nodes``."""
+    texts = set()
+    for node in nodes:
+        if isinstance(node, sa.BindParameter):
+            value = node.value
+            for text in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(text, str):
+                    texts.add(text)
+    return texts
 
 
 def _named(param: str, names: t.Iterable[str]) -> bool:
@@ -1017,20 +1034,31 @@ def parse_pk(pk: t.Any) -> dict[str, str] | str:
 
 
 def _split_pairs(text: str) -> list[str]:
-    """``text`` split at its commas but those written ``\\,``; ``\\\\`` is a
-    backslash (one that ends a value); any other backslash is kept."""
+    """``text`` split at its commas but those written ``\\,``; ``\\\\``
+    before a comma or at the end is one backslash that ends a value. Any
+    other backslash is kept as given (``\\\\srv\\docs``)."""
     parts: list[str] = []
     current: list[str] = []
-    chars = iter(text)
-    for char in chars:
-        if char == "\\":
-            escaped = next(chars, "")
-            current.append(escaped if escaped in (",", "\\") else char + escaped)
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and text[i + 1 : i + 2] == ",":
+            current.append(",")
+            i += 2
+        elif (
+            char == "\\"
+            and text[i + 1 : i + 2] == "\\"
+            and text[i + 2 : i + 3] in (",", "")
+        ):
+            current.append("\\")
+            i += 2
         elif char == ",":
             parts.append("".join(current))
             current = []
+            i += 1
         else:
             current.append(char)
+            i += 1
     parts.append("".join(current))
     return parts
 

@@ -105,10 +105,18 @@ class Label(Base):
     color: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
 
 
+class JSONText(sa.TypeDecorator[t.Any]):
+    """JSON with a twist, as apps define their own."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+
 class Profile(Base):
     __tablename__ = "tr_profile"
     id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
     meta: sa_orm.Mapped[dict[str, t.Any]] = sa_orm.mapped_column(sa.JSON)
+    extra: sa_orm.Mapped[dict[str, t.Any] | None] = sa_orm.mapped_column(JSONText)
     plan: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20), default="free")
 
 
@@ -810,11 +818,17 @@ def test_excluded_and_redacted_columns_never_stored(
 
 
 def test_bulk_parameters_compared_with_a_redacted_json_key_are_hidden(
-    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient, backend: str
 ) -> None:
     """A value compared with a JSON document's key named like
-    SIDELOG_REDACT_KEYS is hidden, as one compared with such a column is."""
+    SIDELOG_REDACT_KEYS is hidden, as one compared with such a column is:
+    by key, path, a JSON function's path, and in a JSON type of the app's.
+    One compared with no column at all is still left out."""
     sidelog.track(Profile)
+    if backend == "postgres":
+        by_function = sa.func.json_extract_path_text(Profile.meta, "password")
+    else:
+        by_function = sa.func.json_extract(Profile.meta, "$.password")
 
     @app.post("/")
     def bulk() -> str:
@@ -823,7 +837,10 @@ def test_bulk_parameters_compared_with_a_redacted_json_key_are_hidden(
             .where(
                 Profile.meta["api_token"].as_string() == "J-ONE",
                 Profile.meta[("card", "password")].as_string() == "J-TWO",
-                Profile.meta["color"].as_string() == "kept-3",
+                by_function == "J-THREE",
+                Profile.extra["secret"].as_string() == "J-FOUR",
+                Profile.meta["color"].as_string() == "kept-5",
+                sa.func.upper("J-SIX") == "J-SEVEN",
             )
             .values(plan="x")
         )
@@ -833,9 +850,10 @@ def test_bulk_parameters_compared_with_a_redacted_json_key_are_hidden(
     assert client.post("/").status_code == 200
     (entry,) = changes(app, sidelog)
     stored = json.dumps(entry["data"])
-    assert "J-ONE" not in stored and "J-TWO" not in stored
-    assert "kept-3" in stored
-    assert list(entry["data"]["params"].values()).count("[redacted]") >= 2
+    for secret in ("J-ONE", "J-TWO", "J-THREE", "J-FOUR", "J-SIX", "J-SEVEN"):
+        assert secret not in stored
+    assert "kept-5" in stored
+    assert list(entry["data"]["params"].values()).count("[redacted]") >= 4
 
 
 def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
@@ -1144,9 +1162,13 @@ def test_history_of_a_composite_key_with_a_comma_in_a_value(
         db.session.add(Label(scope="a", name="b", color="blue"))
         db.session.add(Label(scope="c:\\", name="d\\e", color="green"))
         db.session.commit()
+        db.session.add(Label(scope="\\\\srv\\docs", name="n", color="grey"))
+        db.session.commit()
         # \\ is a backslash before a comma; any other backslash is as given.
         (green,) = sidelog.history("tr_label", "scope=c:\\\\,name=d\\e")
         assert green["data"]["changes"]["color"] == [None, "green"]
+        (grey,) = sidelog.history("tr_label", "name=n,scope=\\\\srv\\docs")
+        assert grey["data"]["pk"] == {"scope": "\\\\srv\\docs", "name": "n"}
         assert len(sidelog.history("tr_label", "scope=a\\,b,name=x=y")) == 1
         assert sidelog.history("tr_label", "scope=a,name=b")[0]["data"]["pk"] == {
             "scope": "a",
