@@ -745,26 +745,26 @@ def _params_of_columns(
         if isinstance(node, (sa.BinaryExpression, sa.Select, sa.TextClause)):
             inside = list(sa.sql.visitors.iterate(node))
             columns = None
+            json = False
             if isinstance(node, sa.BinaryExpression):
                 columns = [
                     {str(part.name), str(part.key)}
                     for part in inside
                     if isinstance(part, sa.ColumnClause)
                 ]
-                if any(
-                    _is_json(part.type)
-                    for part in inside
-                    if isinstance(part, sa.ColumnClause)
-                ):
-                    # A JSON document's keys come as values (doc["k"],
-                    # json_extract(doc, '$.k')): every text in the
-                    # comparison names it, as a column's name would.
-                    columns.append(_texts(inside))
+                json = any(_is_json(getattr(part, "type", None)) for part in inside)
             for part in inside:
                 if isinstance(part, sa.BindParameter) and (
                     part not in innermost or len(inside) < innermost[part][0]
                 ):
-                    innermost[part] = (len(inside), columns)
+                    names = columns
+                    if columns is not None and json:
+                        # A JSON document's keys come as values (doc["k"],
+                        # json_extract(doc, '$.k')): every other text in
+                        # the comparison names it, as a column's name would.
+                        others = [p for p in inside if p is not part]
+                        names = [*columns, _texts(others)]
+                    innermost[part] = (len(inside), names)
     kept: set[str] = set()
     hidden: set[str] = set()
     dropped: set[str] = set()
@@ -1034,28 +1034,29 @@ def parse_pk(pk: t.Any) -> dict[str, str] | str:
 
 
 def _split_pairs(text: str) -> list[str]:
-    """``text`` split at its commas but those written ``\\,``; ``\\\\``
-    before a comma or at the end is one backslash that ends a value. Any
-    other backslash is kept as given (``\\\\srv\\docs``)."""
+    """``text`` split at its commas but those written ``\\,``. Before a
+    comma or at the end, each ``\\\\`` is one backslash (a value ending in
+    one, or holding one before a comma: ``a\\\\\\,b``). Any other backslash
+    is kept as given (``\\\\srv\\docs``)."""
     parts: list[str] = []
     current: list[str] = []
     i = 0
     while i < len(text):
         char = text[i]
-        if char == "\\" and text[i + 1 : i + 2] == ",":
-            current.append(",")
-            i += 2
-        elif (
-            char == "\\"
-            and text[i + 1 : i + 2] == "\\"
-            and text[i + 2 : i + 3] in (",", "")
-        ):
-            current.append("\\")
-            i += 2
-        elif char == ",":
+        if char == ",":
             parts.append("".join(current))
             current = []
             i += 1
+        elif char == "\\":
+            run = len(text[i:]) - len(text[i:].lstrip("\\"))
+            i += run
+            if text[i : i + 1] not in (",", ""):
+                current.append("\\" * run)  # not before a comma: as given
+                continue
+            current.append("\\" * (run // 2))
+            if run % 2:  # the last one escapes the comma (or ends the value)
+                current.append("," if text[i : i + 1] == "," else "\\")
+                i += 1
         else:
             current.append(char)
             i += 1

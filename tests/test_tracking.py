@@ -35,6 +35,7 @@ from flask_sidelog.tracking import _stored_as_is
 from flask_sidelog.tracking import Change
 from flask_sidelog.tracking import make_change_entries
 from flask_sidelog.tracking import OLD_VALUES_PER_SELECT
+from flask_sidelog.tracking import parse_pk
 
 
 class Credential(Base):
@@ -841,6 +842,10 @@ def test_bulk_parameters_compared_with_a_redacted_json_key_are_hidden(
                 Profile.extra["secret"].as_string() == "J-FOUR",
                 Profile.meta["color"].as_string() == "kept-5",
                 sa.func.upper("J-SIX") == "J-SEVEN",
+                # Its own text is not a name: kept, though it says "token".
+                Profile.meta["status"].as_string() == "token_expired",
+                # A text column read as JSON.
+                sa.cast(Profile.plan, sa.JSON)["password"].as_string() == "J-EIGHT",
             )
             .values(plan="x")
         )
@@ -852,7 +857,9 @@ def test_bulk_parameters_compared_with_a_redacted_json_key_are_hidden(
     stored = json.dumps(entry["data"])
     for secret in ("J-ONE", "J-TWO", "J-THREE", "J-FOUR", "J-SIX", "J-SEVEN"):
         assert secret not in stored
+    assert "J-EIGHT" not in stored
     assert "kept-5" in stored
+    assert "token_expired" in entry["data"]["params"].values()
     assert list(entry["data"]["params"].values()).count("[redacted]") >= 4
 
 
@@ -1150,6 +1157,22 @@ def test_a_session_in_an_outer_transaction_does_not_lock_out_its_log(
     finally:
         other.dispose()
         dispose(app)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        (r"k=a\,b,n=1", {"k": "a,b", "n": "1"}),
+        (r"path=C:\\,n=1", {"path": "C:\\", "n": "1"}),
+        (r"share=\\srv\docs,n=1", {"share": r"\\srv\docs", "n": "1"}),
+        (r"p=a\\\,b,n=1", {"p": "a\\,b", "n": "1"}),
+        ("k=a\\", {"k": "a\\"}),
+    ],
+)
+def test_parse_pk_escapes(text: str, parsed: dict[str, str]) -> None:
+    """\\, is a comma; before one, or at the end, \\\\ is a backslash; any
+    other backslash is as given."""
+    assert parse_pk(text) == parsed
 
 
 def test_history_of_a_composite_key_with_a_comma_in_a_value(
