@@ -763,7 +763,7 @@ def _params_of_columns(
                         # json_extract(doc, '$.k')): every other text in
                         # the comparison names it, as a column's name would.
                         others = [p for p in inside if p is not part]
-                        names = [*columns, _texts(others)]
+                        names = [*columns, _texts(others) | _own_names(part)]
                     innermost[part] = (len(inside), names)
     kept: set[str] = set()
     hidden: set[str] = set()
@@ -787,6 +787,19 @@ def _is_json(type_: t.Any) -> bool:
     return isinstance(type_, sa.JSON) or isinstance(
         getattr(type_, "impl_instance", None), sa.JSON
     )
+
+
+def _own_names(bind: sa.BindParameter[t.Any]) -> set[str]:
+    """The texts of a parameter compared with JSON that name its own value:
+    each item of a list (an IN may hold a key and a value), and a JSON
+    document given as text (its keys are in it). A plain text does not name
+    itself: ``doc["status"] == "token_expired"`` keeps its value."""
+    value = bind.value
+    if isinstance(value, (list, tuple)):
+        return {item for item in value if isinstance(item, str)}
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        return {value}
+    return set()
 
 
 def _texts(nodes: list[t.Any]) -> set[str]:
