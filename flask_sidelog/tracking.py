@@ -791,12 +791,14 @@ def _is_json(type_: t.Any) -> bool:
 
 def _own_names(bind: sa.BindParameter[t.Any]) -> set[str]:
     """The texts of a parameter compared with JSON that name its own value:
-    each item of a list (an IN may hold a key and a value), and a JSON
+    each item of a list or its rows (an IN may hold a key and a value), a JSON
     document given as text (its keys are in it). A plain text does not name
     itself: ``doc["status"] == "token_expired"`` keeps its value."""
     value = bind.value
     if isinstance(value, (list, tuple)):
-        return {item for item in value if isinstance(item, str)}
+        # Rows of a tuple IN too: (key, value) pairs.
+        items = [i for v in value for i in (v if isinstance(v, tuple) else [v])]
+        return {item for item in items if isinstance(item, str)}
     if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
         return {value}
     return set()
