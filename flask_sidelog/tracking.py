@@ -225,7 +225,7 @@ class Tracker:
             # base's (a second bind).
             known = {
                 str(table.name)
-                for m in _all_mappers(mapper)
+                for m in _all_mappers([mapper])
                 for table in m.tables
                 if hasattr(table, "name")
             }
@@ -244,12 +244,16 @@ class Tracker:
             )
 
 
-def _all_mappers(mapper: sa_orm.Mapper[t.Any]) -> set[sa_orm.Mapper[t.Any]]:
-    """The mappers of every declarative base (registry), ``mapper``'s
-    included. No public API lists the registries; without SQLAlchemy's
-    private function, only ``mapper``'s own is searched."""
+def _all_mappers(
+    mappers: t.Iterable[sa_orm.Mapper[t.Any]],
+) -> set[sa_orm.Mapper[t.Any]]:
+    """The mappers of every declarative base (registry), those of
+    ``mappers`` included. No public API lists the registries; without
+    SQLAlchemy's private function, only the bases of ``mappers`` are searched."""
     module = importlib.import_module("sqlalchemy.orm.mapper")
-    registries = getattr(module, "_all_registries", lambda: {mapper.registry})()
+    registries = getattr(
+        module, "_all_registries", lambda: {m.registry for m in mappers}
+    )()
     return {m for registry in registries for m in registry.mappers}
 
 
@@ -373,7 +377,7 @@ def _outer_connection(
     bound to, for itself or for any model of ``mappers``' bases, if any: an
     outer transaction, checked out by the app already, so asking it takes
     nothing. None if the session has no such bind."""
-    others = {m for mapper in mappers for m in _all_mappers(mapper)}
+    others = _all_mappers(mappers)
     for mapper in (None, *others):
         try:
             bind = session.get_bind(mapper=mapper)
@@ -796,9 +800,7 @@ def _own_names(bind: sa.BindParameter[t.Any]) -> set[str]:
     itself: ``doc["status"] == "token_expired"`` keeps its value."""
     value = bind.value
     if isinstance(value, (list, tuple)):
-        # Rows of a tuple IN too: (key, value) pairs.
-        items = [i for v in value for i in (v if isinstance(v, tuple) else [v])]
-        return {item for item in items if isinstance(item, str)}
+        return _value_texts(value)
     if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
         return {value}
     return set()
@@ -806,14 +808,19 @@ def _own_names(bind: sa.BindParameter[t.Any]) -> set[str]:
 
 def _texts(nodes: list[t.Any]) -> set[str]:
     """The text values of the parameters among ``nodes``."""
-    texts = set()
+    texts: set[str] = set()
     for node in nodes:
         if isinstance(node, sa.BindParameter):
-            value = node.value
-            for text in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(text, str):
-                    texts.add(text)
+            texts |= _value_texts(node.value)
     return texts
+
+
+def _value_texts(value: t.Any) -> set[str]:
+    """The texts in a parameter's value: itself, the items of a list, and
+    the items of its rows (a tuple IN's)."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    flat = [i for item in items for i in (item if isinstance(item, tuple) else [item])]
+    return {text for text in flat if isinstance(text, str)}
 
 
 def _named(param: str, names: t.Iterable[str]) -> bool:
