@@ -263,9 +263,12 @@ class BufferedQueue:
                 self._cond.wait(deadline - now)
             else:
                 if self._start_thread():
+                    idle = not self._queue
                     self._queue.extend(entries)
                     self._queued += len(entries)
-                    if len(self._queue) >= self.batch_size:
+                    # An empty queue: the thread may be in its idle wait,
+                    # and must start this batch's interval now.
+                    if idle or len(self._queue) >= self.batch_size:
                         self._cond.notify_all()
                     return True
         return self.writer.write_now(entries)

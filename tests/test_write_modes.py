@@ -226,6 +226,36 @@ def test_buffered_caller_does_not_wait_and_flush_commits(
     assert stored_events(app, database_uri) == ["queued"] * 5
 
 
+def stored_within(
+    app: Flask, database_uri: str, expected: list[str], seconds: float
+) -> bool:
+    """Whether the table holds ``expected`` events within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while stored_events(app, database_uri) != expected:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_buffered_entry_after_a_quiet_spell_waits_the_interval_only(
+    build: t.Callable[..., Built], database_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer thread, idle, waits up to IDLE_SECONDS for an entry: a new
+    one must wake it, to be written within the flush interval (1 ms here),
+    not when the idle wait ends (made 10 minutes here)."""
+    monkeypatch.setattr("flask_sidelog.batching.IDLE_SECONDS", 600.0)
+    app, sidelog = build(SIDELOG_WRITE_MODE="buffered", SIDELOG_FLUSH_INTERVAL=1)
+    with app.app_context():
+        sidelog.create_table()
+        sidelog.log("first")
+    assert stored_within(app, database_uri, ["first"], 30)
+    time.sleep(0.05)  # the thread is back in its idle wait
+    with app.app_context():
+        sidelog.log("second")
+    assert stored_within(app, database_uri, ["first", "second"], 30)
+
+
 def test_buffered_full_queue_writes_inline_and_drops_nothing(
     build: t.Callable[..., Built], database_uri: str
 ) -> None:
