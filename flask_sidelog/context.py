@@ -75,13 +75,15 @@ class ContextState:
     changes: dict[t.Any, list[t.Any]] = dataclasses.field(default_factory=dict)
     #: Entries logged while this context holds a SQLite log_session().
     log_session_held: list[dict[str, t.Any]] | None = None
-    #: A flush of the main session started and has not finished yet.
-    flushing: bool = False
+    #: The unit of work of a flush of the main session that started and has
+    #: not finished yet: it lists the rows the flush deletes on its own.
+    flush: t.Any = None
     #: The DBAPI connection the main session's tracked changes went through;
     #: False if they all went to binds other than the log's SQLite file.
     main_connection: t.Any = None
-    #: For that flush: the stored values of tracked columns of changed rows
-    #: the session had expired, by instance state (see tracking).
+    #: For that flush: the values before it of tracked columns of changed
+    #: rows that the session had expired or that the ORM sets itself, by
+    #: instance state (see tracking).
     old_values: dict[t.Any, dict[str, t.Any]] = dataclasses.field(default_factory=dict)
     #: Popped at teardown: the main session no longer reports to this state.
     ended: bool = False

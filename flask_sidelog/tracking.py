@@ -76,6 +76,10 @@ class _Spec:
     #: An upper bound of the JSON size of a row change's names and
     #: punctuation, or None if some name is not stored as it is.
     names_size: int | None
+    #: The keys of ``columns`` that the ORM sets itself in an UPDATE (an
+    #: ``onupdate`` default, the version counter): the session's history
+    #: does not have them.
+    auto_keys: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(slots=True)
@@ -210,6 +214,12 @@ class Tracker:
                 exclude | left_out,
                 {op: f"{name}.{op}" for op in _ROW_OPS},
                 _names_size(str(name), [c for _, c in pk], list(kept.values())),
+                tuple(
+                    key
+                    for key, column in columns
+                    if key in kept
+                    and (column.onupdate is not None or column is mapper.version_id_col)
+                ),
             )
         self._specs[mapper] = spec
         return spec
@@ -388,16 +398,38 @@ def _outer_connection(
     return None
 
 
+def _deleted(
+    session: sa_orm.Session, flush: t.Any
+) -> list[sa_orm.InstanceState[t.Any]]:
+    """The rows that ``flush``, the unit of work of the session's flush,
+    deletes: those the session was asked to delete, and those the flush
+    found orphaned (``delete-orphan``), which only the unit of work lists.
+    Its ``states`` (``{state: (isdelete, listonly)}``) is not public API:
+    without it, orphans go unrecorded."""
+    instance_state = sa_orm.attributes.instance_state
+    deleted = [instance_state(obj) for obj in session.deleted]
+    registered = getattr(flush, "states", None)
+    if isinstance(registered, dict):
+        asked = set(deleted)
+        deleted += [
+            st
+            for st, (isdelete, listonly) in registered.items()
+            if isdelete and not listonly and st not in asked
+        ]
+    return deleted
+
+
 def _row_changes(
     app_state: _AppState,
     tracker: Tracker,
     session: sa_orm.Session,
+    deleted: list[sa_orm.InstanceState[t.Any]],
     old_values: dict[t.Any, dict[str, t.Any]],
     mappers: set[sa_orm.Mapper[t.Any]],
 ) -> list[Change]:
-    """One change per tracked row in the session's pending flush;
-    ``old_values`` from :func:`_read_old_values`. Adds the rows' mappers
-    to ``mappers``."""
+    """One change per tracked row in the session's pending flush, whose
+    deleted rows are ``deleted`` (see :func:`_deleted`); ``old_values``
+    from :func:`_read_old_values`. Adds the rows' mappers to ``mappers``."""
     at: datetime | None = None
     actor: str | None = None
     found: list[Change] = []
@@ -429,8 +461,7 @@ def _row_changes(
     instance_state = sa_orm.attributes.instance_state
     # Deletes first: a row deleted and added again with its key in one
     # flush (which SQLAlchemy sends as an UPDATE) ends as the new row.
-    for obj in session.deleted:
-        st = instance_state(obj)
+    for st in deleted:
         spec = tracker.spec(st.mapper)
         if spec is not None:
             d = st.dict
@@ -454,14 +485,17 @@ def _row_changes(
                 if key in d
             }
             add(spec, "insert", d, st, changes)
+    # An orphan the flush deletes may be among the changed rows too.
+    deleting = set(deleted)
     for obj in session.dirty:
         st = instance_state(obj)
         spec = tracker.spec(st.mapper)
-        if spec is None:
+        if spec is None or (deleting and st in deleting):
             continue
         d = st.dict
         changes = {}
-        for key, old in st.committed_state.items():
+        committed = st.committed_state
+        for key, old in committed.items():
             name = spec.columns.get(key)
             if name is None:
                 continue
@@ -474,6 +508,13 @@ def _row_changes(
             elif old is new or old == new:
                 continue
             changes[name] = [_value(old), _value(new)]
+        for key in spec.auto_keys:
+            new = d.get(key, _NO_VALUE)
+            if key in committed or new is _NO_VALUE:
+                continue  # set by the app (see above), or not by this flush
+            old = old_values.get(st, {}).get(key, NOT_LOADED)
+            if old is not new and old != new:
+                changes[spec.columns[key]] = [_value(old), _value(new)]
         if changes:
             add(spec, "update", d, st, changes)
     return found
@@ -510,11 +551,13 @@ def _stored_as_is(
     return size <= MAX_DATA_BYTES
 
 
-def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
+def _before_flush(
+    session: sa_orm.Session, flush_context: t.Any, instances: t.Any
+) -> None:
     if context.has_changes(session):
         found = _found(session)
         if found is not None:
-            found[2].flushing = True
+            found[2].flush = flush_context
             _read_old_values(session, found[1], found[2])
 
 
@@ -536,16 +579,24 @@ def _read_old_values(
     row."""
     instance_state = sa_orm.attributes.instance_state
     expired: dict[sa_orm.Mapper[t.Any], list[sa_orm.InstanceState[t.Any]]] = {}
+    mapper: sa_orm.Mapper[t.Any] | None = None
+    spec: _Spec | None = None
     for obj in session.dirty:
         st = instance_state(obj)
+        if st.mapper is not mapper:  # rows of one model tend to come together
+            mapper = st.mapper
+            spec = tracker.spec(mapper)
+        if spec is None:
+            continue
+        if spec.auto_keys:  # as they are before the flush sets them
+            d = st.dict
+            state.old_values[st] = {key: d[key] for key in spec.auto_keys if key in d}
         if st.key is not None and (
             st.expired_attributes or _NO_VALUE in st.committed_state.values()
         ):
             expired.setdefault(st.mapper, []).append(st)
     for mapper, states in expired.items():
-        spec = tracker.spec(mapper)
-        if spec is None:
-            continue
+        spec = t.cast(_Spec, tracker.spec(mapper))
         size = min(
             OLD_VALUES_PER_SELECT, _OLD_VALUES_PARAMETERS // len(mapper.primary_key)
         )
@@ -584,7 +635,8 @@ def _read_old_values(
                     found.update(_select_old_values(session, spec, [st]))
                 except Exception:
                     _log_unread(spec)
-            state.old_values.update(found)
+            for st, values in found.items():
+                state.old_values.setdefault(st, {}).update(values)
 
 
 def _select_old_values(
@@ -636,14 +688,16 @@ def _after_rollback(session: sa_orm.Session) -> None:
 
 def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     found = _found(session)
-    if found is None or (failed and not found[2].flushing):
+    if found is None or (failed and found[2].flush is None):
         return
     app_state, tracker, state = found
-    state.flushing = False
+    flush, state.flush = state.flush, None
     old_values, state.old_values = state.old_values, {}
     mappers: set[sa_orm.Mapper[t.Any]] = set()
     try:
-        changes = _row_changes(app_state, tracker, session, old_values, mappers)
+        changes = _row_changes(
+            app_state, tracker, session, _deleted(session, flush), old_values, mappers
+        )
     except Exception:
         # A session event that raises would break the main transaction.
         current_app.logger.exception("flask-sidelog could not capture a flush.")
@@ -856,7 +910,7 @@ def _after_transaction_end(
     if changes:
         _deliver(state, changes, "rolled_back")
     if transaction.parent is None:
-        state.flushing = False
+        state.flush = None
         state.main_connection = None  # may go to another session next
 
 

@@ -153,6 +153,35 @@ class File(Base):
     )
 
 
+class Box(Base):
+    __tablename__ = "tr_box"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    # No backref: a thing taken out is an orphan only the flush finds.
+    things: sa_orm.Mapped[list[Thing]] = sa_orm.relationship(
+        cascade="all, delete-orphan"
+    )
+
+
+class Thing(Base):
+    __tablename__ = "tr_thing"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    box_id: sa_orm.Mapped[int | None] = sa_orm.mapped_column(sa.ForeignKey("tr_box.id"))
+    label: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+
+
+class Doc(Base):
+    """Columns the ORM sets itself in an UPDATE."""
+
+    __tablename__ = "tr_doc"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    title: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40))
+    edited_by: sa_orm.Mapped[str] = sa_orm.mapped_column(
+        sa.String(20), default="seed", onupdate="app"
+    )
+    version: sa_orm.Mapped[int] = sa_orm.mapped_column(nullable=False)
+    __mapper_args__ = {"version_id_col": version}
+
+
 OPS = ("insert", "update", "delete", "bulk_insert", "bulk_update", "bulk_delete")
 
 
@@ -536,6 +565,86 @@ def test_rolled_back_by_exception_after_flush(
     assert update["data"]["changes"] == {"balance": [10, 0]}
     delete = next(e for e in found if e["event"] == "account.delete")
     assert delete["data"]["changes"]["name"] == ["bob", None]
+
+
+def test_orphans_the_flush_deletes_are_recorded(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    with app.app_context():
+        db.session.add(
+            Box(id=1, things=[Thing(id=1, label="a"), Thing(id=2, label="b")])
+        )
+        db.session.commit()
+    sidelog.track(Thing)
+
+    @app.post("/take/<int:pk>")
+    def take(pk: int) -> str:
+        box = db.get_or_404(Box, 1)
+        box.things = [thing for thing in box.things if thing.id != pk]
+        db.session.flush()
+        if pk == 2:
+            raise RuntimeError("put it back")
+        db.session.commit()
+        return "ok"
+
+    client.post("/take/1")
+    with pytest.raises(RuntimeError):
+        client.post("/take/2")
+
+    with app.app_context():
+        assert db.session.scalars(sa.select(Thing.id)).all() == [2]
+    found = changes(app, sidelog)
+    assert summary(found) == [
+        (
+            "tr_thing.delete",
+            "committed",
+            {"id": [1, None], "box_id": [1, None], "label": ["a", None]},
+        ),
+        (
+            "tr_thing.delete",
+            "rolled_back",
+            {"id": [2, None], "box_id": [1, None], "label": ["b", None]},
+        ),
+    ]
+    assert [e["data"]["pk"] for e in found] == [{"id": 1}, {"id": 2}]
+
+
+def test_columns_the_orm_sets_in_an_update_are_recorded(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """An onupdate default and the version counter are not in the session's
+    history; their values before the flush are kept, or read when expired."""
+    with app.app_context():
+        db.session.add(Doc(id=1, title="draft"))
+        db.session.commit()
+    sidelog.track(Doc)
+
+    @app.post("/edit")
+    def edit() -> str:
+        doc = db.get_or_404(Doc, 1)
+        doc.title = "first"
+        db.session.commit()  # expires every attribute
+        doc.title = "second"
+        db.session.commit()
+        return "ok"
+
+    client.post("/edit")
+    assert summary(changes(app, sidelog)) == [
+        (
+            "tr_doc.update",
+            "committed",
+            {
+                "title": ["draft", "first"],
+                "edited_by": ["seed", "app"],
+                "version": [1, 2],
+            },
+        ),
+        (
+            "tr_doc.update",
+            "committed",
+            {"title": ["first", "second"], "version": [2, 3]},
+        ),
+    ]
 
 
 def test_flushed_and_discarded_at_teardown(
