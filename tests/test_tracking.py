@@ -1036,18 +1036,34 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
             )
             .values(ssn="x")
         )
+        # Parameters that compile as literals unless told otherwise.
+        db.session.execute(
+            sa.update(Credential)
+            .where(
+                Credential.password_hash
+                == sa.bindparam("p", "S-TEN", literal_execute=True),
+                Credential.login == sa.literal("login-kept", literal_execute=True),
+            )
+            .values(ssn="x")
+        )
         db.session.commit()
         return "ok"
 
     client.post("/")
 
-    update, delete, redacted, subquery, text, in_subquery = changes(app, sidelog)
+    update, delete, redacted, subquery, text, in_subquery, literal = changes(
+        app, sidelog
+    )
     assert update["data"]["params"] == {"code_1": "kept"}
     assert delete["data"]["params"] == {}
     assert redacted["data"]["params"] == {"lower_1": "[redacted]"}
     assert subquery["data"]["params"] == {"login_1": "secret_kept"}
     assert text["data"]["params"] == {}
     assert in_subquery["data"]["params"] == {"code_1": "code-kept"}
+    assert literal["data"]["where"] == (
+        "tr_credential.password_hash = :p AND tr_credential.login = :param_1"
+    )
+    assert literal["data"]["params"] == {"p": "[redacted]", "param_1": "login-kept"}
     with app.app_context(), sidelog.log_session() as s:
         table = app.extensions["sidelog"].table
         rows = s.execute(sa.select(table)).mappings()
@@ -1056,6 +1072,7 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
         assert secret not in stored
     assert "s-eight" not in stored
     assert "s-nine" not in stored
+    assert "s-ten" not in stored
 
 
 def test_a_subclass_keeps_what_its_tracked_base_excludes(
