@@ -125,8 +125,10 @@ class ContextState:
 
 
 def describe_error(exc: BaseException | None) -> str | None:
-    """``module.Class: message``; for database errors the driver's message only,
-    since SQLAlchemy's text also repeats the statement's parameters."""
+    """``module.Class: message``; for database errors the first line of the
+    driver's message only: SQLAlchemy's text also repeats the statement's
+    parameters, and PostgreSQL's DETAIL line quotes the row's values
+    (``Key (ssn)=(...) already exists``), redacted or excluded ones too."""
     if exc is None:
         return None
     cls = type(exc)
@@ -136,7 +138,7 @@ def describe_error(exc: BaseException | None) -> str | None:
     if isinstance(exc, HTTPException):
         message = f"{exc.code} {exc.name}"
     elif isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
-        message = str(exc.orig)
+        message = str(exc.orig).strip().partition("\n")[0]
     else:
         message = str(exc)
     return f"{name}: {message.strip()}" if message else name

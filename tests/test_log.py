@@ -221,6 +221,10 @@ def test_statement_errors_keep_the_driver_message_only() -> None:
         "bad value", "INSERT ...", {"password": "hunter2"}, ValueError("bad value")
     )
     assert describe_error(error) == "sqlalchemy.exc.StatementError: bad value"
+    # The primary message only: PostgreSQL's DETAIL quotes the row's values.
+    orig = ValueError("duplicate key\nDETAIL:  Key (ssn)=(111-22-3333) exists.")
+    error = sa.exc.StatementError("duplicate key", "INSERT ...", {}, orig)
+    assert describe_error(error) == "sqlalchemy.exc.StatementError: duplicate key"
 
 
 def test_entry_uuids_are_unique_version_7(app: Flask, sidelog: SideLog) -> None:

@@ -100,6 +100,9 @@ def test_integrity_error_at_commit(
     assert entry["outcome"] == "error"
     assert entry["main_tx"] == "rolled_back"
     assert entry["error"].startswith("sqlalchemy.exc.IntegrityError: ")
+    # PostgreSQL's DETAIL line quotes the row's values: left out.
+    assert "unique" in entry["error"].lower()
+    assert "taken" not in entry["error"]
 
 
 def test_abort_is_a_failure(app: Flask, sidelog: SideLog, client: FlaskClient) -> None:
