@@ -771,7 +771,10 @@ def _where(
     # compared with a column: hidden if a column of a redacted name, left out
     # if an excluded one (of any tracked model: a subquery may name it) or
     # none at all (text(), a lone function), whatever its own name says.
-    where = sa.sql.visitors.replacement_traverse(where, {}, _as_parameter)
+    # A copy whose parameters are all rendered as parameters, those made
+    # literal_execute included (even inside has() and any(), which a
+    # replacement_traverse() would not enter).
+    where = sa.sql.visitors.cloned_traverse(where, {}, {"bindparam": _as_parameter})
     compiled = where.compile(compile_kwargs={"render_postcompile": True})
     # A SQL compiler's: which name each parameter got.
     bind_names: dict[t.Any, str] = getattr(compiled, "bind_names", {})
@@ -787,14 +790,8 @@ def _where(
     return {"where": str(compiled), "params": params}
 
 
-def _as_parameter(element: t.Any, **kw: t.Any) -> t.Any:
-    """A copy of a parameter that would be rendered as a literal
-    (``literal_execute=True``) that is rendered as a parameter."""
-    if isinstance(element, sa.BindParameter) and element.literal_execute:
-        element = element._clone()
-        element.literal_execute = False
-        return element
-    return None
+def _as_parameter(bind: sa.BindParameter[t.Any]) -> None:
+    bind.literal_execute = False
 
 
 def _params_of_columns(

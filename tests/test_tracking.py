@@ -153,6 +153,16 @@ class File(Base):
     )
 
 
+class Tag(Base):
+    __tablename__ = "tr_tag"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    name: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40))
+    credential_id: sa_orm.Mapped[int | None] = sa_orm.mapped_column(
+        sa.ForeignKey("tr_credential.id")
+    )
+    credential: sa_orm.Mapped[Credential | None] = sa_orm.relationship()
+
+
 class Box(Base):
     __tablename__ = "tr_box"
     id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
@@ -987,6 +997,7 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
     than the attribute excluded, or after a function around the column."""
     sidelog.track(Badge, exclude={"secret"})
     sidelog.track(Credential)
+    sidelog.track(Tag)
 
     @app.post("/")
     def bulk() -> str:
@@ -1036,7 +1047,8 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
             )
             .values(ssn="x")
         )
-        # Parameters that compile as literals unless told otherwise.
+        # Parameters that compile as literals unless told otherwise, one in
+        # a relationship's has() too.
         db.session.execute(
             sa.update(Credential)
             .where(
@@ -1046,12 +1058,22 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
             )
             .values(ssn="x")
         )
+        db.session.execute(
+            sa.update(Tag)
+            .where(
+                Tag.credential.has(
+                    Credential.password_hash
+                    == sa.literal("S-ELEVEN", literal_execute=True)
+                )
+            )
+            .values(name="x")
+        )
         db.session.commit()
         return "ok"
 
     client.post("/")
 
-    update, delete, redacted, subquery, text, in_subquery, literal = changes(
+    update, delete, redacted, subquery, text, in_subquery, literal, has = changes(
         app, sidelog
     )
     assert update["data"]["params"] == {"code_1": "kept"}
@@ -1064,6 +1086,8 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
         "tr_credential.password_hash = :p AND tr_credential.login = :param_1"
     )
     assert literal["data"]["params"] == {"p": "[redacted]", "param_1": "login-kept"}
+    assert "tr_credential.password_hash = :param_1" in has["data"]["where"]
+    assert has["data"]["params"] == {"param_1": "[redacted]"}
     with app.app_context(), sidelog.log_session() as s:
         table = app.extensions["sidelog"].table
         rows = s.execute(sa.select(table)).mappings()
@@ -1073,6 +1097,7 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
     assert "s-eight" not in stored
     assert "s-nine" not in stored
     assert "s-ten" not in stored
+    assert "s-eleven" not in stored
 
 
 def test_a_subclass_keeps_what_its_tracked_base_excludes(
