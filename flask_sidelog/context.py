@@ -125,10 +125,10 @@ class ContextState:
 
 
 def describe_error(exc: BaseException | None) -> str | None:
-    """``module.Class: message``; for database errors the first line of the
-    driver's message only: SQLAlchemy's text also repeats the statement's
-    parameters, and PostgreSQL's DETAIL line quotes the row's values
-    (``Key (ssn)=(...) already exists``), redacted or excluded ones too."""
+    """``module.Class: message``; for database errors the driver's message
+    only, since SQLAlchemy's text also repeats the statement's parameters,
+    and without PostgreSQL's DETAIL, which quotes the values of a key or of
+    the failing row (``Key (ssn)=(...) already exists``)."""
     if exc is None:
         return None
     cls = type(exc)
@@ -138,7 +138,12 @@ def describe_error(exc: BaseException | None) -> str | None:
     if isinstance(exc, HTTPException):
         message = f"{exc.code} {exc.name}"
     elif isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
-        message = str(exc.orig).strip().partition("\n")[0]
+        message = str(exc.orig)
+        # psycopg (2 and 3) gives the server's fields apart.
+        detail = getattr(getattr(exc.orig, "diag", None), "message_detail", None)
+        if isinstance(detail, str) and detail:
+            message = message.replace(f"\nDETAIL:  {detail}", "")
+            message = message.replace(detail, "[detail left out]")
     else:
         message = str(exc)
     return f"{name}: {message.strip()}" if message else name

@@ -221,10 +221,25 @@ def test_statement_errors_keep_the_driver_message_only() -> None:
         "bad value", "INSERT ...", {"password": "hunter2"}, ValueError("bad value")
     )
     assert describe_error(error) == "sqlalchemy.exc.StatementError: bad value"
-    # The primary message only: PostgreSQL's DETAIL quotes the row's values.
-    orig = ValueError("duplicate key\nDETAIL:  Key (ssn)=(111-22-3333) exists.")
+
+    class Diagnostic:
+        message_detail = "Key (ssn)=(111-22-3333) exists."
+
+    class ServerError(Exception):
+        """As psycopg's errors are: the server's fields in ``diag``."""
+
+        diag = Diagnostic()
+
+    # PostgreSQL's DETAIL, which quotes the row's values, is left out; the
+    # rest of the message, however many lines, is kept.
+    orig = ServerError(
+        "duplicate key\nsecond line\nDETAIL:  Key (ssn)=(111-22-3333) exists."
+        "\nHINT:  a hint"
+    )
     error = sa.exc.StatementError("duplicate key", "INSERT ...", {}, orig)
-    assert describe_error(error) == "sqlalchemy.exc.StatementError: duplicate key"
+    assert describe_error(error) == (
+        "sqlalchemy.exc.StatementError: duplicate key\nsecond line\nHINT:  a hint"
+    )
 
 
 def test_entry_uuids_are_unique_version_7(app: Flask, sidelog: SideLog) -> None:
