@@ -192,6 +192,36 @@ class Doc(Base):
     __mapper_args__ = {"version_id_col": version}
 
 
+class Binder(Base):
+    __tablename__ = "tr_binder"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    # No backref: a page moved here is updated only by the flush.
+    pages: sa_orm.Mapped[list[Page]] = sa_orm.relationship()
+
+
+class Page(Base):
+    __tablename__ = "tr_page"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    binder_id: sa_orm.Mapped[int | None] = sa_orm.mapped_column(
+        sa.ForeignKey("tr_binder.id")
+    )
+    edited_by: sa_orm.Mapped[str] = sa_orm.mapped_column(
+        sa.String(20), default="seed", onupdate="app"
+    )
+    version: sa_orm.Mapped[int] = sa_orm.mapped_column(nullable=False)
+    __mapper_args__ = {"version_id_col": version}
+
+
+class Sheet(Base):
+    """A version the app sets itself."""
+
+    __tablename__ = "tr_sheet"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    title: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40))
+    ver: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+    __mapper_args__ = {"version_id_col": ver, "version_id_generator": False}
+
+
 OPS = ("insert", "update", "delete", "bulk_insert", "bulk_update", "bulk_delete")
 
 
@@ -655,6 +685,74 @@ def test_columns_the_orm_sets_in_an_update_are_recorded(
             {"title": ["first", "second"], "version": [2, 3]},
         ),
     ]
+
+
+def test_columns_the_orm_sets_in_a_row_it_updates_on_its_own(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A page moved to another binder is updated by the flush alone (its
+    foreign key): the values before it are kept all the same."""
+    with app.app_context():
+        db.session.add_all([Binder(id=1, pages=[Page(id=1)]), Binder(id=2)])
+        db.session.commit()
+    sidelog.track(Page)
+
+    @app.post("/move")
+    def move() -> str:
+        binder = db.get_or_404(Binder, 2)
+        binder.pages.append(db.get_or_404(Page, 1))
+        db.session.commit()
+        return "ok"
+
+    client.post("/move")
+    assert summary(changes(app, sidelog)) == [
+        (
+            "tr_page.update",
+            "committed",
+            {"binder_id": [1, 2], "edited_by": ["seed", "app"], "version": [1, 2]},
+        )
+    ]
+
+
+def test_a_column_the_orm_sets_that_the_app_set_has_its_own_old_value(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with app.app_context():
+        db.session.add_all([Sheet(id=1, title="a", ver="v1"), Doc(id=1, title="d")])
+        db.session.commit()
+    sidelog.track(Sheet)
+    sidelog.track(Doc)
+
+    @app.post("/version")
+    def version() -> str:
+        sheet = db.get_or_404(Sheet, 1)
+        sheet.title, sheet.ver = "b", "v2"
+        db.session.commit()
+        return "ok"
+
+    @app.post("/unreadable")
+    def unreadable() -> str:
+        # Set after its row expired, and its old value cannot be read.
+        doc = db.get_or_404(Doc, 1)
+        db.session.expire(doc)
+        doc.edited_by = "manual"
+        db.session.commit()
+        return "ok"
+
+    client.post("/version")
+
+    def unread(*args: t.Any) -> t.NoReturn:
+        raise RuntimeError("cannot read")
+
+    monkeypatch.setattr("flask_sidelog.tracking._select_old_values", unread)
+    client.post("/unreadable")
+    sheet, doc = changes(app, sidelog)
+    assert sheet["data"]["changes"] == {"title": ["a", "b"], "ver": ["v1", "v2"]}
+    assert doc["data"]["changes"]["edited_by"] == ["[not loaded]", "manual"]
 
 
 def test_flushed_and_discarded_at_teardown(
