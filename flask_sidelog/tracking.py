@@ -25,7 +25,6 @@ import importlib
 import math
 import typing as t
 import uuid
-import weakref
 from datetime import date
 from datetime import datetime
 from datetime import time
@@ -105,8 +104,7 @@ class Tracker:
         self._all_except: frozenset[str] | None = None
         self._specs: dict[sa_orm.Mapper[t.Any], _Spec | None] = {}
         self._excluded: frozenset[str] | None = None
-        #: Whether track_all() has looked through every model since it was
-        #: called (see _know_all_models).
+        #: Whether exclude_tables was checked against the mapped tables.
         self._checked = False
 
     def __bool__(self) -> bool:
@@ -144,7 +142,6 @@ class Tracker:
         self._models[model] = names
         self._specs.clear()
         self._excluded = None
-        _watch_updates([mapper])
 
     def excluded_names(self) -> frozenset[str]:
         """Every name of every column excluded from a model tracked by
@@ -189,7 +186,7 @@ class Tracker:
         if exclude is None and self._all_except is not None:
             exclude = None if name in self._all_except else frozenset()
             if not self._checked:
-                self._know_all_models(mapper)
+                self._check_exclude_tables(mapper)
         if exclude is not None:
             columns = _columns(mapper)
             by_column: dict[t.Any, str] = {column: key for key, column in columns}
@@ -224,25 +221,21 @@ class Tracker:
                     and (column.onupdate is not None or column is mapper.version_id_col)
                 ),
             )
-        if spec is not None and spec.auto_keys:
-            _watch_updates([mapper])
         self._specs[mapper] = spec
         return spec
 
-    def _know_all_models(self, mapper: sa_orm.Mapper[t.Any]) -> None:
-        """At the first flush since :meth:`track_all`, when the app's models
-        are all known (every declarative base's: a name may be of another
-        base's, on a second bind): watch the UPDATEs of those with columns
-        the ORM sets itself, and warn of names in ``exclude_tables`` that no
-        mapped table has (a misspelt name leaves its table tracked). Never
-        raises: a flush must not fail for it."""
+    def _check_exclude_tables(self, mapper: sa_orm.Mapper[t.Any]) -> None:
+        """Warn once of names in ``exclude_tables`` that no mapped table
+        has: a misspelt name leaves its table tracked. Only at a flush are
+        the app's models all known; a warning, since a flush must not fail
+        for it."""
         self._checked = True
         try:
-            mappers = _all_mappers([mapper])
-            _watch_updates(mappers)
+            # Every declarative base's tables: a name may be of another
+            # base's (a second bind).
             known = {
                 str(table.name)
-                for m in mappers
+                for m in _all_mappers([mapper])
                 for table in m.tables
                 if hasattr(table, "name")
             }
@@ -257,7 +250,7 @@ class Tracker:
                 )
         except Exception:  # never break the flush it runs in
             current_app.logger.exception(
-                "flask-sidelog could not look through the app's models."
+                "flask-sidelog could not check exclude_tables."
             )
 
 
@@ -516,10 +509,13 @@ def _row_changes(
                 continue
             changes[name] = [_value(old), _value(new)]
         for key in spec.auto_keys:
+            # Compared only with a value from before the flush: a row the
+            # flush changes on its own (a foreign key) has none, and one it
+            # never reached (it failed first) must show no change.
+            old = old_values.get(st, {}).get(key, _NO_VALUE)
             new = d.get(key, _NO_VALUE)
-            if key in committed or new is _NO_VALUE:
-                continue  # set by the app (see above), or not by this flush
-            old = old_values.get(st, {}).get(key, NOT_LOADED)
+            if key in committed or old is _NO_VALUE or new is _NO_VALUE:
+                continue  # set by the app: see above
             if old is not new and old != new:
                 changes[spec.columns[key]] = [_value(old), _value(new)]
         if changes:
@@ -586,16 +582,29 @@ def _read_old_values(
     row."""
     instance_state = sa_orm.attributes.instance_state
     expired: dict[sa_orm.Mapper[t.Any], list[sa_orm.InstanceState[t.Any]]] = {}
+    mapper: sa_orm.Mapper[t.Any] | None = None
+    spec: _Spec | None = None
     for obj in session.dirty:
         st = instance_state(obj)
+        if st.mapper is not mapper:  # rows of one model tend to come together
+            mapper = st.mapper
+            spec = tracker.spec(mapper)
+        if spec is None:
+            continue
+        if spec.auto_keys:  # as they are before the flush sets them
+            committed, d = st.committed_state, st.dict
+            kept = state.old_values[st] = {}
+            for key in spec.auto_keys:
+                # Set by the app: its old value is in the history, if known.
+                old = committed[key] if key in committed else d.get(key, _NO_VALUE)
+                if old is not _NO_VALUE:
+                    kept[key] = old
         if st.key is not None and (
             st.expired_attributes or _NO_VALUE in st.committed_state.values()
         ):
             expired.setdefault(st.mapper, []).append(st)
     for mapper, states in expired.items():
-        spec = tracker.spec(mapper)
-        if spec is None:
-            continue
+        spec = t.cast(_Spec, tracker.spec(mapper))
         size = min(
             OLD_VALUES_PER_SELECT, _OLD_VALUES_PARAMETERS // len(mapper.primary_key)
         )
@@ -634,7 +643,8 @@ def _read_old_values(
                     found.update(_select_old_values(session, spec, [st]))
                 except Exception:
                     _log_unread(spec)
-            state.old_values.update(found)
+            for st, values in found.items():
+                state.old_values.setdefault(st, {}).update(values)
 
 
 def _select_old_values(
@@ -664,50 +674,6 @@ def _select_old_values(
         if st is not None:
             found[st] = dict(zip(keys, row[width:], strict=True))
     return found
-
-
-def _watch_updates(mappers: t.Iterable[sa_orm.Mapper[t.Any]]) -> None:
-    """Call :func:`_before_update` for the UPDATEs of those of ``mappers``
-    (and of their subclasses) that have columns the ORM sets itself; only
-    those, since it costs every row of theirs a call."""
-    for mapper in mappers:
-        if any(m in _watched for m in mapper.iterate_to_root()):
-            continue
-        if mapper.version_id_col is not None or any(
-            column.onupdate is not None for _, column in _columns(mapper)
-        ):
-            _watched.add(mapper)
-            sa.event.listen(
-                mapper, "before_update", _before_update, raw=True, propagate=True
-            )
-
-
-#: The mappers :func:`_watch_updates` listens to.
-_watched: weakref.WeakSet[sa_orm.Mapper[t.Any]] = weakref.WeakSet()
-
-
-def _before_update(
-    mapper: sa_orm.Mapper[t.Any], connection: t.Any, st: sa_orm.InstanceState[t.Any]
-) -> None:
-    """Keep the values of the columns the ORM sets itself in a row's UPDATE
-    (an ``onupdate`` default, the version counter) as they are before it:
-    the session's history does not have them. Called for every row the
-    flush updates, those it updates only to set a foreign key included."""
-    session = st.session
-    found = _found(session) if session is not None else None
-    if found is None or found[2].flush is None:
-        return
-    spec = found[1].spec(mapper)
-    if spec is None or not spec.auto_keys:
-        return
-    values = found[2].old_values.setdefault(st, {})  # those read before win
-    committed, d = st.committed_state, st.dict
-    for key in spec.auto_keys:
-        if key not in values:
-            # Set by the app: its old value is in the history, if known.
-            old = committed[key] if key in committed else d.get(key, _NO_VALUE)
-            if old is not _NO_VALUE:
-                values[key] = old
 
 
 def _log_unread(spec: _Spec) -> None:

@@ -379,11 +379,7 @@ def test_an_old_value_that_cannot_be_read_is_marked_and_the_flush_goes_on(
     found = {e["event"]: e["data"]["changes"] for e in changes(app, sidelog)}
     assert found == {
         "tr_task.update": {"stage": ["[not loaded]", "<Stage.done: 'done'>"]},
-        "tr_file.update": {
-            "folder_id": ["[not loaded]", 2],
-            "edited_by": ["[not loaded]", "app"],
-            "version": ["[not loaded]", 2],
-        },
+        "tr_file.update": {"folder_id": ["[not loaded]", 2]},
     }
 
 
@@ -653,6 +649,40 @@ def test_columns_the_orm_sets_in_an_update_are_recorded(
             {"folder_id": [1, 2], "edited_by": ["seed", "app"], "version": [1, 2]},
         ),
         ("tr_file.update", "committed", {"folder_id": [2, 1], "version": [2, 3]}),
+    ]
+
+
+def test_columns_the_orm_sets_are_left_out_where_their_old_value_is_unknown(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A file moved to another folder is updated by the flush alone (its
+    foreign key), so its values before the flush were not kept; and a flush
+    that failed before reaching a row changed none of them."""
+    with app.app_context():
+        db.session.add_all([Folder(id=1, files=[File(id=1)]), Folder(id=2)])
+        db.session.commit()
+    sidelog.track(File)
+
+    @app.post("/move")
+    def move() -> str:
+        folder = db.get_or_404(Folder, 2)
+        folder.files.append(db.get_or_404(File, 1))
+        db.session.commit()
+        return "ok"
+
+    @app.post("/fail")
+    def fail() -> str:
+        db.get_or_404(File, 1).folder_id = 1
+        db.session.add(Folder(id=2))  # inserted first, and refused
+        db.session.commit()
+        return "ok"
+
+    client.post("/move")
+    with pytest.raises(sa.exc.IntegrityError):
+        client.post("/fail")
+    assert summary(changes(app, sidelog)) == [
+        ("tr_file.update", "committed", {"folder_id": [1, 2]}),
+        ("tr_file.update", "rolled_back", {"folder_id": [2, 1]}),
     ]
 
 
