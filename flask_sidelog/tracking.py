@@ -812,10 +812,10 @@ def _params_of_columns(
     subquery or ``text()`` around each: compared with plain columns only,
     with one of a redacted name, and with an excluded one or none (in
     ``text()``, or in a subquery but in no comparison of its own)."""
-    # Each node's size, the number of nodes under it, tells which of two
-    # nested nodes around a parameter is the inner one.
-    innermost: dict[t.Any, tuple[int, list[set[str]] | None]] = {}
-    for node in sa.sql.visitors.iterate(where):
+    # Each place a parameter appears: one bind object may be used twice.
+    found: dict[t.Any, list[list[set[str]] | None]] = {}
+
+    def visit(node: t.Any, around: tuple[list[t.Any], t.Any, bool] | None) -> None:
         if isinstance(node, (sa.BinaryExpression, sa.Select, sa.TextClause)):
             inside = list(sa.sql.visitors.iterate(node))
             columns = None
@@ -827,32 +827,35 @@ def _params_of_columns(
                     if isinstance(part, sa.ColumnClause)
                 ]
                 json = any(_is_json(getattr(part, "type", None)) for part in inside)
-            for part in inside:
-                if isinstance(part, sa.BindParameter) and (
-                    part not in innermost or len(inside) < innermost[part][0]
-                ):
-                    names = columns
-                    if columns is not None and json:
-                        # A JSON document's keys come as values (doc["k"],
-                        # json_extract(doc, '$.k')): every other text in
-                        # the comparison names it, as a column's name would.
-                        others = [p for p in inside if p is not part]
-                        names = [*columns, _texts(others) | _own_names(part)]
-                    innermost[part] = (len(inside), names)
+            around = (inside, columns, json)
+        if isinstance(node, sa.BindParameter) and around is not None:
+            inside, names, json = around
+            if names is not None and json:
+                # A JSON document's keys come as values (doc["k"],
+                # json_extract(doc, '$.k')): every other text in the
+                # comparison names it, as a column's name would.
+                others = [p for p in inside if p is not node]
+                names = [*names, _texts(others) | _own_names(node)]
+            found.setdefault(node, []).append(names)
+        for child in node.get_children():
+            visit(child, around)
+
+    visit(where, None)
     kept: set[str] = set()
     hidden: set[str] = set()
     dropped: set[str] = set()
-    for bind, (_, columns) in innermost.items():
+    for bind, places in found.items():
         name = bind_names.get(bind)
         if name is None:
             continue
-        if not columns or any(given & excluded for given in columns):
-            dropped.add(name)  # in text(), a subquery, or with an excluded column
-        elif any(is_redacted(n, redact_keys) for given in columns for n in given):
-            hidden.add(name)
-        else:
-            kept.add(name)
-    # A parameter SQLAlchemy renders twice keeps the strictest verdict.
+        for columns in places:
+            if not columns or any(given & excluded for given in columns):
+                dropped.add(name)  # in text(), a subquery, with an excluded column
+            elif any(is_redacted(n, redact_keys) for given in columns for n in given):
+                hidden.add(name)
+            else:
+                kept.add(name)
+    # A parameter used, or rendered, twice keeps the strictest verdict.
     return kept - hidden - dropped, hidden - dropped, dropped
 
 

@@ -1138,14 +1138,28 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
             )
             .values(name="x")
         )
+        # One parameter compared with an innocent column first, then with a
+        # redacted or excluded one.
+        twice = sa.bindparam("v", "S-TWELVE")
+        db.session.execute(
+            sa.update(Credential)
+            .where(sa.or_(Credential.login == twice, Credential.password_hash == twice))
+            .values(ssn="x")
+        )
+        twice = sa.bindparam("w", "S-THIRTEEN")
+        db.session.execute(
+            sa.update(Badge)
+            .where(sa.or_(Badge.code == twice, Badge.secret == twice))
+            .values(code="x")
+        )
         db.session.commit()
         return "ok"
 
     client.post("/")
 
-    update, delete, redacted, subquery, text, in_subquery, literal, has = changes(
-        app, sidelog
-    )
+    found = changes(app, sidelog)
+    update, delete, redacted, subquery, text, in_subquery, literal, has = found[:8]
+    assert [e["data"]["params"] for e in found[8:]] == [{"v": "[redacted]"}, {}]
     assert update["data"]["params"] == {"code_1": "kept"}
     assert delete["data"]["params"] == {}
     assert redacted["data"]["params"] == {"lower_1": "[redacted]"}
@@ -1168,6 +1182,8 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
     assert "s-nine" not in stored
     assert "s-ten" not in stored
     assert "s-eleven" not in stored
+    assert "s-twelve" not in stored
+    assert "s-thirteen" not in stored
 
 
 def test_a_subclass_keeps_what_its_tracked_base_excludes(
