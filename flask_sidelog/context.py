@@ -126,9 +126,10 @@ class ContextState:
 
 def describe_error(exc: BaseException | None) -> str | None:
     """``module.Class: message``; for database errors the driver's message
-    only, since SQLAlchemy's text also repeats the statement's parameters,
-    and without PostgreSQL's DETAIL, which quotes the values of a key or of
-    the failing row (``Key (ssn)=(...) already exists``)."""
+    only, since SQLAlchemy's text also repeats the statement's parameters.
+    From PostgreSQL, its primary message and hint only: the DETAIL quotes
+    the values of a key or of the failing row (``Key (ssn)=(...) already
+    exists``), the CONTEXT a statement with its values."""
     if exc is None:
         return None
     cls = type(exc)
@@ -138,12 +139,15 @@ def describe_error(exc: BaseException | None) -> str | None:
     if isinstance(exc, HTTPException):
         message = f"{exc.code} {exc.name}"
     elif isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
-        message = str(exc.orig)
-        # psycopg (2 and 3) gives the server's fields apart.
-        detail = getattr(getattr(exc.orig, "diag", None), "message_detail", None)
-        if isinstance(detail, str) and detail:
-            message = message.replace(f"\nDETAIL:  {detail}", "")
-            message = message.replace(detail, "[detail left out]")
+        # psycopg (2 and 3) gives the server's fields apart; a client-side
+        # error (a refused connection) has none.
+        diag = getattr(exc.orig, "diag", None)
+        primary = getattr(diag, "message_primary", None)
+        if isinstance(primary, str) and primary:
+            hint = getattr(diag, "message_hint", None)
+            message = f"{primary}\nHINT:  {hint}" if hint else primary
+        else:
+            message = str(exc.orig)
     else:
         message = str(exc)
     return f"{name}: {message.strip()}" if message else name

@@ -223,18 +223,20 @@ def test_statement_errors_keep_the_driver_message_only() -> None:
     assert describe_error(error) == "sqlalchemy.exc.StatementError: bad value"
 
     class Diagnostic:
+        message_primary = "duplicate key\nsecond line"
         message_detail = "Key (ssn)=(111-22-3333) exists."
+        message_hint = "a hint"
 
     class ServerError(Exception):
         """As psycopg's errors are: the server's fields in ``diag``."""
 
         diag = Diagnostic()
 
-    # PostgreSQL's DETAIL, which quotes the row's values, is left out; the
-    # rest of the message, however many lines, is kept.
+    # PostgreSQL's DETAIL, which quotes the row's values, and CONTEXT are
+    # left out; the primary message, however many lines, and hint are kept.
     orig = ServerError(
         "duplicate key\nsecond line\nDETAIL:  Key (ssn)=(111-22-3333) exists."
-        "\nHINT:  a hint"
+        "\nHINT:  a hint\nCONTEXT:  SQL statement \"INSERT ... ('111-22-3333')\""
     )
     error = sa.exc.StatementError("duplicate key", "INSERT ...", {}, orig)
     assert describe_error(error) == (
