@@ -125,11 +125,13 @@ class ContextState:
 
 
 def describe_error(exc: BaseException | None) -> str | None:
-    """``module.Class: message``; for database errors the driver's message
-    only, since SQLAlchemy's text also repeats the statement's parameters.
-    From PostgreSQL, its primary message and hint only: the DETAIL quotes
-    the values of a key or of the failing row (``Key (ssn)=(...) already
-    exists``), the CONTEXT a statement with its values."""
+    """``module.Class: message``, without what a database error quotes of
+    the data: for an error SQLAlchemy wraps, the driver's message only (its
+    text repeats the statement's parameters); from PostgreSQL, the primary
+    message and hint only (the DETAIL quotes the values of a key or of the
+    failing row, ``Key (ssn)=(...) already exists``, the CONTEXT a statement
+    with its values); and SQLAlchemy's own errors that quote another one
+    (``PendingRollbackError``) up to its DETAIL or statement."""
     if exc is None:
         return None
     cls = type(exc)
@@ -138,19 +140,25 @@ def describe_error(exc: BaseException | None) -> str | None:
         name = f"{cls.__module__}.{name}"
     if isinstance(exc, HTTPException):
         message = f"{exc.code} {exc.name}"
-    elif isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
+    else:
+        error = exc.orig if isinstance(exc, sa.exc.StatementError) else None
+        error = exc if error is None else error
         # psycopg (2 and 3) gives the server's fields apart; a client-side
         # error (a refused connection) has none.
-        diag = getattr(exc.orig, "diag", None)
+        diag = getattr(error, "diag", None)
         primary = getattr(diag, "message_primary", None)
         if isinstance(primary, str) and primary:
             hint = getattr(diag, "message_hint", None)
             message = f"{primary}\nHINT:  {hint}" if hint else primary
         else:
-            message = str(exc.orig)
-    else:
-        message = str(exc)
+            message = str(error)
+            if isinstance(error, sa.exc.SQLAlchemyError):
+                message = _QUOTED_DATA.split(message, maxsplit=1)[0]
     return f"{name}: {message.strip()}" if message else name
+
+
+#: Where SQLAlchemy's text of an error starts quoting the data.
+_QUOTED_DATA = re.compile(r"\n(?:DETAIL:|\[SQL: |\[parameters: )")
 
 
 @t.overload

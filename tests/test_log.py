@@ -242,6 +242,21 @@ def test_statement_errors_keep_the_driver_message_only() -> None:
     assert describe_error(error) == (
         "sqlalchemy.exc.StatementError: duplicate key\nsecond line\nHINT:  a hint"
     )
+    # Raised by the driver itself (through raw_connection()).
+    assert describe_error(orig).endswith(
+        "ServerError: duplicate key\nsecond line\nHINT:  a hint"
+    )
+    # SQLAlchemy's own error, quoting the one that rolled the session back.
+    error = sa.exc.PendingRollbackError(
+        "Original exception was: (UniqueViolation) duplicate key"
+        "\nDETAIL:  Key (ssn)=(111-22-3333) exists."
+        "\n[SQL: INSERT INTO person (ssn) VALUES (%(ssn)s)]"
+        "\n[parameters: {'ssn': '111-22-3333'}]"
+    )
+    assert describe_error(error) == (
+        "sqlalchemy.exc.PendingRollbackError: Original exception was:"
+        " (UniqueViolation) duplicate key"
+    )
 
 
 def test_entry_uuids_are_unique_version_7(app: Flask, sidelog: SideLog) -> None:
