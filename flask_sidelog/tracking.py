@@ -561,6 +561,9 @@ def _before_flush(
         found = _found(session)
         if found is not None:
             found[2].flush = flush_context
+            # Not those of a flush that stopped before it began (a listener
+            # raised): they would be taken for this one's.
+            found[2].old_values = {}
             _read_old_values(session, found[1], found[2])
 
 

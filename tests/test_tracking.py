@@ -656,8 +656,9 @@ def test_columns_the_orm_sets_are_left_out_where_their_old_value_is_unknown(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
     """A file moved to another folder is updated by the flush alone (its
-    foreign key), so its values before the flush were not kept; and a flush
-    that failed before reaching a row changed none of them."""
+    foreign key), so its values before the flush were not kept; a flush
+    that failed before reaching a row changed none of them; and one stopped
+    before it began leaves nothing for the next."""
     with app.app_context():
         db.session.add_all([Folder(id=1, files=[File(id=1)]), Folder(id=2)])
         db.session.commit()
@@ -677,12 +678,39 @@ def test_columns_the_orm_sets_are_left_out_where_their_old_value_is_unknown(
         db.session.commit()
         return "ok"
 
+    @app.post("/stopped")
+    def stopped() -> str:
+        # A flush stopped by a listener before it began, then the row moved
+        # by its folder after others changed it: nothing from that flush is
+        # taken for this one's.
+        file = db.get_or_404(File, 1)
+        file.folder_id = 2  # no change, but dirty
+
+        def stop(*args: t.Any) -> None:
+            sa.event.remove(db.session(), "before_flush", stop)
+            raise RuntimeError("stop")
+
+        sa.event.listen(db.session(), "before_flush", stop)
+        with pytest.raises(RuntimeError):
+            db.session.flush()
+        db.session.expire(file)
+        db.session.execute(
+            sa.update(File).where(File.id == 1).values(version=7, edited_by="bulk")
+        )
+        folder = db.get_or_404(Folder, 1)
+        folder.files.append(file)
+        db.session.commit()
+        return "ok"
+
     client.post("/move")
     with pytest.raises(sa.exc.IntegrityError):
         client.post("/fail")
-    assert summary(changes(app, sidelog)) == [
+    client.post("/stopped")
+    updates = [e for e in changes(app, sidelog) if e["event"] == "tr_file.update"]
+    assert summary(updates) == [
         ("tr_file.update", "committed", {"folder_id": [1, 2]}),
         ("tr_file.update", "rolled_back", {"folder_id": [2, 1]}),
+        ("tr_file.update", "committed", {"folder_id": ["[not loaded]", 1]}),
     ]
 
 
