@@ -899,10 +899,17 @@ def _value_texts(value: t.Any) -> set[str]:
     return {text for text in flat if isinstance(text, str)}
 
 
-def _named(param: str, names: t.Iterable[str]) -> bool:
+def _named(param: str, names: set[str]) -> bool:
     """Whether ``param`` is one of the parameter ``names``, or one an
-    expanded IN made of it (``name_1`` gives ``name_1_1``, ``name_1_2``...)."""
-    return any(param == name or param.startswith(f"{name}_") for name in names)
+    expanded IN made of it (``name_1`` gives ``name_1_1``, ``name_1_2``...):
+    whether it, or the part of it before any ``_``, is one of them. Looked
+    up, not compared with each name: a WHERE can hold thousands."""
+    while True:
+        if param in names:
+            return True
+        param, underscore, _ = param.rpartition("_")
+        if not underscore:
+            return False
 
 
 def _after_commit(session: sa_orm.Session) -> None:

@@ -29,6 +29,7 @@ from flask_sidelog import SideLog
 from flask_sidelog.config import DEFAULT_REDACT_KEYS
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
+from flask_sidelog.tracking import _named
 from flask_sidelog.tracking import _names_size
 from flask_sidelog.tracking import _Spec
 from flask_sidelog.tracking import _stored_as_is
@@ -1212,6 +1213,25 @@ def test_bulk_parameters_of_excluded_and_redacted_columns_never_stored(
     assert "s-eleven" not in stored
     assert "s-twelve" not in stored
     assert "s-thirteen" not in stored
+
+
+@pytest.mark.parametrize(
+    ("param", "names", "named"),
+    [
+        ("code_1", {"code_1"}, True),
+        ("code_1_2", {"code_1"}, True),  # an expanded IN's
+        ("code_1_2_1", {"code_1"}, True),  # a tuple IN's
+        ("code_12", {"code_1"}, False),
+        ("code_1", {"code_1_2"}, False),
+        ("a__b", {"a_"}, True),
+        ("_x", {""}, True),
+        ("x", set(), False),
+    ],
+)
+def test_a_parameter_is_named_by_itself_or_the_name_it_was_expanded_from(
+    param: str, names: set[str], named: bool
+) -> None:
+    assert _named(param, names) is named
 
 
 def test_a_subclass_keeps_what_its_tracked_base_excludes(
