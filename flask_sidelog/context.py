@@ -141,8 +141,9 @@ def describe_error(exc: BaseException | None) -> str | None:
     if isinstance(exc, HTTPException):
         message = f"{exc.code} {exc.name}"
     else:
-        error = exc.orig if isinstance(exc, sa.exc.StatementError) else None
-        error = exc if error is None else error
+        error: BaseException = exc
+        if isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
+            error = exc.orig  # the driver's: SQLAlchemy's repeats the parameters
         # psycopg (2 and 3) gives the server's fields apart; a client-side
         # error (a refused connection) has none.
         diag = getattr(error, "diag", None)
