@@ -298,12 +298,16 @@ def storable_data(
 def check_event(event: object) -> str:
     if not isinstance(event, str) or not event.strip():
         raise ValueError(f"An event name must be a non-empty string, got {event!r}.")
-    if len(event) > EVENT_MAX:
+    stored = clean_text(event)
+    # Measured as stored: NUL and lone surrogates take 4 and 6 characters
+    # there, and a longer name would be refused by the column on every try.
+    if len(stored) > EVENT_MAX:
+        escapes = " once NUL and lone surrogates are escaped" if stored != event else ""
         raise ValueError(
             f"An event name is at most {EVENT_MAX} characters; this one has"
-            f" {len(event)}. Put the detail in data=... instead."
+            f" {len(stored)}{escapes}. Put the detail in data=... instead."
         )
-    return clean_text(event)
+    return stored
 
 
 def check_level(level: object) -> str:

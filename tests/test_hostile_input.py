@@ -243,7 +243,15 @@ def test_bad_event_names_say_what_is_accepted(app: Flask, sidelog: SideLog) -> N
                 sidelog.log(event)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=f"at most {EVENT_MAX} characters"):
             sidelog.log("x" * (EVENT_MAX + 1))
+        # Stored with NUL as 4 characters and a lone surrogate as 6: too long
+        # for the column, which would refuse the entry on every try.
+        for event in ("\x00" * (EVENT_MAX // 4 + 1), "\ud800" * (EVENT_MAX // 6 + 1)):
+            with pytest.raises(ValueError, match="once NUL and lone surrogates"):
+                sidelog.log(event)
         assert sidelog.entries() == []
+        longest = "\x00" * (EVENT_MAX // 4)
+        sidelog.log(longest)
+        assert [e["event"] for e in sidelog.entries()] == ["\\x00" * (EVENT_MAX // 4)]
 
 
 def test_huge_data_is_stored_truncated(app: Flask, sidelog: SideLog) -> None:
