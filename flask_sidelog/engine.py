@@ -129,6 +129,13 @@ def _ping_idle_connections(engine: sa.Engine) -> None:
             raise
 
 
+def refused_for_content(error: BaseException) -> bool:
+    """Whether the database refused a write for what it held (a value too
+    long, a NOT NULL or unique constraint broken), not for being down, slow
+    or locked: the same entries fail again, while others may well succeed."""
+    return isinstance(error, (sa.exc.DataError, sa.exc.IntegrityError))
+
+
 def driver_error(
     conn: sa.Connection, error: Exception, statement: str
 ) -> sa.exc.StatementError:

@@ -21,12 +21,14 @@ import typing as t
 import uuid
 from datetime import datetime
 
+from .engine import refused_for_content
 from .model import FIELDS
 
 #: Entries tried in one transaction by :meth:`Spool.replay`.
 REPLAY_CHUNK = 500
 #: Replay stops, keeping the rest, after this many entries in a row failed
-#: one by one: the log database is then taken to be unreachable.
+#: one by one, other than for what they hold: the log database is then
+#: taken to be unreachable.
 REPLAY_GIVE_UP = 3
 
 _REPLAY_SUFFIX = ".replay-"
@@ -197,8 +199,11 @@ def _replay_lines(
                     continue
                 try:
                     inserted = insert_missing([entry])
-                except Exception:
-                    failed_in_a_row += 1
+                except Exception as error:
+                    # An entry the database refuses for its content (written
+                    # by an older version) says nothing of the next one.
+                    if not refused_for_content(error):
+                        failed_in_a_row += 1
                     keep.append(line)
                     continue
                 failed_in_a_row = 0

@@ -127,6 +127,26 @@ def test_replay_skips_what_is_already_stored(parts: AppParts) -> None:
 
 
 @pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_entries_the_database_refuses_hold_back_no_others(parts: AppParts) -> None:
+    """Spooled entries the database refuses for their content (here without
+    an event, which an older version could spool) stay in the spool; the
+    entries after them are moved, not taken for a database that is down."""
+    app, _, sidelog = parts
+    path = app.extensions["sidelog"].settings.spool_path
+    refused = [dict(make_entry(f"refused.{n}"), event=None) for n in range(3)]
+    Spool(path).append(refused)
+    with app.app_context():
+        for n in range(5):
+            sidelog.log(f"ordinary.{n}")  # spooled: there is no table yet
+        sidelog.create_table()
+        assert sidelog.replay() == ReplayResult(moved=5, kept=3)
+        assert sorted(e["event"] for e in sidelog.entries()) == [
+            f"ordinary.{n}" for n in range(5)
+        ]
+    assert [e["uuid"] for e in spooled(app)] == [e["uuid"] for e in refused]
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
 def test_replay_cli(parts: AppParts) -> None:
     app, _, sidelog = parts
     runner = app.test_cli_runner()
