@@ -100,6 +100,12 @@ class Settings:
             raise ValueError(
                 f'SIDELOG_ON_WRITE_ERROR must be "spool" or "raise", got {on_error!r}.'
             )
+        if on_error == "raise" and mode == "buffered":
+            raise ValueError(
+                'SIDELOG_ON_WRITE_ERROR="raise" needs a write mode whose caller'
+                ' waits for the commit, "sync" or "group": a "buffered" entry is'
+                " written after the call returned, with nobody left to raise to."
+            )
         spool_path = c["SIDELOG_SPOOL_PATH"] or "sidelog-spool.jsonl"
         if not isinstance(spool_path, (str, os.PathLike)):
             raise ValueError(

@@ -344,6 +344,14 @@ def test_bad_settings_say_what_is_accepted(
         make_app("sqlite://", str(tmp_path), {key: value})
 
 
+def test_raise_mode_needs_a_caller_that_waits(tmp_path: t.Any) -> None:
+    """A buffered entry fails after its call returned: nobody is left to
+    raise to, and "raise" mode spools nothing."""
+    config = {"SIDELOG_ON_WRITE_ERROR": "raise", "SIDELOG_WRITE_MODE": "buffered"}
+    with pytest.raises(ValueError, match='waits for the commit, "sync" or "group"'):
+        make_app("sqlite://", str(tmp_path), config)
+
+
 def test_replay_without_on_conflict_support(
     log_app: AppParts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
