@@ -254,11 +254,24 @@ def to_storable(
         return "Infinity" if value > 0 else "-Infinity"
     if _depth >= MAX_DEPTH:
         return "[max depth]"
+    try:
+        return _container(value, redact_keys, _depth, _seen)
+    except Exception as error:
+        # The value's own code raised (a __getitem__, an __iter__, a
+        # dataclass field never set): not its repr, which may show what a
+        # mapping would have redacted.
+        return f"<unreadable {type(value).__name__}: {type(error).__name__}>"
+
+
+def _container(
+    value: object, redact_keys: frozenset[str], depth: int, seen: frozenset[int]
+) -> t.Any:
+    """:func:`to_storable` of a value that is not a JSON scalar."""
     mapping = _as_mapping(value)
     if mapping is not None or isinstance(value, (list, tuple, set, frozenset)):
-        if id(value) in _seen:
+        if id(value) in seen:
             return "[recursive]"
-        seen = _seen | {id(value)}
+        seen = seen | {id(value)}
         if mapping is not None:
             out: dict[str, t.Any] = {}
             for key, item in mapping.items():
@@ -270,10 +283,10 @@ def to_storable(
                 if is_redacted(name, redact_keys):
                     out[name] = REDACTED
                 else:
-                    out[name] = to_storable(item, redact_keys, _depth + 1, seen)
+                    out[name] = to_storable(item, redact_keys, depth + 1, seen)
             return out
         items = t.cast("t.Iterable[t.Any]", value)
-        return [to_storable(item, redact_keys, _depth + 1, seen) for item in items]
+        return [to_storable(item, redact_keys, depth + 1, seen) for item in items]
     if isinstance(value, datetime):
         return value.isoformat()
     return _safe_repr(value)
@@ -287,7 +300,9 @@ def storable_data(
         return None
     if not isinstance(data, t.Mapping):
         data = {"value": data}
-    clean = to_storable(dict(data), redact_keys)
+    clean = to_storable(data, redact_keys)
+    if not isinstance(clean, dict):  # a mapping that could not be read
+        clean = {"value": clean}
     encoded = json.dumps(clean, ensure_ascii=False, separators=(",", ":"))
     size = len(encoded.encode("utf-8"))
     if size <= MAX_DATA_BYTES:

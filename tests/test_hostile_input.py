@@ -13,6 +13,7 @@ another issue and gets its own CLI test there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import typing as t
@@ -233,6 +234,61 @@ def test_self_reference_and_deep_nesting(
         assert (level, depth) == ([], value + 1)
     else:
         assert (level, depth) == ("[max depth]", MAX_DEPTH)
+
+
+class BrokenList(list[int]):
+    def __iter__(self) -> t.Iterator[int]:
+        raise RuntimeError("cannot iterate")
+
+
+class BrokenMapping(t.Mapping[str, int]):
+    def __getitem__(self, key: str) -> int:
+        raise KeyError(key)
+
+    def __iter__(self) -> t.Iterator[str]:
+        return iter(["password"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+@dataclasses.dataclass
+class Unfinished:
+    password: str
+    fee: int = dataclasses.field(init=False)  # never set
+
+
+def test_values_whose_own_code_raises(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A value that raises when read is stored as a marker naming its type
+    and error, never its repr (which could show what redaction would hide);
+    the request and its other entries go on."""
+    broken = {"list": BrokenList([1]), "map": BrokenMapping(), "dc": Unfinished("pw")}
+    markers = {
+        "list": "<unreadable BrokenList: RuntimeError>",
+        "map": "<unreadable BrokenMapping: KeyError>",
+        "dc": "<unreadable Unfinished: AttributeError>",
+    }
+
+    @app.post("/act")
+    @sidelog.audit("act")
+    def act() -> str:
+        sidelog.log("act.detail", data=broken)
+        sidelog.log("act.whole", data=BrokenMapping())
+        sidelog.annotate(**broken)
+        return "done"
+
+    assert client.post("/act").text == "done"
+    with app.app_context():
+        entries = {e["event"]: e for e in sidelog.entries()}
+    assert entries["act.detail"]["data"] == markers
+    assert entries["act.whole"]["data"] == {
+        "value": "<unreadable BrokenMapping: KeyError>"
+    }
+    assert entries["act"]["data"] == markers
+    assert entries["act"]["outcome"] == "success"
+    assert "pw" not in json.dumps([e["data"] for e in entries.values()])
 
 
 def test_bad_event_names_say_what_is_accepted(app: Flask, sidelog: SideLog) -> None:
