@@ -87,7 +87,12 @@ def create_log_engine(
                 " -c idle_in_transaction_session_timeout=" + str(max(ms, 10000))
             )
     user = dict(options or {})
-    connect_args.update(user.pop("connect_args", {}))
+    given = dict(user.pop("connect_args", {}))
+    if "options" in connect_args and given.get("options"):
+        # One string for libpq: the app's settings follow the timeouts, so
+        # that its own -c lock_timeout=... still wins.
+        given["options"] = f"{connect_args['options']} {given['options']}"
+    connect_args.update(given)
     kwargs.update(user)
     engine = sa.create_engine(url, connect_args=connect_args, **kwargs)
     if not kwargs.get("pool_pre_ping"):

@@ -372,6 +372,34 @@ def test_4_locked_table_or_slow_statement_is_bounded_by_the_timeout(
     print(f"\ncase 4 ({hold}, timeout 1 s): request answered in {elapsed:.2f} s")
 
 
+def test_4_options_of_the_app_keep_the_timeouts(
+    postgres: ThrowawayPostgres, tmp_path: t.Any
+) -> None:
+    """libpq takes one ``options`` string: the app's is added to the
+    timeouts, not put in their place."""
+    uri = postgres.create_database(f"t_opts_{os.urandom(4).hex()}")
+    app, _, _ = make_app(
+        f"sqlite:///{tmp_path / 'main.db'}",
+        str(tmp_path / "instance"),
+        {
+            "SIDELOG_DATABASE_URI": uri,
+            "SIDELOG_WRITE_TIMEOUT": 1,
+            "SIDELOG_ENGINE_OPTIONS": {
+                "connect_args": {"options": "-c search_path=audit,public"}
+            },
+        },
+    )
+    with app.app_context():
+        engine = app.extensions["sidelog"].writer.engine
+        with engine.connect() as conn:
+            settings = [
+                conn.exec_driver_sql(f"SHOW {name}").scalar()
+                for name in ("lock_timeout", "statement_timeout", "search_path")
+            ]
+    assert settings == ["1s", "1s", "audit,public"]
+    dispose(app)
+
+
 def test_4_pool_wait_is_bounded_by_the_timeout(
     locked_parts: tuple[Flask, SideLog, str],
 ) -> None:
