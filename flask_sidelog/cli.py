@@ -111,6 +111,10 @@ def with_log_database(*, need_table: bool = True) -> t.Callable[[F], F]:
                 writer = state.writer
             except (RuntimeError, sa.exc.ArgumentError) as e:
                 raise click.ClickException(str(e)) from None
+            except ImportError as e:  # the URL names a driver not installed
+                raise click.ClickException(
+                    f"cannot load the sidelog database's driver: {e}"
+                ) from None
             where = safe_url(writer.engine.url)
             try:
                 with writer.connect() as conn:
@@ -390,18 +394,25 @@ def stats_command(since: datetime) -> None:
 def export_command(fmt: str, output: str, **filters: t.Any) -> None:
     """Write every matching entry, oldest first, streaming in constant memory."""
     count = 0
-    with contextlib.ExitStack() as stack:
+    try:
+        with contextlib.ExitStack() as stack:
+            if output == "-":
+                stream = sys.stdout
+            else:
+                stream = stack.enter_context(
+                    open(output, "w", encoding="utf-8", newline="")
+                )
+            out = _Output(fmt, stream)
+            for entry in _extension().iter_entries(**filters):
+                out.write(entry)
+                count += 1
+            out.close()
+    except OSError as e:
         if output == "-":
-            stream = sys.stdout
-        else:
-            stream = stack.enter_context(
-                open(output, "w", encoding="utf-8", newline="")
-            )
-        out = _Output(fmt, stream)
-        for entry in _extension().iter_entries(**filters):
-            out.write(entry)
-            count += 1
-        out.close()
+            raise  # a closed pipe: see with_log_database
+        raise click.ClickException(
+            f"cannot write {output}: {e.strerror or e} ({count} entries written before)"
+        ) from None
     where = "" if output == "-" else f" to {output}"
     click.echo(f"Exported {count} entr{'y' if count == 1 else 'ies'}{where}.", err=True)
 
@@ -447,6 +458,7 @@ def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
     metavar="SEQ:HASH",
     help="A head printed by an earlier verify; the chain must still contain it.",
 )
+@with_log_database()
 def verify_command(from_seq: int | None, expect_head: str | None) -> None:
     """Check the log's hash chain: exit 0 and print the head if every entry is
     intact, else exit 1 at the first broken position and say what is wrong."""

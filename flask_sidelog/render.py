@@ -130,10 +130,14 @@ class Table:
         if status is not None:
             outcome = f"{outcome} {status}"
         where = " ".join(v for v in (entry.get("method"), entry.get("path")) if v)
-        summary = " ".join(
-            f"{key}={value if isinstance(value, str) else to_json_text(value)}"
-            for key, value in (entry.get("data") or {}).items()
-        )
+        data = entry.get("data")
+        if isinstance(data, dict):
+            summary = " ".join(
+                f"{key}={value if isinstance(value, str) else to_json_text(value)}"
+                for key, value in data.items()
+            )
+        else:  # not stored by flask-sidelog, which stores an object or NULL
+            summary = "" if data is None else to_json_text(data)
         if entry.get("error"):
             summary = f"{summary} {entry['error']}".lstrip()
         return self._line(

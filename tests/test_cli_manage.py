@@ -95,6 +95,34 @@ def test_export_to_a_file(
     assert [r["data"] for r in read] == [w["data"] for w in written[:30]]
 
 
+def test_export_to_a_file_that_cannot_be_written(
+    app: Flask, runner: FlaskCliRunner, tmp_path: t.Any
+) -> None:
+    add_entries(app, dict(event="kept"))
+    for target, reason in (
+        (tmp_path / "no-such-dir" / "out.jsonl", "No such file or directory"),
+        ("/dev/full", "No space left on device"),
+    ):
+        result = runner.invoke(args=["sidelog", "export", "-o", str(target)])
+        assert result.exit_code == 1
+        assert result.output.startswith(f"Error: cannot write {target}: {reason}")
+        assert "Traceback" not in result.output
+
+
+def test_show_data_that_is_not_an_object(app: Flask, runner: FlaskCliRunner) -> None:
+    """Written past flask-sidelog (by hand, or by someone tampering)."""
+    (entry,) = add_entries(app, dict(event="odd"))
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        with writer.engine.begin() as conn:
+            conn.execute(
+                writer.table.update().values(data=[1, "two"]),
+            )
+    result = runner.invoke(args=["sidelog", "show"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1].rstrip().endswith('[1, "two"]')
+
+
 def test_export_to_stdout_oldest_first(app: Flask, runner: FlaskCliRunner) -> None:
     add_entries(
         app,

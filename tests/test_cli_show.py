@@ -253,7 +253,8 @@ def test_missing_table(backend: str, database_uri: str, tmp_path: t.Any) -> None
     app, _, _ = make_app(database_uri, str(tmp_path / "instance"))
     try:
         runner = app.test_cli_runner()
-        for command in (["show"], ["stats"], ["export"], ["prune", "--before", "1d"]):
+        commands = (["show"], ["stats"], ["export"], ["prune", "--before", "1d"])
+        for command in (*commands, ["verify"]):
             result = runner.invoke(args=["sidelog", *command])
             assert result.exit_code == 1, result.output
             assert result.output.startswith(
@@ -276,7 +277,7 @@ def test_unreachable_database(tmp_path: t.Any) -> None:
         },
     )
     try:
-        for command in (["show"], ["init"], ["export"]):
+        for command in (["show"], ["init"], ["export"], ["verify"]):
             result = app.test_cli_runner().invoke(args=["sidelog", *command])
             assert result.exit_code == 1
             (line,) = result.output.splitlines()
@@ -285,6 +286,22 @@ def test_unreachable_database(tmp_path: t.Any) -> None:
                 f" postgresql+psycopg://me:***@127.0.0.1:{port}/log: "
             )
             assert "s3cret" not in result.output
+    finally:
+        dispose(app)
+
+
+def test_a_driver_not_installed(tmp_path: t.Any) -> None:
+    app, _, _ = make_app(
+        "sqlite://",
+        str(tmp_path / "instance"),
+        {"SIDELOG_DATABASE_URI": "mysql+mysqldb://me:s3cret@host/log"},
+    )
+    try:
+        result = app.test_cli_runner().invoke(args=["sidelog", "show"])
+        assert result.exit_code == 1
+        (line,) = result.output.splitlines()
+        assert line.startswith("Error: ")
+        assert "MySQLdb" in line and "s3cret" not in line
     finally:
         dispose(app)
 
