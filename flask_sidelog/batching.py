@@ -26,6 +26,7 @@ import atexit
 import collections
 import contextvars
 import os
+import sys
 import threading
 import time
 import typing as t
@@ -284,6 +285,7 @@ class BufferedQueue:
         except RuntimeError:  # at interpreter shutdown: write inline
             return False
         self._thread = thread
+        _flush_at_multiprocessing_exit()
         return True
 
     def _run(self) -> None:
@@ -375,6 +377,25 @@ def _release_in_parent() -> None:
 def _reset_in_child() -> None:
     for writer in list(_live):
         writer.after_fork()
+
+
+#: The process that registered :func:`_close_all` with multiprocessing.
+_registered_in: int | None = None
+
+
+def _flush_at_multiprocessing_exit() -> None:
+    """Have a child process of :mod:`multiprocessing` flush at its end too:
+    a forked one ends with ``os._exit()``, which runs no ``atexit`` function,
+    once its finalizers have run."""
+    global _registered_in
+    if _registered_in == os.getpid():
+        return
+    _registered_in = os.getpid()
+    multiprocessing = sys.modules.get("multiprocessing")
+    if multiprocessing is not None and multiprocessing.parent_process() is not None:
+        import multiprocessing.util
+
+        multiprocessing.util.Finalize(None, _close_all, exitpriority=10)
 
 
 def _close_all() -> None:

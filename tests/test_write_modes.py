@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -341,6 +342,33 @@ def test_buffered_entries_are_written_at_interpreter_exit(
         count = conn.scalar(sa.text("SELECT count(*) FROM sidelog_entries"))
     engine.dispose()
     assert count == 25
+
+
+def _log_in_a_child(app: Flask, sidelog: SideLog) -> None:  # pragma: no cover
+    with app.app_context():
+        for _ in range(3):
+            sidelog.log("child")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_buffered_entries_of_a_multiprocessing_child(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """A child forked by multiprocessing ends with os._exit(), which runs no
+    atexit function: its buffered entries are flushed by its finalizers."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="buffered", SIDELOG_FLUSH_INTERVAL=3600_000)
+    with app.app_context():
+        sidelog.create_table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads
+        child = multiprocessing.get_context("fork").Process(
+            target=_log_in_a_child, args=(app, sidelog)
+        )
+        child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert stored_events(app, database_uri) == ["child"] * 3
 
 
 def _fork(child: t.Callable[[], None]) -> int:
