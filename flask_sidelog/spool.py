@@ -77,8 +77,8 @@ def decode(line: bytes) -> dict[str, t.Any] | None:
         if not isinstance(entry.get("uuid"), str):
             return None
         entry["created_at"] = datetime.fromisoformat(entry["created_at"])
-    except (ValueError, TypeError, AttributeError, KeyError):
-        return None
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+        return None  # RecursionError: JSON nested deeper than Python decodes
     return entry
 
 

@@ -287,17 +287,19 @@ def test_a_torn_line_stays_alone_and_is_reported(log_app: AppParts) -> None:
     app, _, sidelog = log_app
     path = app.extensions["sidelog"].settings.spool_path
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    # And a line nested deeper than Python's JSON decoder recurses.
+    deep = b"[" * 200_000
     with open(path, "wb") as f:
-        f.write(b'{"uuid": "half')
+        f.write(deep + b'\n{"uuid": "half')
     Spool(path).append([make_entry("after.the.tear")])
     result = app.test_cli_runner().invoke(args=["sidelog", "replay"])
     assert result.exit_code == 1
     assert "Moved 1 entry" in result.output
-    assert "1 lines are not entries" in result.output
+    assert "2 lines are not entries" in result.output
     with app.app_context():
         assert [e["event"] for e in sidelog.entries()] == ["after.the.tear"]
     with open(path, "rb") as f:
-        assert f.read() == b'{"uuid": "half\n'
+        assert f.read() == deep + b'\n{"uuid": "half\n'
 
 
 def test_an_unwritable_spool_leaves_the_entry_in_the_app_log(
