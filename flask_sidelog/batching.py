@@ -32,6 +32,8 @@ import time
 import typing as t
 import weakref
 
+from .engine import refused_for_content
+
 if t.TYPE_CHECKING:
     from .writer import Writer
 
@@ -173,6 +175,7 @@ class GroupCommitter:
             "the thread committing this batch was interrupted"
         )
         batch: list[_Waiter] = []
+        fail_queue = False
         try:
             with self._mutex:
                 # The leader is always first in line: it arrived to an empty
@@ -190,8 +193,15 @@ class GroupCommitter:
             error = None
         except Exception as e:
             error = e
+            # The database is down, locked or slower than the timeout: the
+            # callers queued meanwhile fail with this batch, or each batch
+            # after it would wait out the timeout again, and so would they.
+            fail_queue = not refused_for_content(e)
         finally:
             with self._mutex:
+                if fail_queue:
+                    batch += self._waiting
+                    self._waiting.clear()
                 successor = self._waiting[0] if self._waiting else None
                 self._leading = successor is not None
             for waiter in batch:

@@ -202,6 +202,46 @@ def test_failed_group_batch_reaches_each_waiter_in_its_own_thread(
     assert sorted(failed) == sorted((f"caller-{i}",) * 2 for i in range(8))
 
 
+def test_callers_queued_behind_a_failed_batch_fail_with_it(
+    build: t.Callable[..., Built], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails for the database (here: no table; also down,
+    locked, slower than the timeout) fails the callers queued behind it:
+    otherwise each next batch would wait out the timeout again, and a
+    caller far back in the queue would wait many timeouts."""
+    app, sidelog = build(
+        SIDELOG_WRITE_MODE="group", SIDELOG_CREATE_TABLE=False, SIDELOG_BATCH_SIZE=1
+    )
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+    committer = writer._batcher
+    insert = writer.insert
+    batches: list[int] = []
+
+    def first_waits_for_the_queue(entries: list[dict[str, t.Any]]) -> None:
+        batches.append(len(entries))
+        deadline = time.monotonic() + 30
+        while (
+            len(batches) == 1
+            and len(committer._waiting) < 7
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.005)
+        insert(entries)
+
+    monkeypatch.setattr(writer, "insert", first_waits_for_the_queue)
+
+    def call(i: int) -> None:
+        with app.app_context():
+            sidelog.log("lost")
+
+    with failures(app) as failed:
+        run_threads(8, call)
+    assert len(failed) == 8
+    assert batches == [1]
+    assert not committer._leading and not committer._waiting
+
+
 def test_buffered_caller_does_not_wait_and_flush_commits(
     build: t.Callable[..., Built], database_uri: str
 ) -> None:
