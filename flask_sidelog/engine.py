@@ -111,8 +111,16 @@ def _ping_idle_connections(engine: sa.Engine) -> None:
     A restart or an idle timeout of the server closes connections that wait
     in the pool; ``pool_pre_ping`` would find them, at the cost of a round
     trip on every checkout, that is one more per entry. Connections that were
-    in use a moment ago are not pinged.
+    in use a moment ago are not pinged, unless one was found dropped since
+    they were: a restart drops them all, and the write's one retry must not
+    get another of them.
     """
+    lost_at = 0.0
+
+    @sa.event.listens_for(engine, "invalidate")
+    def invalidate(dbapi_connection: t.Any, record: t.Any, exception: t.Any) -> None:
+        nonlocal lost_at
+        lost_at = time.monotonic()
 
     @sa.event.listens_for(engine, "checkin")
     def checkin(dbapi_connection: t.Any, record: t.Any) -> None:
@@ -121,7 +129,9 @@ def _ping_idle_connections(engine: sa.Engine) -> None:
     @sa.event.listens_for(engine, "checkout")
     def checkout(dbapi_connection: t.Any, record: t.Any, proxy: t.Any) -> None:
         idle_since = record.info.pop("sidelog_idle_since", None)
-        if idle_since is None or time.monotonic() - idle_since < PING_AFTER:
+        if idle_since is None or (
+            time.monotonic() - idle_since < PING_AFTER and idle_since > lost_at
+        ):
             return
         try:
             engine.dialect.do_ping(dbapi_connection)

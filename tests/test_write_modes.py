@@ -523,6 +523,37 @@ def test_write_after_a_server_restart(
 
 @pytest.mark.slow
 @pytest.mark.postgres
+def test_writes_after_a_server_restart_with_many_pooled_connections(
+    postgres: t.Any, tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart drops every pooled connection: once a write finds one
+    dropped, the others are pinged before use, however briefly they were
+    idle, so that the write's retry does not get another dropped one."""
+    uri = postgres.create_database("restart_many_pooled")
+    app, _, sidelog = make_app(uri, str(tmp_path), with_db=False)
+    monkeypatch.setattr("flask_sidelog.engine.PING_AFTER", 3600.0)
+    try:
+        with failures(app) as failed, app.app_context():
+            sidelog.log("before")
+            engine = app.extensions["sidelog"].writer.engine
+            pooled = [engine.connect() for _ in range(4)]
+            for conn in pooled:
+                conn.exec_driver_sql("SELECT 1")
+            for conn in pooled:
+                conn.close()
+            postgres.stop()
+            postgres.start()
+            for n in range(4):
+                sidelog.log(f"after.{n}")
+            events = [e["event"] for e in sidelog.entries()]
+    finally:
+        dispose(app)
+    assert failed == []
+    assert sorted(events) == ["after.0", "after.1", "after.2", "after.3", "before"]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
 @pytest.mark.parametrize(
     "size", [2, SERVER_LINKED_ROWS + 1], ids=["append-function", "copy"]
 )
