@@ -303,11 +303,18 @@ def storable_data(
     clean = to_storable(data, redact_keys)
     if not isinstance(clean, dict):  # a mapping that could not be read
         clean = {"value": clean}
-    encoded = json.dumps(clean, ensure_ascii=False, separators=(",", ":"))
-    size = len(encoded.encode("utf-8"))
+    # Measured as stored: ASCII, with escapes (6 bytes for "é", 12 for an emoji).
+    size = len(json.dumps(clean, separators=(",", ":")))
     if size <= MAX_DATA_BYTES:
         return t.cast("dict[str, t.Any]", clean)
-    return {"_truncated": True, "_size": size, "preview": encoded[:1000]}
+    preview = json.dumps(clean, ensure_ascii=False, separators=(",", ":"))[:1000]
+    return {"_truncated": True, "_size": size, "preview": preview}
+
+
+def json_size_bound(text: str) -> int:
+    """An upper bound of the size of ``text`` in ASCII JSON, quotes left
+    out: an escape takes 6 bytes, 12 for a character beyond the BMP."""
+    return (6 if text.isascii() else 12) * len(text)
 
 
 def check_event(event: object) -> str:

@@ -40,6 +40,7 @@ from .entry import check_event
 from .entry import clean_text
 from .entry import cut
 from .entry import is_redacted
+from .entry import json_size_bound
 from .entry import make_entry
 from .entry import MAX_DATA_BYTES
 from .entry import new_uuids
@@ -284,8 +285,8 @@ def _names_size(table: str, pk: list[str], columns: list[str]) -> int | None:
     names = [table, *pk, *columns]
     if any(clean_text(name) != name for name in names):
         return None
-    # 6 bytes a character covers escapes; 8 a name's quotes, colon and comma.
-    return 40 + sum(6 * len(name) + 8 for name in names)
+    # 8 bytes cover a name's quotes, colon and comma.
+    return 40 + sum(json_size_bound(name) + 8 for name in names)
 
 
 def _value(value: t.Any) -> t.Any:
@@ -1035,12 +1036,11 @@ def _plain_row_data(
         or type(changes) is not dict
     ):
         return None
-    # An upper bound of the JSON size: 6 bytes a character covers escapes,
-    # 32 any number.
-    size = 6 * len(table) + 40
+    # An upper bound of the JSON size.
+    size = json_size_bound(table) + 40
     out_pk: dict[str, t.Any] = {}
     for key, value in pk.items():
-        size += _plain_size(value) + 6 * len(key) + 8
+        size += _plain_size(value) + json_size_bound(key) + 8
         if size > MAX_DATA_BYTES or not _plain_key(key, redact_keys, redacted):
             return None
         out_pk[key] = REDACTED if redacted[key] else _clean(value)
@@ -1049,7 +1049,7 @@ def _plain_row_data(
         if type(pair) is not list or len(pair) != 2:
             return None
         old, new = pair
-        size += _plain_size(old) + _plain_size(new) + 6 * len(key) + 8
+        size += _plain_size(old) + _plain_size(new) + json_size_bound(key) + 8
         if size > MAX_DATA_BYTES or not _plain_key(key, redact_keys, redacted):
             return None
         out_changes[key] = REDACTED if redacted[key] else [_clean(old), _clean(new)]
@@ -1074,7 +1074,7 @@ def _plain_size(value: t.Any) -> int:
     :data:`MAX_DATA_BYTES` if it is not a plain JSON value."""
     kind = type(value)
     if kind is str:
-        return 6 * len(value) + 2
+        return json_size_bound(value) + 2
     if value is None or kind is bool:
         return 5
     if kind is int and -_INT_RANGE <= value < _INT_RANGE:

@@ -320,6 +320,19 @@ def test_huge_data_is_stored_truncated(app: Flask, sidelog: SideLog) -> None:
     assert data["preview"].startswith('{"blob":"xxx')
 
 
+def test_data_size_is_measured_as_stored(app: Flask, sidelog: SideLog) -> None:
+    """Stored as ASCII JSON, an emoji takes 12 bytes (a surrogate pair of
+    escapes): 6,000 of them are over the 64 KiB limit, though 24,000 bytes
+    of UTF-8."""
+    with app.app_context():
+        sidelog.log("emoji", data={"v": "\U0001f600" * 6000})
+        (entry,) = sidelog.entries()
+    data = entry["data"]
+    assert data["_truncated"] is True
+    assert data["_size"] == len('{"v":""}') + 12 * 6000
+    assert data["preview"].startswith('{"v":"\U0001f600')
+
+
 def test_long_user_agent_and_path_are_cut(
     app: Flask, sidelog: SideLog, client: FlaskClient
 ) -> None:

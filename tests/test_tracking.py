@@ -1777,6 +1777,13 @@ columns = st.sampled_from(["id", "name", "password_hash", "Token", "n\x00", "x\u
     redact=DEFAULT_REDACT_KEYS,
     captured=True,
 )
+@example(  # 72,000 bytes stored, escaped: over the limit
+    pk={"id": 1},
+    row={"name": ["\U0001f600" * 6000, None]},
+    big=False,
+    redact=(),
+    captured=False,
+)
 @example(
     pk={"id": "a\x00b"},
     row={"name": ["\u00e9", None]},
