@@ -119,9 +119,15 @@ class Spool:
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                # Leave no part of them: the caller keeps them elsewhere.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
         finally:
             os.close(fd)
         if created:
@@ -160,8 +166,14 @@ class Spool:
                 lines = [line for line in f.read().splitlines() if line.strip()]
             result, keep = _replay_lines(lines, insert_missing)
             if keep:
-                with self._locked():
-                    self._append(b"".join(line + b"\n" for line in keep))
+                try:
+                    with self._locked():
+                        self._append(b"".join(line + b"\n" for line in keep))
+                except OSError:
+                    # No room to move them back (a full disk): this file
+                    # keeps them, and the next replay takes it up again,
+                    # dropping the entries moved now as already stored.
+                    return result
             # Only now: a crash before this line leaves the file to replay again,
             # which the unique uuid makes harmless.
             os.unlink(path)

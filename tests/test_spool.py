@@ -3,11 +3,14 @@ replay moves them into the log database exactly once."""
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import multiprocessing
 import os
 import stat
+import subprocess
+import sys
 import threading
 import typing as t
 import warnings
@@ -300,6 +303,68 @@ def test_a_torn_line_stays_alone_and_is_reported(log_app: AppParts) -> None:
         assert [e["event"] for e in sidelog.entries()] == ["after.the.tear"]
     with open(path, "rb") as f:
         assert f.read() == deep + b'\n{"uuid": "half\n'
+
+
+_FULL_DISK_REPLAY = """
+import json, resource, signal, sys
+from flask_sidelog.spool import Spool
+
+# Files may not grow past 1 MiB: writing more fails as a full disk does.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+with open(sys.argv[2]) as f:
+    stored = set(json.load(f))
+
+def insert_missing(entries):
+    new = {e["uuid"] for e in entries} - stored
+    stored.update(new)
+    return len(new)
+
+print(Spool(sys.argv[1]).replay(insert_missing))
+with open(sys.argv[2], "w") as f:
+    json.dump(sorted(stored), f)
+"""
+
+
+def test_replay_on_a_full_disk_keeps_what_it_cannot_move_back(
+    tmp_path: t.Any,
+) -> None:
+    """Lines replay keeps (here a 2 MiB one that is not an entry) go back
+    into the spool; with no room for them, the replay's own file keeps them,
+    whole, and the next replay takes it up again."""
+    path = str(tmp_path / "spool.jsonl")
+    junk = b"x" * (2 << 20)
+    good = [make_entry("good"), make_entry("good")]
+    with open(path, "wb") as f:
+        f.write(junk + b"\n")
+    Spool(path).append(good)
+    stored = tmp_path / "stored.json"
+    stored.write_text("[]")
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_REPLAY, path, str(stored)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"{ReplayResult(moved=2, unreadable=1)}\n"
+    assert sorted(json.loads(stored.read_text())) == sorted(e["uuid"] for e in good)
+    assert not os.path.exists(path) or os.path.getsize(path) == 0
+    (left,) = glob.glob(path + ".replay-*")
+    with open(left, "rb") as f:
+        assert f.read().splitlines()[0] == junk
+
+    done = subprocess.run(  # room again
+        [sys.executable, "-c", _FULL_DISK_REPLAY.replace("1 << 20", "1 << 30")]
+        + [path, str(stored)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout == f"{ReplayResult(already_present=2, unreadable=1)}\n"
+    assert glob.glob(path + ".replay-*") == []
+    with open(path, "rb") as f:
+        assert f.read() == junk + b"\n"
 
 
 def test_an_unwritable_spool_leaves_the_entry_in_the_app_log(
