@@ -18,6 +18,7 @@ import itertools
 import json
 import operator
 import queue
+import re
 import threading
 import typing as t
 import zlib
@@ -646,18 +647,35 @@ def _walk(
 
 def _decoded(raw: t.Sequence[t.Any], dialect: str) -> t.Sequence[t.Any] | None:
     """A :func:`_walk` row as :func:`record` takes it; None if a stored value
-    cannot be decoded (so it is not what the writer stored)."""
+    is not one the writer stores, though it may decode to the same value: a
+    JSON object with a key twice (a database's JSON functions may read the
+    other value), on SQLite a time spelt otherwise (compared as text by
+    queries), a value of another type."""
     if dialect not in ("sqlite", "postgresql"):
         return raw
     row = list(raw)
     try:
+        if dialect == "sqlite" and not _SQLITE_TIME.fullmatch(row[3]):
+            return None
         # Python 3.10's fromisoformat does not read "Z".
         row[3] = datetime.fromisoformat(row[3].replace("Z", "+00:00"))
         if row[-1] is not None:
-            row[-1] = json.loads(row[-1])
-    except ValueError:
+            row[-1] = json.loads(row[-1], object_pairs_hook=_once_each)
+        record(row[2:], 0, GENESIS)  # every field of a type it encodes
+    except (ValueError, TypeError, AttributeError, RecursionError):
         return None
     return row
+
+
+#: How SQLAlchemy stores a time on SQLite, and so how the log does.
+_SQLITE_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}")
+
+
+def _once_each(pairs: list[tuple[str, t.Any]]) -> dict[str, t.Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key twice")
+    return found
 
 
 def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
@@ -877,15 +895,21 @@ def verify(
                         else f"the entries at seq {first} to {last} are missing"
                     )
                     return broken("missing", first, gap + " (deleted)")
-                if not (
-                    quick and hasher(_quick_message(row, seq, head_hash)) == row[1]
-                ):
+                try:
+                    linked = quick and hasher(_quick_message(row, seq, head_hash))
+                except (TypeError, ValueError, IndexError):  # not stored by the log
+                    linked = False
+                if linked != row[1]:
                     decoded = _decoded(row, dialect)
                     if decoded is None:
                         return broken(
                             "modified",
                             seq,
-                            ("its data is not JSON or its created_at not a time"),
+                            (
+                                "its data is not JSON or its created_at not a time,"
+                                " as the log stores them (a key twice, a time spelt"
+                                " otherwise, a value of another type)"
+                            ),
                         )
                     if not _matches(hasher, decoded, seq, head_hash):
                         unmatched = decoded

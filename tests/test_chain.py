@@ -149,15 +149,19 @@ def renumber_from(app: Flask, sidelog: SideLog, seq: int) -> None:
 
 
 def forge(app: Flask, sidelog: SideLog, seq: int) -> None:
-    """Insert a made-up entry at ``seq`` (hash to be filled in)."""
+    """Insert a made-up entry at ``seq`` (hash to be filled in), stored as
+    the log stores its own: a careful forger."""
     entry = make_entry("forged", data={"by": "attacker"})
+    sqlite = app.extensions["sidelog"].writer.engine.dialect.name == "sqlite"
     sql(
         app,
         sidelog,
         f"INSERT INTO {TABLE} (uuid, created_at, event, level, data, seq, hash)"
         " VALUES (:uuid, :created_at, 'forged', 'info', :data, :seq, :hash)",
         uuid=entry["uuid"],
-        created_at=entry["created_at"].strftime("%Y-%m-%d %H:%M:%S.%f+00:00"),
+        created_at=entry["created_at"].strftime(
+            "%Y-%m-%d %H:%M:%S.%f" if sqlite else "%Y-%m-%d %H:%M:%S.%f+00:00"
+        ),
         data='{"by": "attacker"}',
         seq=seq,
         hash="0" * 64,
@@ -666,6 +670,41 @@ def test_undecodable_stored_value_is_detected(
         sql(app, sidelog, f"UPDATE {TABLE} SET actor = 'm' WHERE seq = 2")
         code, out = verify(app.test_cli_runner())
         assert out.startswith("FAILED at seq 2: modified: it does not match its hash")
+    finally:
+        dispose(app)
+
+
+UNLIKE_THE_LOG = "its data is not JSON or its created_at not a time, as the log"
+
+
+@pytest.mark.parametrize(
+    ("backend", "statement"),
+    [
+        # The same instant, but compared as text by SQLite's queries: an
+        # entry moved out of (or into) a time range.
+        ("sqlite_file", "created_at = replace(created_at, ' ', 'T')"),
+        ("sqlite_file", "created_at = created_at || '+00:00'"),
+        # The same object to json.loads, but SQLite's json_extract reads the
+        # first of the two keys.
+        ("sqlite_file", r"""data = '{"i"\:999,"i"\:2}'"""),  # \: for text()
+        ("postgres", r"""data = '{"i"\:999,"i"\:2}'"""),
+        # SQLite keeps any type in any column.
+        ("sqlite_file", "data = 5"),
+        ("sqlite_file", "created_at = 5"),
+        ("sqlite_file", "event = X'6162'"),
+    ],
+)
+def test_a_value_stored_unlike_the_log_is_detected(
+    tmp_path: t.Any, request: pytest.FixtureRequest, backend: str, statement: str
+) -> None:
+    uri = new_database_uri(backend, tmp_path, request)
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
+    try:
+        fill(app, sidelog, 3)
+        sql(app, sidelog, f"UPDATE {TABLE} SET {statement} WHERE seq = 2")
+        code, out = verify(app.test_cli_runner())
+        assert code == 1, out
+        assert out.startswith(f"FAILED at seq 2: modified: {UNLIKE_THE_LOG}")
     finally:
         dispose(app)
 
