@@ -14,7 +14,6 @@ from flask import render_template
 from flask import request
 from flask import url_for
 from flask_login import current_user
-from flask_login import login_required
 from flask_login import login_user
 from flask_login import logout_user
 from werkzeug import Response
@@ -68,9 +67,12 @@ def logout() -> Response:
 
 
 @bp.post("/transfers")
-@login_required
 @sidelog.audit("funds.transfer")
 def transfer() -> Response:
+    # Checked inside the audited view, not by @login_required above it, so
+    # that an attempt without signing in is recorded too (a 401 failure).
+    if not current_user.is_authenticated:
+        abort(401, "Sign in to transfer.")
     try:
         amount = int(request.form["amount"])
         source_id = int(request.form["source"])
