@@ -90,8 +90,11 @@ class _AppState:
         self._lock = threading.Lock()
         self._main_engine: sa.Engine | None = None
         self._writer: Writer | None = None
+        #: The engine through which the main session writes the log's SQLite
+        #: file (its own, or a Flask-SQLAlchemy bind's), if it does.
+        self.shared_engine: sa.Engine | None = None
         #: Whether entries wait for the main session to release SQLite's
-        #: write lock: true when both use the same SQLite file.
+        #: write lock: true when it writes the log's SQLite file.
         self.defer_while_main_writes = False
 
     @property
@@ -137,7 +140,12 @@ class _AppState:
         if self._writer is None:
             url = self._log_url()
             log_path = sqlite_path(url)
-            main_path = sqlite_path(self.main_engine.url)
+            # Every engine the main session may write through: a model of a
+            # bind writes that bind's file.
+            main_engines = [self.main_engine]
+            if self.db is not None:
+                main_engines += self.db.engines.values()
+            shared = [e for e in main_engines if sqlite_path(e.url) == log_path]
             engine = create_log_engine(
                 url, self.settings.write_timeout, self.settings.engine_options
             )
@@ -146,9 +154,9 @@ class _AppState:
                 create = url.get_backend_name() == "sqlite"
             with self._lock:
                 if self._writer is None:
-                    self.defer_while_main_writes = (
-                        log_path is not None and log_path == main_path
-                    )
+                    if log_path is not None and shared:
+                        self.shared_engine = shared[0]
+                        self.defer_while_main_writes = True
                     key = self.settings.chain_key
                     self._writer = Writer(
                         self.app,
@@ -883,7 +891,12 @@ def _main_holds_sqlite_lock(app_state: _AppState, state: context.ContextState) -
     if not session.in_transaction():
         return False
     try:
-        dbapi = session.connection().connection.dbapi_connection
+        connection = session.connection()
+        if connection.engine is not app_state.shared_engine:
+            # The log's file is a bind's: ask the connection to that bind.
+            bind = {"bind": app_state.shared_engine}
+            connection = session.connection(bind_arguments=bind)
+        dbapi = connection.connection.dbapi_connection
     except Exception:
         # In the session's own commit events, or after a failure, it refuses
         # connection(): ask the one its tracked changes went through (still

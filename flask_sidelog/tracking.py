@@ -370,7 +370,7 @@ def _keep_main_connection(
     which may have written and commits after the session)."""
     for mapper in mappers:
         bind = session.get_bind(mapper=mapper)
-        if getattr(bind, "engine", bind) is app_state.main_engine:
+        if getattr(bind, "engine", bind) is app_state.shared_engine:
             connection = session.connection(bind_arguments={"mapper": mapper})
             state.main_connection = connection.connection.dbapi_connection
             return
@@ -394,7 +394,7 @@ def _outer_connection(
             bind = session.get_bind(mapper=mapper)
         except sa.exc.UnboundExecutionError:  # bound per model only
             continue
-        if isinstance(bind, sa.Connection) and bind.engine is app_state.main_engine:
+        if isinstance(bind, sa.Connection) and bind.engine is app_state.shared_engine:
             return bind.connection.dbapi_connection
     return None
 

@@ -17,6 +17,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from conftest import Account
 from conftest import dispose
+from conftest import failures
 from conftest import make_app
 from flask_sidelog import SideLog
 from flask_sidelog.signals import entry_written
@@ -98,6 +99,55 @@ def test_bind_key(tmp_path: t.Any) -> None:
         assert log_engine.url == db.engines["audit"].url
         assert sa.inspect(db.engines["audit"]).has_table("sidelog_entries")
         assert not sa.inspect(db.engine).has_table("sidelog_entries")
+    dispose(app)
+
+
+def test_log_on_a_sqlite_bind_the_request_writes(tmp_path: t.Any) -> None:
+    """The log's SQLite file is a bind the main session writes through: an
+    entry logged while its write lock is held waits for the teardown, as
+    with the main file, rather than for the lock until the timeout."""
+    app, db, sidelog = make_app(
+        "sqlite:///main.db",
+        str(tmp_path),
+        {
+            "SQLALCHEMY_BINDS": {"audit": "sqlite:///bound.db"},
+            "SIDELOG_BIND_KEY": "audit",
+            "SIDELOG_WRITE_TIMEOUT": 1,
+        },
+    )
+    assert db is not None
+
+    class Note(db.Model):  # type: ignore[name-defined,misc]
+        __bind_key__ = "audit"
+        id = sa.Column(sa.Integer, primary_key=True)
+
+    sidelog.track(Note)
+
+    @app.post("/note")
+    @sidelog.audit("note.add")
+    def add() -> str:
+        db.session.add(Note(id=1))
+        db.session.flush()
+        sidelog.log("note.flushed")
+        db.session.commit()
+        return "ok"
+
+    with app.app_context():
+        db.create_all()
+        sidelog.create_table()
+    with failures(app) as failed:
+        assert app.test_client().post("/note").text == "ok"
+    with app.app_context():
+        stored = [(e["event"], e["main_tx"]) for e in sidelog.entries()]
+    assert failed == []
+    assert sorted(stored, key=str) == sorted(
+        [
+            ("note.flushed", None),
+            ("note.add", "committed"),
+            ("note.insert", "committed"),
+        ],
+        key=str,
+    )
     dispose(app)
 
 
