@@ -159,6 +159,70 @@ def test_view_that_writes_nothing(
     assert (entry["outcome"], entry["main_tx"]) == ("success", "none")
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH t AS (SELECT 1 AS x) SELECT x FROM t",
+        "-- how many\nSELECT count(*) FROM account",
+        "/* how many */ SELECT count(*) FROM account",
+        "(SELECT count(*) FROM account)",
+    ],
+)
+def test_text_reads_write_nothing(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    backend: str,
+    sql: str,
+) -> None:
+    if sql.startswith("(") and backend != "postgres":
+        pytest.skip("SQLite takes no statement in parentheses")
+
+    @app.get("/count")
+    @sidelog.audit
+    def count() -> str:
+        return str(db.session.execute(sa.text(sql)).scalar())
+
+    assert client.get("/count").status_code == 200
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["main_tx"] == "none"
+
+
+@pytest.mark.parametrize("commit", [True, False])
+@pytest.mark.parametrize("how", ["connection", "bulk_insert_mappings"])
+def test_writes_past_the_orm_are_seen(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    how: str,
+    commit: bool,
+) -> None:
+    """A Core statement through the session's connection, or a legacy bulk
+    method, runs no ORM event: the connection's statements tell."""
+
+    @app.post("/add")
+    @sidelog.audit
+    def add() -> str:
+        if how == "connection":
+            db.session.connection().execute(
+                sa.insert(Account).values(name="core", balance=0)
+            )
+        else:
+            db.session.bulk_insert_mappings(Account, [{"name": "core", "balance": 0}])
+        if commit:
+            db.session.commit()
+        return "ok"
+
+    assert client.post("/add").status_code == 200
+    assert names(app, db) == (["core"] if commit else [])
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["main_tx"] == ("committed" if commit else "rolled_back")
+
+
 def test_flushed_then_not_committed_is_rolled_back(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
