@@ -176,6 +176,11 @@ class _AppState:
                     engine.dispose()
         return self._writer
 
+    @property
+    def has_writer(self) -> bool:
+        """Whether :attr:`writer` was made (so has anything to flush)."""
+        return self._writer is not None
+
     def dispose(self) -> None:
         """Close the pools SideLog opened for this app."""
         if self._writer is not None:
@@ -838,8 +843,25 @@ class SideLog:
         if app_state.db is None and self.session.registry.has():
             self.session.remove()
         state = context.pop_state()
-        if state is None:
-            return
+        if state is not None:
+            self._write_last_entries(app_state, state, exc)
+        if (
+            (state is None or state.request is None)
+            and app_state.has_writer
+            and click.get_current_context(silent=True)
+        ):
+            # A CLI command's entries are committed before it exits, those
+            # its threads logged too; requests do not wait for buffered ones.
+            app_state.writer.flush()
+
+    def _write_last_entries(
+        self,
+        app_state: _AppState,
+        state: context.ContextState,
+        exc: BaseException | None,
+    ) -> None:
+        """Write the entries held until the context's end: the deferred
+        ones, and the ``@audit`` entry of its request."""
         audited = state.audit_event is not None
         try:
             entries = state.deferred
@@ -851,10 +873,6 @@ class SideLog:
             if audited:
                 # A no-op once its entry ended the request; here if it failed.
                 app_state.writer.request_ended()
-        if state.request is None and click.get_current_context(silent=True):
-            # A CLI command's entries are committed before it exits; requests
-            # do not wait for buffered entries.
-            app_state.writer.flush()
 
     def _audit_entry(
         self,

@@ -337,9 +337,23 @@ def test_buffered_cli_command_flushes_at_teardown(
         sidelog.log("job.ran")
         click.echo("done")
 
+    @app.cli.command("threaded-job")
+    def threaded_job() -> None:
+        """Logs only from threads of its own, each in an app context."""
+
+        def work(i: int) -> None:
+            with app.app_context():
+                sidelog.log("job.thread")
+
+        run_threads(3, work)
+        click.echo("done")
+
     result = app.test_cli_runner().invoke(args=["job"])
     assert result.output == "done\n"
     assert stored_events(app, database_uri) == ["job.ran"]
+    result = app.test_cli_runner().invoke(args=["threaded-job"])
+    assert result.output == "done\n"
+    assert stored_events(app, database_uri) == ["job.ran"] + ["job.thread"] * 3
 
 
 _EXIT_SCRIPT = """
