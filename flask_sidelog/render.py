@@ -12,6 +12,7 @@ import json
 import os
 import re
 import typing as t
+import unicodedata
 from datetime import datetime
 
 from .model import FIELDS
@@ -184,7 +185,8 @@ class Table:
             width = min(width, left)
             if width <= 0:
                 break
-            text = _fit(cells[name], width).ljust(width)
+            text = _fit(cells[name], width)
+            text += " " * (width - columns(text))
             if style and self.colour:
                 text = self._style(name, text, keys)
             parts.append(text)
@@ -203,8 +205,32 @@ class Table:
 
 
 def _fit(text: str, width: int) -> str:
-    if len(text) <= width:
+    """``text`` cut to ``width`` terminal columns, marked with "…" if cut."""
+    if text.isascii() and len(text) <= width:  # the common case, fast
         return text
-    if width <= 1:
-        return text[:width]
-    return text[: width - 1] + "…"
+    if columns(text) <= width:
+        return text
+    room = width - 1 if width > 1 else width
+    kept = []
+    for char in text:
+        room -= _char_columns(char)
+        if room < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + ("…" if width > 1 else "")
+
+
+def columns(text: str) -> int:
+    """How many terminal columns ``text`` takes: East Asian wide characters
+    take two, combining marks and other zero-width characters none."""
+    if text.isascii():
+        return len(text)
+    return sum(map(_char_columns, text))
+
+
+def _char_columns(char: str) -> int:
+    if char.isascii():
+        return 1
+    if unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1

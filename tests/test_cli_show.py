@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import typing as t
+import unicodedata
 
 import pytest
 from flask import Flask
@@ -199,18 +200,33 @@ def test_table_escapes_control_characters(app: Flask, runner: FlaskCliRunner) ->
     assert "\\n\\r\\x1b[31mred\\x07\\u2028\\u202eé😀" in row
 
 
+def display_width(line: str) -> int:
+    return sum(
+        0
+        if unicodedata.combining(c)
+        else 2
+        if unicodedata.east_asian_width(c) in "WF"
+        else 1
+        for c in line
+    )
+
+
 @pytest.mark.parametrize("backend", ["sqlite_file"])
 @pytest.mark.parametrize("columns", [60, 80, 132, 250])
 def test_table_fits_the_terminal(
     filled: Flask, runner: FlaskCliRunner, columns: int
 ) -> None:
     add_entries(filled, dict(event="wide", data={"x": "y" * 500}, path="/" * 300))
+    # Two columns a character, and none for a combining accent.
+    add_entries(
+        filled, dict(event="漢字" * 30, actor="e\u0301" * 40, data={"字": "字" * 300})
+    )
     result = runner.invoke(args=["sidelog", "show"], env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert len(lines) == 9
-    assert max(len(line) for line in lines) <= columns
-    assert "…" in lines[-1]
+    assert len(lines) == 10
+    assert max(map(display_width, lines)) <= columns
+    assert "…" in lines[-1] and "…" in lines[-2]
     assert "\x1b[" not in result.output  # no colour without a terminal
 
 
