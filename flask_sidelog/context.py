@@ -12,7 +12,6 @@ import dataclasses
 import re
 import time
 import typing as t
-import weakref
 
 import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
@@ -30,10 +29,20 @@ from .entry import random_bytes
 from .entry import REDACTED
 from .model import COLUMN_LIMITS
 
-# A text statement counts as a write unless it starts like a read, after
-# comments and parentheses; a WITH reads unless it holds a statement that
-# writes ("WITH ... INSERT").
-_READ_ONLY_SQL = ("select", "show", "explain", "pragma", "values")
+# A text statement counts as a write unless it starts like a read (or sets
+# a session setting), after comments and parentheses; a WITH reads unless it
+# holds a statement that writes ("WITH ... INSERT").
+_READ_ONLY_SQL = (
+    "select",
+    "show",
+    "explain",
+    "pragma",
+    "values",
+    "set",
+    "reset",
+    "savepoint",
+    "release",
+)
 _BEFORE_THE_VERB = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/|\()*", re.S)
 _WRITING_VERB = re.compile(r"\b(?:insert|update|delete|merge)\b", re.I)
 #: What an incoming request id must look like to be used as is.
@@ -300,56 +309,19 @@ def _text_writes(sql: str) -> bool:
     return not verb.startswith(_READ_ONLY_SQL)
 
 
-#: The context state of each connection a main session has begun a
-#: transaction on: any statement on it may write, the ORM's or not (a Core
-#: statement through ``session.connection()``, a legacy bulk method).
-_connection_states: weakref.WeakKeyDictionary[sa.Connection, ContextState] = (
-    weakref.WeakKeyDictionary()
-)
-_watched: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
-
-
-def watch_engine(engine: sa.Engine) -> None:
-    """Notice the writes of main sessions through ``engine``. Called before
-    the engine is used: a listener added while another thread runs the
-    engine's listeners could break that thread's statement."""
-    if engine not in _watched:
-        _watched.add(engine)
-        sa.event.listen(engine, "before_cursor_execute", _before_cursor_execute)
-
-
-def _after_begin(
-    session: sa_orm.Session, transaction: t.Any, connection: sa.Connection
-) -> None:
-    state = _main_session_state(session)
-    if state is not None:
-        _connection_states[connection] = state
-        watch_engine(connection.engine)  # in case init_app could not
-
-
-def _before_cursor_execute(
-    conn: sa.Connection,
-    cursor: t.Any,
-    statement: str,
-    parameters: t.Any,
-    context: t.Any,
-    executemany: bool,
-) -> None:
-    state = _connection_states.get(conn)
-    if state is None or state.pending_write or state.ended:
-        return
-    if context is None:
-        state.pending_write = _text_writes(statement)
-        return
-    compiled = context.compiled
-    state.pending_write = bool(
-        context.isinsert
-        or context.isupdate
-        or context.isdelete
-        or context.isddl
-        or (compiled is None or isinstance(compiled.statement, sa.TextClause))
-        and _text_writes(statement)
+def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
+    statement = execute_state.statement
+    writes = (
+        execute_state.is_insert or execute_state.is_update or execute_state.is_delete
     )
+    if not writes and isinstance(statement, sa.TextualSelect):
+        statement = statement.element  # text(...).columns(...)
+    if not writes and isinstance(statement, sa.TextClause):
+        writes = _text_writes(statement.text)
+    if writes:
+        state = _main_session_state(execute_state.session)
+        if state is not None:
+            state.pending_write = True
 
 
 def _after_commit(session: sa_orm.Session) -> None:
@@ -390,6 +362,6 @@ def track_main_session(session_class: type[sa_orm.Session]) -> None:
         return
     _tracked.add(session_class)
     sa.event.listen(session_class, "before_flush", _before_flush)
-    sa.event.listen(session_class, "after_begin", _after_begin)
+    sa.event.listen(session_class, "do_orm_execute", _do_orm_execute)
     sa.event.listen(session_class, "after_commit", _after_commit)
     sa.event.listen(session_class, "after_transaction_end", _after_transaction_end)

@@ -118,7 +118,6 @@ class _AppState:
                         "connect_args": {"check_same_thread": False},
                     }
                 self._main_engine = sa.create_engine(url, **options)
-                context.watch_engine(self._main_engine)
             return self._main_engine
 
     def _log_url(self) -> sa.URL:
@@ -263,12 +262,6 @@ class SideLog:
         app.extensions["sidelog"] = _AppState(self, app, db, main_session)
         session_class = main_session.session_factory.class_
         context.track_main_session(session_class)
-        if db is not None:
-            # Flask-SQLAlchemy made its engines in its init_app; before
-            # init_app, they are watched at their first transaction.
-            with contextlib.suppress(Exception), app.app_context():
-                for engine in db.engines.values():
-                    context.watch_engine(engine)
         self._session_classes.add(session_class)
         if self._tracker:
             # Only then: every flush and commit would pay for the listeners.
