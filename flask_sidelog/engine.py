@@ -82,15 +82,19 @@ def create_log_engine(
             kwargs["isolation_level"] = "READ COMMITTED"
             ms = int(timeout * 1000)
             connect_args["connect_timeout"] = max(1, round(timeout))
+            # libpq takes one options string, and a given one hides those of
+            # the URL and of PGOPTIONS: they follow the timeouts, so that an
+            # app's own -c lock_timeout=... still wins.
+            extra = url.query.get("options")
+            if not isinstance(extra, str):
+                extra = os.environ.get("PGOPTIONS")
             connect_args["options"] = (
                 f"-c lock_timeout={ms} -c statement_timeout={ms}"
                 " -c idle_in_transaction_session_timeout=" + str(max(ms, 10000))
-            )
+            ) + (f" {extra}" if extra else "")
     user = dict(options or {})
     given = dict(user.pop("connect_args", {}))
     if "options" in connect_args and given.get("options"):
-        # One string for libpq: the app's settings follow the timeouts, so
-        # that its own -c lock_timeout=... still wins.
         given["options"] = f"{connect_args['options']} {given['options']}"
     connect_args.update(given)
     kwargs.update(user)

@@ -372,21 +372,31 @@ def test_4_locked_table_or_slow_statement_is_bounded_by_the_timeout(
     print(f"\ncase 4 ({hold}, timeout 1 s): request answered in {elapsed:.2f} s")
 
 
+@pytest.mark.parametrize("given_in", ["connect_args", "url", "PGOPTIONS"])
 def test_4_options_of_the_app_keep_the_timeouts(
-    postgres: ThrowawayPostgres, tmp_path: t.Any
+    postgres: ThrowawayPostgres,
+    tmp_path: t.Any,
+    monkeypatch: pytest.MonkeyPatch,
+    given_in: str,
 ) -> None:
-    """libpq takes one ``options`` string: the app's is added to the
-    timeouts, not put in their place."""
+    """libpq takes one ``options`` string: the app's, wherever it gives it,
+    is added to the timeouts, and neither hides the other."""
     uri = postgres.create_database(f"t_opts_{os.urandom(4).hex()}")
+    options = "-c search_path=audit,public"
+    engine_options: dict[str, t.Any] = {}
+    if given_in == "connect_args":
+        engine_options = {"connect_args": {"options": options}}
+    elif given_in == "url":
+        uri = str(sa.make_url(uri).update_query_dict({"options": options}))
+    else:
+        monkeypatch.setenv("PGOPTIONS", options)
     app, _, _ = make_app(
         f"sqlite:///{tmp_path / 'main.db'}",
         str(tmp_path / "instance"),
         {
             "SIDELOG_DATABASE_URI": uri,
             "SIDELOG_WRITE_TIMEOUT": 1,
-            "SIDELOG_ENGINE_OPTIONS": {
-                "connect_args": {"options": "-c search_path=audit,public"}
-            },
+            "SIDELOG_ENGINE_OPTIONS": engine_options,
         },
     )
     with app.app_context():
