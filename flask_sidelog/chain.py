@@ -642,7 +642,7 @@ def _walk(
         )
         columns[-1] = sa.cast(c.data, sa.Text)
     query = sa.select(c.seq, c.hash, *columns).where(where).order_by(c.seq)
-    return conn.execution_options(yield_per=WALK_BATCH).execute(query)
+    return conn.execution_options(yield_per=20000).execute(query)
 
 
 def _decoded(raw: t.Sequence[t.Any], dialect: str) -> t.Sequence[t.Any] | None:
@@ -698,31 +698,8 @@ def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
     return f"{head[:-1]},{'null' if data is None else data}]".encode()
 
 
-#: The rows :func:`verify` fetches at a time.
-WALK_BATCH = 20000
-#: The ``seq`` values one statement of :func:`verify` reads on SQLite.
-SQLITE_PAGE = 20000
-
-
-def _sqlite_pages(
-    conn: sa.Connection, table: sa.Table, start: int
-) -> t.Generator[t.Sequence[t.Any], None, None]:
-    """The walk from ``start`` on SQLite, one short statement for each
-    :data:`SQLITE_PAGE` seq values (all the entries of one seq come in one):
-    a statement that lasted the whole walk would hold SQLite's shared lock,
-    and a writer of the file could not commit meanwhile."""
-    seq = table.c.seq
-    last = conn.scalar(sa.select(sa.func.max(seq)))
-    while last is not None and start <= last:
-        page = seq.between(start, start + SQLITE_PAGE - 1)
-        with _walk(conn, table, page) as result:
-            rows = result.fetchall()
-        yield from rows
-        start += SQLITE_PAGE
-
-
 def _prefetched(
-    result: sa.CursorResult[t.Any], size: int = WALK_BATCH
+    result: sa.CursorResult[t.Any], size: int = 20000
 ) -> t.Generator[t.Sequence[t.Any], None, None]:
     """The rows of ``result``, fetched by a thread one chunk ahead: the
     database reads the next rows while this thread hashes the last ones.
@@ -902,14 +879,10 @@ def verify(
     dialect = conn.dialect.name
     quick = dialect in ("sqlite", "postgresql")
     unmatched: t.Sequence[t.Any] | None = None
-    with contextlib.ExitStack() as stack:
-        if dialect == "sqlite":
-            rows: t.Iterator[t.Sequence[t.Any]] = _sqlite_pages(conn, table, start)
-        else:
-            result = stack.enter_context(_walk(conn, table, c.seq >= start))
-            # SQLite reads in this thread faster than two threads share the GIL.
-            rows = _prefetched(result) if dialect == "postgresql" else iter(result)
-        with contextlib.closing(rows):  # type: ignore[type-var]
+    with _walk(conn, table, c.seq >= start) as result:
+        # SQLite reads in this thread faster than two threads share the GIL.
+        rows = _prefetched(result) if dialect == "postgresql" else (r for r in result)
+        with contextlib.closing(rows):
             for row in rows:
                 seq = int(row[0])
                 if seq != last_seq + 1:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import multiprocessing
 import re
-import sqlite3
 import threading
 import typing as t
 from datetime import datetime
@@ -671,50 +670,6 @@ def test_undecodable_stored_value_is_detected(
         sql(app, sidelog, f"UPDATE {TABLE} SET actor = 'm' WHERE seq = 2")
         code, out = verify(app.test_cli_runner())
         assert out.startswith("FAILED at seq 2: modified: it does not match its hash")
-    finally:
-        dispose(app)
-
-
-def test_verify_lets_sqlite_writers_commit_while_it_walks(
-    tmp_path: t.Any, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One statement for the whole walk would hold SQLite's shared lock, and
-    no writer of the file could commit until verify ended; it reads a page
-    of seq values at a time."""
-    uri = new_database_uri("sqlite_file", tmp_path, request)
-    path = uri.removeprefix("sqlite:///")
-    app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
-    # Small, so that 7 entries take several reads (2 rows) and pages (3 seq).
-    monkeypatch.setattr(chain, "WALK_BATCH", 2)
-    monkeypatch.setattr(chain, "SQLITE_PAGE", 3)
-    quick_message = chain._quick_message
-    commits: list[str] = []
-
-    def write_from_elsewhere(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
-        if seq in (3, 6):  # in the middle of the walk
-            other = sqlite3.connect(path, timeout=0.2)
-            try:
-                other.execute("INSERT INTO elsewhere VALUES (?)", (seq,))
-                other.commit()
-                commits.append(f"seq {seq}")
-            except sqlite3.OperationalError as error:
-                commits.append(str(error))
-            finally:
-                other.close()
-        return quick_message(raw, seq, prev)
-
-    try:
-        fill(app, sidelog, 7)
-        sql(app, sidelog, "CREATE TABLE elsewhere (n INTEGER)")
-        monkeypatch.setattr(chain, "_quick_message", write_from_elsewhere)
-        with app.app_context():
-            result = sidelog.verify()
-        assert (result.ok, result.entries) == (True, 7)
-        assert commits == ["seq 3", "seq 6"]
-        sql(app, sidelog, f"UPDATE {TABLE} SET actor = 'm' WHERE seq = 5")
-        with app.app_context():
-            result = sidelog.verify()
-        assert (result.ok, result.seq, result.entries) == (False, 5, 4)
     finally:
         dispose(app)
 
