@@ -29,20 +29,12 @@ from .entry import random_bytes
 from .entry import REDACTED
 from .model import COLUMN_LIMITS
 
-# A text statement counts as a write unless it starts like a read (or sets
-# a session setting), after comments and parentheses; a WITH reads unless it
-# holds a statement that writes ("WITH ... INSERT").
-_READ_ONLY_SQL = (
-    "select",
-    "show",
-    "explain",
-    "pragma",
-    "values",
-    "set",
-    "reset",
-    "savepoint",
-    "release",
-)
+# A text statement counts as a write unless it starts like a read, after
+# comments and parentheses. One that starts with a setting or a savepoint,
+# or a WITH, reads unless a statement that writes follows ("WITH ...
+# INSERT", "SET LOCAL ...; UPDATE ...").
+_READ_ONLY_SQL = ("select", "show", "explain", "pragma", "values")
+_READ_UNLESS_FOLLOWED = ("with", "set", "reset", "savepoint", "release")
 _BEFORE_THE_VERB = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/|\()*", re.S)
 _WRITING_VERB = re.compile(r"\b(?:insert|update|delete|merge)\b", re.I)
 #: What an incoming request id must look like to be used as is.
@@ -304,7 +296,7 @@ def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
 def _text_writes(sql: str) -> bool:
     """Whether SQL text may write (see :data:`_READ_ONLY_SQL`)."""
     verb = sql[_BEFORE_THE_VERB.match(sql).end() :].lower()  # type: ignore[union-attr]
-    if verb.startswith("with"):
+    if verb.startswith(_READ_UNLESS_FOLLOWED):
         return _WRITING_VERB.search(sql) is not None
     return not verb.startswith(_READ_ONLY_SQL)
 
@@ -314,8 +306,12 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
     writes = (
         execute_state.is_insert or execute_state.is_update or execute_state.is_delete
     )
-    if not writes and isinstance(statement, sa.TextualSelect):
-        statement = statement.element  # text(...).columns(...)
+    # text(...).columns(...), and select(Model).from_statement(text(...))
+    inner = getattr(statement, "element", None)
+    if isinstance(inner, (sa.TextualSelect, sa.TextClause)):
+        statement = inner
+    if isinstance(statement, sa.TextualSelect):
+        statement = statement.element
     if not writes and isinstance(statement, sa.TextClause):
         writes = _text_writes(statement.text)
     if writes:

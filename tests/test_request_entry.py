@@ -193,18 +193,55 @@ def test_text_reads_write_nothing(
     assert entry["main_tx"] == "none"
 
 
-def test_text_write_typed_with_columns_is_a_write(
-    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+# pysqlite runs one statement per execute.
+@pytest.mark.parametrize("backend", ["postgres"])
+@pytest.mark.parametrize("first", ["SET LOCAL statement_timeout = 5000", "SAVEPOINT s"])
+@pytest.mark.parametrize("commit", [True, False])
+def test_a_write_after_a_setting_in_one_text_is_a_write(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    first: str,
+    commit: bool,
 ) -> None:
-    """text(...).columns(...) is a TextualSelect, whatever its SQL does."""
+    @app.post("/add")
+    @sidelog.audit
+    def add() -> str:
+        db.session.execute(
+            sa.text(f"{first}; INSERT INTO account (name, balance) VALUES ('x', 0)")
+        )
+        if commit:
+            db.session.commit()
+        return "ok"
+
+    assert client.post("/add").status_code == 200
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["main_tx"] == ("committed" if commit else "rolled_back")
+
+
+@pytest.mark.parametrize("wrapped", ["columns", "from_statement"])
+def test_text_write_typed_with_columns_is_a_write(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    wrapped: str,
+) -> None:
+    """text(...).columns(...) is a TextualSelect, and so is text in an ORM
+    from_statement(), whatever its SQL does."""
 
     @app.post("/add")
     @sidelog.audit
     def add() -> str:
         insert = sa.text(
-            "INSERT INTO account (name, balance) VALUES ('typed', 0) RETURNING id"
-        ).columns(id=sa.Integer)
-        db.session.execute(insert).all()
+            "INSERT INTO account (name, balance) VALUES ('typed', 0) RETURNING *"
+        )
+        if wrapped == "columns":
+            db.session.execute(insert.columns(id=sa.Integer)).all()
+        else:
+            db.session.scalars(sa.select(Account).from_statement(insert)).all()
         return "ok"  # never committed
 
     assert client.post("/add").status_code == 200
