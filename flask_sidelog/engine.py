@@ -85,8 +85,10 @@ def create_log_engine(
             # libpq takes one options string, and a given one hides those of
             # the URL and of PGOPTIONS: they follow the timeouts, so that an
             # app's own -c lock_timeout=... still wins.
-            extra = url.query.get("options")
-            if not isinstance(extra, str):
+            extra: t.Any = url.query.get("options")
+            if isinstance(extra, tuple):  # ?options=...&options=...
+                extra = " ".join(extra)
+            if not extra:
                 extra = os.environ.get("PGOPTIONS")
             connect_args["options"] = (
                 f"-c lock_timeout={ms} -c statement_timeout={ms}"

@@ -231,6 +231,8 @@ def columns(text: str) -> int:
 def _char_columns(char: str) -> int:
     if char.isascii():
         return 1
-    if unicodedata.category(char) in ("Mn", "Me", "Cf"):
-        return 0
+    if char == "\ufe0f":  # shows the character before it as a wide emoji
+        return 1
+    if char != "\xad" and unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0  # the soft hyphen is shown, as a hyphen
     return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1

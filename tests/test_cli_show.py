@@ -201,14 +201,15 @@ def test_table_escapes_control_characters(app: Flask, runner: FlaskCliRunner) ->
 
 
 def display_width(line: str) -> int:
-    return sum(
-        0
-        if unicodedata.combining(c)
-        else 2
-        if unicodedata.east_asian_width(c) in "WF"
-        else 1
-        for c in line
-    )
+    """Columns a terminal shows: wide characters and a character made an
+    emoji by VS16 take two, combining marks none."""
+    width = 0
+    for c in line:
+        if c == "\ufe0f":
+            width += 1
+        elif not unicodedata.combining(c):
+            width += 2 if unicodedata.east_asian_width(c) in "WF" else 1
+    return width
 
 
 @pytest.mark.parametrize("backend", ["sqlite_file"])
@@ -219,7 +220,13 @@ def test_table_fits_the_terminal(
     add_entries(filled, dict(event="wide", data={"x": "y" * 500}, path="/" * 300))
     # Two columns a character, and none for a combining accent.
     add_entries(
-        filled, dict(event="漢字" * 30, actor="e\u0301" * 40, data={"字": "字" * 300})
+        filled,
+        dict(
+            event="漢字" * 30,
+            actor="e\u0301" * 40,
+            # An emoji made wide by VS16, and a soft hyphen, shown as one.
+            data={"字": "字" * 300, "x": "\u2764\ufe0f" * 60, "y": "a\xad" * 60},
+        ),
     )
     result = runner.invoke(args=["sidelog", "show"], env={"COLUMNS": str(columns)})
     assert result.exit_code == 0, result.output
