@@ -372,7 +372,7 @@ def test_4_locked_table_or_slow_statement_is_bounded_by_the_timeout(
     print(f"\ncase 4 ({hold}, timeout 1 s): request answered in {elapsed:.2f} s")
 
 
-@pytest.mark.parametrize("given_in", ["connect_args", "url", "PGOPTIONS"])
+@pytest.mark.parametrize("given_in", ["connect_args", "url", "url twice", "PGOPTIONS"])
 def test_4_options_of_the_app_keep_the_timeouts(
     postgres: ThrowawayPostgres,
     tmp_path: t.Any,
@@ -388,6 +388,9 @@ def test_4_options_of_the_app_keep_the_timeouts(
         engine_options = {"connect_args": {"options": options}}
     elif given_in == "url":
         uri = str(sa.make_url(uri).update_query_dict({"options": options}))
+    elif given_in == "url twice":
+        pairs = [("options", "-c work_mem=8MB"), ("options", options)]
+        uri = str(sa.make_url(uri).update_query_pairs(pairs))
     else:
         monkeypatch.setenv("PGOPTIONS", options)
     app, _, _ = make_app(
