@@ -302,18 +302,18 @@ def _text_writes(sql: str) -> bool:
 
 
 def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
-    statement = execute_state.statement
+    statement: t.Any = execute_state.statement
     writes = (
         execute_state.is_insert or execute_state.is_update or execute_state.is_delete
     )
-    # text(...).columns(...), and select(Model).from_statement(text(...))
-    inner = getattr(statement, "element", None)
-    if isinstance(inner, (sa.TextualSelect, sa.TextClause)):
-        statement = inner
-    if isinstance(statement, sa.TextualSelect):
-        statement = statement.element
-    if not writes and isinstance(statement, sa.TextClause):
-        writes = _text_writes(statement.text)
+    if not writes:
+        # Text as it is, in text(...).columns(...), or in an ORM select's
+        # from_statement(text(...)) (of text(...).columns(...)).
+        for _ in range(3):
+            if isinstance(statement, sa.TextClause):
+                writes = _text_writes(statement.text)
+                break
+            statement = getattr(statement, "element", None)
     if writes:
         state = _main_session_state(execute_state.session)
         if state is not None:

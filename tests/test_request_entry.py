@@ -221,7 +221,7 @@ def test_a_write_after_a_setting_in_one_text_is_a_write(
     assert entry["main_tx"] == ("committed" if commit else "rolled_back")
 
 
-@pytest.mark.parametrize("wrapped", ["columns", "from_statement"])
+@pytest.mark.parametrize("wrapped", ["columns", "from_statement", "both"])
 def test_text_write_typed_with_columns_is_a_write(
     app: Flask,
     db: SQLAlchemy,
@@ -240,8 +240,11 @@ def test_text_write_typed_with_columns_is_a_write(
         )
         if wrapped == "columns":
             db.session.execute(insert.columns(id=sa.Integer)).all()
-        else:
+        elif wrapped == "from_statement":
             db.session.scalars(sa.select(Account).from_statement(insert)).all()
+        else:
+            typed = insert.columns(Account.id, Account.name, Account.balance)
+            db.session.scalars(sa.select(Account).from_statement(typed)).all()
         return "ok"  # never committed
 
     assert client.post("/add").status_code == 200
