@@ -140,12 +140,18 @@ class _AppState:
         if self._writer is None:
             url = self._log_url()
             log_path = sqlite_path(url)
-            # Every engine the main session may write through: a model of a
-            # bind writes that bind's file.
-            main_engines = [self.main_engine]
-            if self.db is not None:
-                main_engines += self.db.engines.values()
-            shared = [e for e in main_engines if sqlite_path(e.url) == log_path]
+            # Every engine the main session may write through (a model of a
+            # bind writes that bind's file), the default one included.
+            main_engines = (
+                list(self.db.engines.values())
+                if self.db is not None
+                else [self.main_engine]
+            )
+            shared = [
+                e
+                for e in main_engines
+                if log_path is not None and sqlite_path(e.url) == log_path
+            ]
             engine = create_log_engine(
                 url, self.settings.write_timeout, self.settings.engine_options
             )
@@ -154,7 +160,7 @@ class _AppState:
                 create = url.get_backend_name() == "sqlite"
             with self._lock:
                 if self._writer is None:
-                    if log_path is not None and shared:
+                    if shared:
                         self.shared_engine = shared[0]
                         self.defer_while_main_writes = True
                     key = self.settings.chain_key
