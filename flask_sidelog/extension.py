@@ -141,12 +141,13 @@ class _AppState:
             url = self._log_url()
             log_path = sqlite_path(url)
             # Every engine the main session may write through (a model of a
-            # bind writes that bind's file), the default one included.
-            main_engines = (
-                list(self.db.engines.values())
-                if self.db is not None
-                else [self.main_engine]
-            )
+            # bind writes that bind's file), the default one first: of two on
+            # the log's file, it is the one a plain session.connection() uses.
+            main_engines = [self.main_engine]
+            if self.db is not None:
+                main_engines += [
+                    e for e in self.db.engines.values() if e is not self.main_engine
+                ]
             shared = [
                 e
                 for e in main_engines

@@ -151,6 +151,39 @@ def test_log_on_a_sqlite_bind_the_request_writes(tmp_path: t.Any) -> None:
     dispose(app)
 
 
+def test_log_in_a_file_both_the_default_and_a_bind_name(tmp_path: t.Any) -> None:
+    """The log's file is the default database's and a bind's too: a Core
+    write through the session's default connection holds its lock."""
+    app, db, sidelog = make_app(
+        "sqlite:///main.db",
+        str(tmp_path),
+        {
+            "SQLALCHEMY_BINDS": {"same": "sqlite:///main.db"},
+            "SIDELOG_WRITE_TIMEOUT": 1,
+        },
+    )
+    assert db is not None
+
+    @app.post("/add")
+    @sidelog.audit("add")
+    def add() -> str:
+        db.session.connection().execute(sa.insert(Account).values(name="a", balance=0))
+        sidelog.log("mid")
+        db.session.commit()
+        return "ok"
+
+    with app.app_context():
+        Account.metadata.create_all(db.engine)
+        sidelog.create_table()
+    with failures(app) as failed:
+        assert app.test_client().post("/add").text == "ok"
+    with app.app_context():
+        events = sorted(e["event"] for e in sidelog.entries())
+    assert failed == []
+    assert events == ["add", "mid"]
+    dispose(app)
+
+
 @pytest.fixture
 def plain_app(database_uri: str, tmp_path: t.Any) -> t.Iterator[tuple[Flask, SideLog]]:
     """An app with no Flask-SQLAlchemy: SideLog provides the main session."""
