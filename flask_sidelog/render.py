@@ -212,8 +212,8 @@ def _fit(text: str, width: int) -> str:
         return text
     room = width - 1 if width > 1 else width
     kept = []
-    for char in text:
-        room -= _char_columns(char)
+    for char, shown in _widths(text):
+        room -= shown
         if room < 0:
             break
         kept.append(char)
@@ -225,14 +225,21 @@ def columns(text: str) -> int:
     take two, combining marks and other zero-width characters none."""
     if text.isascii():
         return len(text)
-    return sum(map(_char_columns, text))
+    return sum(shown for _, shown in _widths(text))
 
 
-def _char_columns(char: str) -> int:
-    if char.isascii():
-        return 1
-    if char == "\ufe0f":  # shows the character before it as a wide emoji
-        return 1
-    if char != "\xad" and unicodedata.category(char) in ("Mn", "Me", "Cf"):
-        return 0  # the soft hyphen is shown, as a hyphen
-    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+def _widths(text: str) -> t.Iterator[tuple[str, int]]:
+    """Each character of ``text`` with the columns it adds on screen."""
+    previous = 0
+    for char in text:
+        if char.isascii():
+            shown = 1
+        elif char == "\ufe0f":
+            # Shows the character before it as an emoji, two columns wide.
+            shown = 1 if previous == 1 else 0
+        elif char != "\xad" and unicodedata.category(char) in ("Mn", "Me", "Cf"):
+            shown = 0  # but the soft hyphen is shown, as a hyphen
+        else:
+            shown = 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+        previous = shown
+        yield char, shown

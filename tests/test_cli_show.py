@@ -17,6 +17,7 @@ from _entries import add_entries
 from _entries import ago
 from conftest import dispose
 from conftest import make_app
+from flask_sidelog import render
 from flask_sidelog.model import FIELDS
 from flask_sidelog.query import entry_filters
 from flask_sidelog.query import newest_first
@@ -210,6 +211,20 @@ def display_width(line: str) -> int:
         elif not unicodedata.combining(c):
             width += 2 if unicodedata.east_asian_width(c) in "WF" else 1
     return width
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("漢字", 4),  # wide
+        ("e\u0301", 1),  # a combining accent
+        ("\u2764\ufe0f", 2),  # a narrow heart made an emoji by VS16
+        ("\u2b50\ufe0f", 2),  # a star wide already: VS16 adds nothing
+        ("a\xad", 2),  # a soft hyphen is shown
+    ],
+)
+def test_terminal_columns(text: str, shown: int) -> None:
+    assert render.columns(text) == shown
 
 
 @pytest.mark.parametrize("backend", ["sqlite_file"])
