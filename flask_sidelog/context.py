@@ -29,14 +29,25 @@ from .entry import random_bytes
 from .entry import REDACTED
 from .model import COLUMN_LIMITS
 
-# A text statement counts as a write unless it starts like a read, after
-# comments and parentheses. One that starts with a setting or a savepoint,
-# or a WITH, reads unless a statement that writes follows ("WITH ...
-# INSERT", "SET LOCAL ...; UPDATE ...").
-_READ_ONLY_SQL = ("select", "show", "explain", "pragma", "values")
-_READ_UNLESS_FOLLOWED = ("with", "set", "reset", "savepoint", "release")
-_BEFORE_THE_VERB = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/|\()*", re.S)
+# Text SQL writes if one of its statements starts otherwise than a read or
+# a setting does, or is a WITH that holds INSERT, UPDATE, DELETE or MERGE
+# ("WITH ... INSERT"). Words in string literals and comments count for
+# nothing, and neither does a SELECT's FOR UPDATE.
+_READ_ONLY_SQL = (
+    "select",
+    "show",
+    "explain",
+    "pragma",
+    "values",
+    "set",
+    "reset",
+    "savepoint",
+    "release",
+)
+_LITERAL_OR_COMMENT = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*.*?\*/", re.S)
+_BEFORE_THE_VERB = re.compile(r"[\s(]*")
 _WRITING_VERB = re.compile(r"\b(?:insert|update|delete|merge)\b", re.I)
+_FOR_UPDATE = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 #: What an incoming request id must look like to be used as is.
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -295,10 +306,18 @@ def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
 
 def _text_writes(sql: str) -> bool:
     """Whether SQL text may write (see :data:`_READ_ONLY_SQL`)."""
-    verb = sql[_BEFORE_THE_VERB.match(sql).end() :].lower()  # type: ignore[union-attr]
-    if verb.startswith(_READ_UNLESS_FOLLOWED):
-        return _WRITING_VERB.search(sql) is not None
-    return not verb.startswith(_READ_ONLY_SQL)
+    code = _LITERAL_OR_COMMENT.sub(
+        lambda m: "''" if m.group().startswith("'") else " ", sql
+    )
+    for statement in code.split(";"):
+        start = _BEFORE_THE_VERB.match(statement)
+        verb = statement[start.end() if start else 0 :].lower()
+        if verb.startswith("with"):
+            if _WRITING_VERB.search(_FOR_UPDATE.sub(" ", verb)):
+                return True
+        elif verb and not verb.startswith(_READ_ONLY_SQL):
+            return True
+    return False
 
 
 def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:

@@ -168,6 +168,10 @@ def test_view_that_writes_nothing(
         "(SELECT count(*) FROM account)",
         # A session setting (row-level security's tenant, a timeout).
         "SET LOCAL statement_timeout = 1000",
+        # Words that write, in a literal or after FOR.
+        "SET application_name = 'nightly update'",
+        "SET LOCAL lock_timeout = '1s'; SELECT name FROM account FOR UPDATE",
+        "WITH t AS (SELECT 'to delete' AS x) SELECT x FROM t",
     ],
 )
 def test_text_reads_write_nothing(
