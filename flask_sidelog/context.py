@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 import time
 import typing as t
 
@@ -45,7 +46,8 @@ _READ_ONLY_SQL = (
     "release",
 )
 _LITERAL_OR_COMMENT = re.compile(r"'(?:[^']|'')*'|--[^\n]*|/\*.*?\*/", re.S)
-_BEFORE_THE_VERB = re.compile(r"[\s(]*")
+#: What may come before a statement's first word.
+_BEFORE_THE_VERB = string.whitespace + "("
 _WRITING_VERB = re.compile(r"\b(?:insert|update|delete|merge)\b", re.I)
 _FOR_UPDATE = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 #: What an incoming request id must look like to be used as is.
@@ -310,8 +312,7 @@ def _text_writes(sql: str) -> bool:
         lambda m: "''" if m.group().startswith("'") else " ", sql
     )
     for statement in code.split(";"):
-        start = _BEFORE_THE_VERB.match(statement)
-        verb = statement[start.end() if start else 0 :].lower()
+        verb = statement.lstrip(_BEFORE_THE_VERB).lower()
         if verb.startswith("with"):
             if _WRITING_VERB.search(_FOR_UPDATE.sub(" ", verb)):
                 return True

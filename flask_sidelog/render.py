@@ -206,8 +206,6 @@ class Table:
 
 def _fit(text: str, width: int) -> str:
     """``text`` cut to ``width`` terminal columns, marked with "…" if cut."""
-    if text.isascii() and len(text) <= width:  # the common case, fast
-        return text
     if columns(text) <= width:
         return text
     room = width - 1 if width > 1 else width
