@@ -24,6 +24,7 @@ if t.TYPE_CHECKING:
     from flask import Request
     from flask.ctx import AppContext
 
+from .entry import as_text
 from .entry import cut
 from .entry import is_redacted
 from .entry import random_bytes
@@ -170,7 +171,7 @@ def describe_error(exc: BaseException | None) -> str | None:
             hint = getattr(diag, "message_hint", None)
             message = f"{primary}\nHINT:  {hint}" if hint else primary
         else:
-            message = str(error)
+            message = as_text(error)
             if isinstance(error, sa.exc.SQLAlchemyError):
                 message = _QUOTED_DATA.split(message, maxsplit=1)[0]
     return f"{name}: {message.strip()}" if message else name

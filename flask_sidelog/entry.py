@@ -258,9 +258,22 @@ def to_storable(
         return _container(value, redact_keys, _depth, _seen)
     except Exception as error:
         # The value's own code raised (a __getitem__, an __iter__, a
-        # dataclass field never set): not its repr, which may show what a
-        # mapping would have redacted.
-        return f"<unreadable {type(value).__name__}: {type(error).__name__}>"
+        # dataclass field never set).
+        return _unreadable(value, error)
+
+
+def as_text(value: object) -> str:
+    """``str(value)``; if the value's own ``__str__`` raises, a note saying
+    so (see :func:`_unreadable`), so that the entry is not lost."""
+    try:
+        return str(value)
+    except Exception as error:
+        return _unreadable(value, error)
+
+
+def _unreadable(value: object, error: Exception) -> str:
+    # Not the value's repr, which may show what a mapping would have redacted.
+    return f"<unreadable {type(value).__name__}: {type(error).__name__}>"
 
 
 def _container(
@@ -374,6 +387,6 @@ def make_entry(
         if name not in entry:
             raise TypeError(f"Unknown entry field {name!r}.")
         if value is not None and name in COLUMN_LIMITS:
-            value = cut(str(value), COLUMN_LIMITS[name])
+            value = cut(as_text(value), COLUMN_LIMITS[name])
         entry[name] = value
     return entry

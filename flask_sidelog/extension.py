@@ -30,6 +30,7 @@ from .engine import is_sqlite
 from .engine import is_sqlite_memory
 from .engine import resolve_url
 from .engine import sqlite_path
+from .entry import as_text
 from .entry import check_event
 from .entry import clean_text
 from .entry import make_entry
@@ -370,7 +371,9 @@ class SideLog:
         except Exception:
             current_app.logger.exception("The flask-sidelog actor loader raised.")
             return None
-        return None if actor is None else str(actor)
+        # Its str() is the app's code too: a user model whose __str__ reads
+        # an attribute the failed main session can no longer load.
+        return None if actor is None else as_text(actor)
 
     def log(
         self,
@@ -866,7 +869,24 @@ class SideLog:
         try:
             entries = state.deferred
             if audited:
-                entries.append(self._audit_entry(app_state, state, exc))
+                try:
+                    entries.append(self._audit_entry(app_state, state, exc))
+                except Exception as error:
+                    # A fault of ours: the request is still recorded, and what
+                    # it logged is written.
+                    current_app.logger.exception(
+                        "flask-sidelog could not make the entry of this request."
+                    )
+                    entries.append(
+                        make_entry(
+                            t.cast(str, state.audit_event),
+                            level="error",
+                            error="flask-sidelog could not make this entry:"
+                            f" {type(error).__name__}",
+                            request_id=state.request_id,
+                            request_fields=state.request_fields,
+                        )
+                    )
             if entries:
                 app_state.writer.write(entries, ends_request=audited)
         finally:

@@ -291,6 +291,53 @@ def test_values_whose_own_code_raises(
     assert "pw" not in json.dumps([e["data"] for e in entries.values()])
 
 
+class Unprintable:
+    """An actor or error whose ``__str__`` raises, as a model's may when it
+    reads an attribute its failed session cannot load."""
+
+    def __str__(self) -> str:
+        raise LookupError("detached")
+
+
+class UnprintableError(Unprintable, Exception):
+    pass
+
+
+def test_text_whose_own_code_raises(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """An actor or an error that cannot be made text is stored as a marker;
+    the view runs and no entry is lost."""
+    marker = "<unreadable Unprintable: LookupError>"
+    sidelog.actor_loader(Unprintable)
+
+    @app.post("/act")
+    @sidelog.audit("act")
+    def act() -> str:
+        sidelog.log("act.given", actor=Unprintable())
+        sidelog.log("act.loaded")
+        return "done"
+
+    @app.post("/fail")
+    @sidelog.audit("fail")
+    def fail() -> str:
+        sidelog.log("fail.detail")
+        raise UnprintableError
+
+    assert client.post("/act").text == "done"
+    with pytest.raises(UnprintableError):  # TESTING propagates it
+        client.post("/fail")
+    with app.app_context():
+        entries = {e["event"]: e for e in sidelog.entries()}
+    assert {e["actor"] for e in entries.values()} == {marker}
+    assert set(entries) == {"act", "act.given", "act.loaded", "fail", "fail.detail"}
+    assert entries["fail"]["outcome"] == "error"
+    assert entries["fail"]["error"] == (
+        "test_hostile_input.UnprintableError:"
+        " <unreadable UnprintableError: LookupError>"
+    )
+
+
 def test_bad_event_names_say_what_is_accepted(app: Flask, sidelog: SideLog) -> None:
     with app.app_context():
         sidelog.create_table()

@@ -343,6 +343,43 @@ def test_teardown_twice_writes_once(
         assert [e["event"] for e in sidelog.entries()] == ["kept", "kept"]
 
 
+def test_entry_that_cannot_be_made_keeps_the_others(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should making the request's own entry fail (a fault of ours, which no
+    known input causes any more), the request is still recorded, and what it
+    logged is written, those entries too that waited for its end (SQLite's
+    write lock)."""
+
+    def broken(*args: t.Any) -> t.NoReturn:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(SideLog, "_audit_entry", broken)
+
+    @app.post("/transfer")
+    @sidelog.audit("funds.transfer")
+    def transfer() -> str:
+        db.session.add(Account(name="debited", balance=-10))
+        db.session.flush()
+        sidelog.log("transfer.attempt")
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/transfer").text == "ok"
+    with app.app_context():
+        attempt, audit = sidelog.entries()
+    assert attempt["event"] == "transfer.attempt"
+    assert audit["event"] == "funds.transfer"
+    assert audit["level"] == "error"
+    assert audit["error"] == "flask-sidelog could not make this entry: RuntimeError"
+    assert audit["request_id"] == attempt["request_id"] is not None
+    assert audit["path"] == "/transfer"
+
+
 def test_nested_audit_writes_the_outer_event(
     app: Flask, sidelog: SideLog, client: FlaskClient
 ) -> None:
