@@ -23,6 +23,7 @@ import dataclasses
 import decimal
 import importlib
 import math
+import operator
 import typing as t
 import uuid
 from datetime import date
@@ -81,6 +82,10 @@ class _Spec:
     #: ``onupdate`` default, the version counter): the session's history
     #: does not have them.
     auto_keys: tuple[str, ...] = ()
+    #: How the ORM compares the old and new value of each key of ``columns``.
+    equal: dict[str, t.Callable[[t.Any, t.Any], t.Any]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -221,6 +226,7 @@ class Tracker:
                     if key in kept
                     and (column.onupdate is not None or column is mapper.version_id_col)
                 ),
+                {key: _is_equal(mapper, key) for key in kept},
             )
         self._specs[mapper] = spec
         return spec
@@ -276,6 +282,14 @@ def _columns(mapper: sa_orm.Mapper[t.Any]) -> list[tuple[str, sa.Column[t.Any]]]
         for key, column in mapper.columns.items()
         if isinstance(column, sa.Column)
     ]
+
+
+def _is_equal(
+    mapper: sa_orm.Mapper[t.Any], key: str
+) -> t.Callable[[t.Any, t.Any], t.Any]:
+    """The ORM's comparison of two values of the attribute ``key``."""
+    impl = getattr(mapper.class_manager.get(key), "impl", None)
+    return getattr(impl, "is_equal", operator.eq)
 
 
 def _names_size(table: str, pk: list[str], columns: list[str]) -> int | None:
@@ -504,9 +518,7 @@ def _row_changes(
             if old is _NO_VALUE:
                 # Expired when set: as read before the flush, if it was.
                 old = old_values.get(st, {}).get(key, NOT_LOADED)
-                if old is new or old == new:
-                    continue
-            elif old is new or old == new:
+            if old is new or _equal(spec.equal[key], old, new):
                 continue
             changes[name] = [_value(old), _value(new)]
         for key in spec.auto_keys:
@@ -517,11 +529,22 @@ def _row_changes(
             new = d.get(key, _NO_VALUE)
             if key in committed or old is _NO_VALUE or new is _NO_VALUE:
                 continue  # set by the app: see above
-            if old is not new and old != new:
+            if old is not new and not _equal(spec.equal[key], old, new):
                 changes[spec.columns[key]] = [_value(old), _value(new)]
         if changes:
             add(spec, "update", d, st, changes)
     return found
+
+
+def _equal(is_equal: t.Callable[[t.Any, t.Any], t.Any], old: t.Any, new: t.Any) -> bool:
+    """Whether the ORM takes ``new`` for ``old`` unchanged: the attribute's
+    comparison (the column type's, such as a PickleType's comparator) says
+    True, as SQLAlchemy's history asks it. A value that cannot be compared
+    so (an array, whose == is elementwise) is a change."""
+    try:
+        return is_equal(new, old) is True
+    except Exception:
+        return False
 
 
 def _stored_as_is(

@@ -196,6 +196,42 @@ class Sheet(Base):
     __mapper_args__ = {"version_id_col": ver, "version_id_generator": False}
 
 
+class Elementwise:
+    """What an array's == gives: no truth value."""
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value of an array is ambiguous")
+
+
+class Vector:
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+
+    def __eq__(self, other: object) -> t.Any:
+        return Elementwise()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Vector{tuple(self.values)}"
+
+
+def same_vector(a: t.Any, b: t.Any) -> bool:
+    return isinstance(a, Vector) and isinstance(b, Vector) and a.values == b.values
+
+
+class Embedding(Base):
+    """Values the ORM compares with the column type's comparator."""
+
+    __tablename__ = "tr_embedding"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    name: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+    vector: sa_orm.Mapped[t.Any] = sa_orm.mapped_column(
+        sa.PickleType(comparator=same_vector)
+    )
+    raw: sa_orm.Mapped[t.Any] = sa_orm.mapped_column(sa.PickleType, nullable=True)
+
+
 OPS = ("insert", "update", "delete", "bulk_insert", "bulk_update", "bulk_delete")
 
 
@@ -275,6 +311,51 @@ def test_insert_update_delete_committed(
     assert all(e["data"]["pk"] == {"id": 1} for e in found)
     assert all(e["request_id"] is not None for e in found)
     assert [e["method"] for e in found] == ["POST", "PATCH", "DELETE"]
+
+
+def test_values_compared_as_the_orm_compares_them(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A column type's comparator decides what changed, as it decides what
+    the ORM writes; a value that cannot be compared with == (an array) is a
+    change. The other changes of the flush are recorded all the same."""
+    sidelog.track(Embedding)
+
+    @app.post("/embeddings")
+    def edit() -> str:
+        row = Embedding(name="a", vector=Vector(1, 2))
+        db.session.add(row)
+        db.session.commit()
+        row.name = "b"
+        row.vector = Vector(1, 2)  # equal for its type: not written
+        row.raw = Vector(5)
+        db.session.commit()
+        row.vector = Vector(3, 4)
+        row.raw = Vector(5)  # no comparator: written again
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/embeddings").text == "ok"
+    assert summary(changes(app, sidelog)) == [
+        (
+            "tr_embedding.insert",
+            "committed",
+            {"id": [None, 1], "name": [None, "a"], "vector": [None, "Vector(1, 2)"]},
+        ),
+        (
+            "tr_embedding.update",
+            "committed",
+            {"name": ["a", "b"], "raw": [None, "Vector(5,)"]},
+        ),
+        (
+            "tr_embedding.update",
+            "committed",
+            {
+                "vector": ["Vector(1, 2)", "Vector(3, 4)"],
+                "raw": ["Vector(5,)", "Vector(5,)"],
+            },
+        ),
+    ]
 
 
 def test_delete_of_an_expired_row_keeps_its_old_values(
