@@ -588,7 +588,14 @@ def _before_flush(
             # Not those of a flush that stopped before it began (a listener
             # raised): they would be taken for this one's.
             found[2].old_values = {}
-            _read_old_values(session, found[1], found[2])
+            try:
+                _read_old_values(session, found[1], found[2])
+            except Exception:
+                # A session event that raises would break the main flush;
+                # the old values it could not read show "[not loaded]".
+                current_app.logger.exception(
+                    "flask-sidelog could not read the old values of a flush."
+                )
 
 
 #: How many rows one SELECT of old values asks for, at most.
@@ -627,7 +634,9 @@ def _read_old_values(
                 if old is not _NO_VALUE:
                     kept[key] = old
         if st.key is not None and (
-            st.expired_attributes or _NO_VALUE in st.committed_state.values()
+            st.expired_attributes
+            # By identity: a value's == may have no truth value (an array).
+            or any(old is _NO_VALUE for old in st.committed_state.values())
         ):
             expired.setdefault(st.mapper, []).append(st)
     for mapper, states in expired.items():

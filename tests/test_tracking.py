@@ -26,6 +26,7 @@ from conftest import Base
 from conftest import dispose
 from conftest import make_app
 from flask_sidelog import SideLog
+from flask_sidelog import tracking
 from flask_sidelog.config import DEFAULT_REDACT_KEYS
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
@@ -318,7 +319,7 @@ def test_values_compared_as_the_orm_compares_them(
 ) -> None:
     """A column type's comparator decides what changed, as it decides what
     the ORM writes; a value that cannot be compared with == (an array) is a
-    change. The other changes of the flush are recorded all the same."""
+    change. Neither breaks the flush or loses its other changes."""
     sidelog.track(Embedding)
 
     @app.post("/embeddings")
@@ -335,7 +336,17 @@ def test_values_compared_as_the_orm_compares_them(
         db.session.commit()
         return "ok"
 
+    @app.patch("/embeddings/<int:pk>")
+    def change(pk: int) -> str:
+        row = db.get_or_404(Embedding, pk)  # loaded: nothing expired
+        row.vector = Vector(7)
+        db.session.commit()
+        return "ok"
+
     assert client.post("/embeddings").text == "ok"
+    assert client.patch("/embeddings/1").text == "ok"
+    with app.app_context():
+        assert db.session.get(Embedding, 1).vector.values == [7]
     assert summary(changes(app, sidelog)) == [
         (
             "tr_embedding.insert",
@@ -355,7 +366,52 @@ def test_values_compared_as_the_orm_compares_them(
                 "raw": ["Vector(5,)", "Vector(5,)"],
             },
         ),
+        (
+            "tr_embedding.update",
+            "committed",
+            {"vector": ["Vector(3, 4)", "Vector(7,)"]},
+        ),
     ]
+
+
+@pytest.mark.parametrize(
+    ("part", "recorded"),
+    [
+        ("_read_old_values", [("account.update", "committed", {"balance": [5, 6]})]),
+        ("_row_changes", []),
+    ],
+)
+def test_a_capture_that_fails_never_breaks_the_flush(
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    client: FlaskClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    part: str,
+    recorded: list[tuple[str, str, t.Any]],
+) -> None:
+    """A fault of ours while a flush is captured (none is known) is logged;
+    the app's flush and commit go on, and what could be captured is kept."""
+    seed(app, db, ("alice", 5))
+    sidelog.track(Account)
+
+    def broken(*args: t.Any) -> t.NoReturn:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tracking, part, broken)
+
+    @app.post("/raise")
+    def bump() -> str:
+        account = db.session.scalars(sa.select(Account)).one()
+        account.balance += 1
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/raise").text == "ok"
+    assert balances(app, db) == {"alice": 6}
+    assert summary(changes(app, sidelog)) == recorded
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
 
 
 def test_delete_of_an_expired_row_keeps_its_old_values(
