@@ -29,6 +29,7 @@ from .entry import cut
 from .entry import is_redacted
 from .entry import random_bytes
 from .entry import REDACTED
+from .entry import unreadable
 from .model import COLUMN_LIMITS
 
 # Text SQL writes if one of its statements starts otherwise than a read or
@@ -157,24 +158,30 @@ def describe_error(exc: BaseException | None) -> str | None:
     name = cls.__qualname__
     if cls.__module__ != "builtins":
         name = f"{cls.__module__}.{name}"
-    if isinstance(exc, HTTPException):
-        message = f"{exc.code} {exc.name}"
-    else:
-        error: BaseException = exc
-        if isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
-            error = exc.orig  # the driver's: SQLAlchemy's repeats the parameters
-        # psycopg (2 and 3) gives the server's fields apart; a client-side
-        # error (a refused connection) has none.
-        diag = getattr(error, "diag", None)
-        primary = getattr(diag, "message_primary", None)
-        if isinstance(primary, str) and primary:
-            hint = getattr(diag, "message_hint", None)
-            message = f"{primary}\nHINT:  {hint}" if hint else primary
-        else:
-            message = as_text(error)
-            if isinstance(error, sa.exc.SQLAlchemyError):
-                message = _QUOTED_DATA.split(message, maxsplit=1)[0]
+    try:
+        message = _error_message(exc)
+    except Exception as error:  # the exception's own code raised (a property)
+        message = unreadable(exc, error)
     return f"{name}: {message.strip()}" if message else name
+
+
+def _error_message(exc: BaseException) -> str:
+    if isinstance(exc, HTTPException):
+        return f"{exc.code} {exc.name}"
+    error: BaseException = exc
+    if isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
+        error = exc.orig  # the driver's: SQLAlchemy's repeats the parameters
+    # psycopg (2 and 3) gives the server's fields apart; a client-side
+    # error (a refused connection) has none.
+    diag = getattr(error, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    if isinstance(primary, str) and primary:
+        hint = getattr(diag, "message_hint", None)
+        return f"{primary}\nHINT:  {hint}" if hint else primary
+    message = as_text(error)
+    if isinstance(error, sa.exc.SQLAlchemyError):
+        message = _QUOTED_DATA.split(message, maxsplit=1)[0]
+    return message
 
 
 #: Where SQLAlchemy's text of an error starts quoting the data.
@@ -245,8 +252,15 @@ def _redacted_path(req: Request, redact_keys: frozenset[str]) -> str:
     is stored as ``/reset/[redacted]``."""
     path: str = req.path
     for name, value in (req.view_args or {}).items():
-        text = str(value)
-        if text and is_redacted(name, redact_keys):
+        if not is_redacted(name, redact_keys):
+            continue
+        try:
+            text = str(value)
+        except Exception:
+            # A converter's value that cannot say what it was read from
+            # (its __str__ raises): the route's pattern shows no value.
+            return str(req.url_rule)
+        if text:
             path = path.replace(text, REDACTED)
     return path
 

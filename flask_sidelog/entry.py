@@ -259,20 +259,25 @@ def to_storable(
     except Exception as error:
         # The value's own code raised (a __getitem__, an __iter__, a
         # dataclass field never set).
-        return _unreadable(value, error)
+        return unreadable(value, error)
 
 
 def as_text(value: object) -> str:
-    """``str(value)``; if the value's own ``__str__`` raises, a note saying
-    so (see :func:`_unreadable`), so that the entry is not lost."""
+    """``str(value)`` as a plain ``str``; if the value's own ``__str__``
+    raises, a note saying so (see :func:`unreadable`), so that the entry is
+    not lost."""
     try:
-        return str(value)
+        text = str(value)
     except Exception as error:
-        return _unreadable(value, error)
+        return unreadable(value, error)
+    # A str subclass's own behaviour (no hash, an odd ==) stays out.
+    return text if type(text) is str else str.__str__(text)
 
 
-def _unreadable(value: object, error: Exception) -> str:
-    # Not the value's repr, which may show what a mapping would have redacted.
+def unreadable(value: object, error: Exception) -> str:
+    """What is stored of a value whose own code raised ``error`` when it was
+    read: its type and the error's, never its repr, which may show what a
+    mapping would have redacted."""
     return f"<unreadable {type(value).__name__}: {type(error).__name__}>"
 
 

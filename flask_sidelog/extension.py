@@ -17,6 +17,7 @@ from flask import current_app
 from flask import Flask
 from flask import has_request_context
 from flask import Response
+from flask import session as cookie_session
 from flask.globals import app_ctx
 from werkzeug.exceptions import HTTPException
 
@@ -34,6 +35,7 @@ from .entry import as_text
 from .entry import check_event
 from .entry import clean_text
 from .entry import make_entry
+from .entry import to_storable
 from .model import make_entries_table
 from .query import as_utc
 from .query import count_by_event_and_outcome
@@ -232,7 +234,15 @@ def _default_actor() -> str | None:
         return None
     if not current_user.is_authenticated:
         return None
-    return t.cast("str | None", current_user.get_id())
+    try:
+        return t.cast("str | None", current_user.get_id())
+    except Exception:
+        # A user model the failed main session can no longer load (its
+        # commit raised): the id Flask-Login keeps in the session cookie.
+        user_id = cookie_session.get("_user_id")
+        if isinstance(user_id, str):
+            return user_id
+        raise
 
 
 class SideLog:
@@ -485,7 +495,7 @@ class SideLog:
 
         Outside an audited request nothing is recorded and a warning is logged.
         """
-        _app_state()
+        app_state = _app_state()
         state = context.current_state()
         if state is None or state.audit_event is None:
             current_app.logger.warning(
@@ -493,7 +503,12 @@ class SideLog:
                 " ignored. Use sidelog.log(...) for an entry of its own."
             )
             return
-        state.annotations.update(data)
+        # Read now, as log() reads its data: at teardown a model passed here
+        # is detached from the closed session.
+        redact_keys = app_state.settings.redact_keys
+        state.annotations.update(
+            (key, to_storable(value, redact_keys)) for key, value in data.items()
+        )
 
     @contextlib.contextmanager
     def log_session(self) -> t.Iterator[sa_orm.Session]:

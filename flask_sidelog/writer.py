@@ -675,7 +675,10 @@ class Writer:
             ) from error
 
     def _send(self, signal: t.Any, **kwargs: t.Any) -> None:
-        try:
-            signal.send(self.app, **kwargs)
-        except Exception:  # a receiver must not break the write path
-            self.app.logger.exception("A flask-sidelog signal receiver raised.")
+        # One by one: a receiver that raises must not break the write path,
+        # nor keep the receivers after it (an alert) from running.
+        for receiver in signal.receivers_for(self.app):
+            try:
+                receiver(self.app, **kwargs)
+            except Exception:
+                self.app.logger.exception("A flask-sidelog signal receiver raised.")

@@ -16,6 +16,7 @@ from flask.testing import FlaskCliRunner
 from flask_sqlalchemy import SQLAlchemy
 
 from conftest import Account
+from conftest import Base
 from conftest import dispose
 from conftest import failures
 from conftest import make_app
@@ -323,6 +324,44 @@ def test_flask_login_actor_by_default(
         ]
 
 
+class Member(flask_login.UserMixin, Base):
+    __tablename__ = "ext_member"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+
+
+def test_flask_login_actor_of_a_request_whose_commit_failed(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """The user is a model the failed session can no longer load when the
+    view ends: the actor is still the signed-in user."""
+    app.secret_key = "test"
+    login_manager = flask_login.LoginManager(app)
+    login_manager.user_loader(lambda user_id: db.session.get(Member, int(user_id)))
+    with app.app_context():
+        db.session.add_all([Member(id=7), Account(name="taken")])
+        db.session.commit()
+
+    @app.post("/login")
+    def login() -> str:
+        flask_login.login_user(db.session.get(Member, 7))
+        return "in"
+
+    @app.post("/accounts")
+    @sidelog.audit("account.open")
+    def open_account() -> str:
+        assert flask_login.current_user.is_authenticated
+        db.session.add(Account(name="taken"))
+        db.session.commit()  # a unique name: IntegrityError
+        return "opened"
+
+    client.post("/login")
+    with pytest.raises(sa.exc.IntegrityError):
+        client.post("/accounts")
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["actor"]) == ("error", "7")
+
+
 def test_entry_written_signal(app: Flask, sidelog: SideLog) -> None:
     seen: list[dict[str, t.Any]] = []
 
@@ -345,10 +384,20 @@ def test_raising_signal_receiver_breaks_nothing(
     def index() -> str:
         return "ok"
 
-    with entry_written.connected_to(explode, app):
+    seen: list[str] = []
+
+    def record(sender: Flask, entry: dict[str, t.Any]) -> None:
+        seen.append(entry["event"])
+
+    # The raising receiver first: the one after it still runs.
+    with (
+        entry_written.connected_to(explode, app),
+        entry_written.connected_to(record, app),
+    ):
         assert client.get("/").status_code == 200
     with app.app_context():
         assert [e["event"] for e in sidelog.entries()] == ["index"]
+    assert seen == ["index"]
 
 
 class AuditBase(sa_orm.DeclarativeBase):

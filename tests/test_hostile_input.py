@@ -25,12 +25,16 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from flask_sqlalchemy import SQLAlchemy
 from hypothesis import example
 from hypothesis import given
 from hypothesis import HealthCheck
 from hypothesis import settings
 from hypothesis import strategies as st
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
 
+from conftest import Account
 from conftest import dispose
 from conftest import make_app
 from conftest import new_database_uri
@@ -336,6 +340,117 @@ def test_text_whose_own_code_raises(
         "test_hostile_input.UnprintableError:"
         " <unreadable UnprintableError: LookupError>"
     )
+
+
+class UnprintableConverter(BaseConverter):
+    """A URL converter whose values cannot be made text."""
+
+    def to_python(self, value: str) -> Unprintable:
+        return Unprintable()
+
+
+class NamelessConflict(HTTPException):
+    code = 409
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        raise LookupError("no name")
+
+
+def test_request_values_whose_own_code_raises(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A URL variable that cannot be made text (redacted or not), an HTTP
+    error whose ``name`` raises: the request and its entries go on, with a
+    marker where a value could not be read, and no secret in the path."""
+    app.url_map.converters["unprintable"] = UnprintableConverter
+    app.config["SIDELOG_REQUEST_ID_RESPONSE_HEADER"] = "X-Request-Id"
+    sidelog.track(Account)
+
+    @app.post("/items/<unprintable:item>")
+    @sidelog.audit("item.save")
+    def save(item: Unprintable) -> str:
+        sidelog.log("item.detail")
+        db.session.add(Account(name="a"))
+        db.session.commit()
+        return "saved"
+
+    @app.get("/reset/<unprintable:token>")
+    def reset(token: Unprintable) -> str:
+        sidelog.log("reset.asked")
+        return "ok"
+
+    @app.post("/conflict")
+    @sidelog.audit("conflict")
+    def conflict() -> str:
+        sidelog.annotate(k="v")
+        raise NamelessConflict
+
+    @app.errorhandler(NamelessConflict)
+    def handled(error: NamelessConflict) -> tuple[str, int]:
+        return "handled", 409
+
+    assert client.post("/items/42").text == "saved"
+    assert client.get("/reset/s3cret").text == "ok"
+    assert client.post("/conflict").status_code == 409
+    with app.app_context():
+        entries = {e["event"]: e for e in sidelog.entries()}
+        stored = db.session.scalar(sa.select(sa.func.count()).select_from(Account))
+    assert stored == 1
+    assert set(entries) == {
+        "item.save",
+        "item.detail",
+        "account.insert",
+        "reset.asked",
+        "conflict",
+    }
+    assert entries["item.save"]["path"] == "/items/42"
+    assert entries["reset.asked"]["path"] == "/reset/<unprintable:token>"
+    assert entries["conflict"]["outcome"] == "failure"
+    assert entries["conflict"]["status_code"] == 409
+    assert entries["conflict"]["data"] == {"k": "v"}
+    assert entries["conflict"]["error"] == (
+        "test_hostile_input.NamelessConflict:"
+        " <unreadable NamelessConflict: LookupError>"
+    )
+
+
+def test_annotations_are_read_when_given(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """An annotation is read when the view gives it, as log() reads its
+    data: at teardown a model would be detached from the closed session."""
+
+    @app.post("/open")
+    @sidelog.audit("account.open")
+    def open_account() -> str:
+        account = Account(name="alice", balance=5)
+        db.session.add(account)
+        db.session.flush()
+        sidelog.annotate(account={"id": account.id, "obj": Holder(account)})
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/open").text == "ok"
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["data"] == {"account": {"id": 1, "obj": {"name": "alice"}}}
+
+
+@dataclasses.dataclass
+class Holder:
+    """Reads the account's name when flask-sidelog reads it."""
+
+    account: dataclasses.InitVar[Account]
+    name: str = ""
+
+    def __post_init__(self, account: Account) -> None:
+        self._account = account
+
+    def __getattribute__(self, attr: str) -> t.Any:
+        if attr == "name":
+            return object.__getattribute__(self, "_account").name
+        return object.__getattribute__(self, attr)
 
 
 def test_bad_event_names_say_what_is_accepted(app: Flask, sidelog: SideLog) -> None:
