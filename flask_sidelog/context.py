@@ -105,6 +105,10 @@ class ContextState:
     #: rows that the session had expired or that the ORM sets itself, by
     #: instance state (see tracking).
     old_values: dict[t.Any, dict[str, t.Any]] = dataclasses.field(default_factory=dict)
+    #: For that flush: the tracked columns of changed rows that the app set
+    #: to a SQL expression, with their values before, by instance state (the
+    #: flush forgets both).
+    sql_set: dict[t.Any, dict[str, t.Any]] = dataclasses.field(default_factory=dict)
     #: Popped at teardown: the main session no longer reports to this state.
     ended: bool = False
     #: The write mode's token for a running audited request (see
@@ -355,7 +359,8 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> None:
             state.pending_write = True
 
 
-def _after_commit(session: sa_orm.Session) -> None:
+def after_commit(session: sa_orm.Session) -> None:
+    """Note that the main session committed (a no-op the second time)."""
     state = _main_session_state(session)
     # Releasing a savepoint also sends after_commit; its writes are still
     # pending until the outermost transaction ends.
@@ -394,5 +399,8 @@ def track_main_session(session_class: type[sa_orm.Session]) -> None:
     _tracked.add(session_class)
     sa.event.listen(session_class, "before_flush", _before_flush)
     sa.event.listen(session_class, "do_orm_execute", _do_orm_execute)
-    sa.event.listen(session_class, "after_commit", _after_commit)
+    # First of all: a listener of the app's that raises (a models_committed
+    # receiver) would skip the ones after it, and a committed transaction
+    # would then be taken for rolled back.
+    sa.event.listen(session_class, "after_commit", after_commit, insert=True)
     sa.event.listen(session_class, "after_transaction_end", _after_transaction_end)

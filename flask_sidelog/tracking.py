@@ -60,6 +60,9 @@ _NO_VALUE = sa_orm.base.NO_VALUE
 #: The old value of an updated column that the session had not loaded and
 #: that could not be read before the flush.
 NOT_LOADED = "[not loaded]"
+#: The new value of a column the app set to a SQL expression, which the
+#: database computed (``Account.balance + 1``).
+SQL_EXPRESSION = "[SQL expression]"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -82,6 +85,9 @@ class _Spec:
     #: ``onupdate`` default, the version counter): the session's history
     #: does not have them.
     auto_keys: tuple[str, ...] = ()
+    #: The keys of ``columns`` that a flush may set on its own (``auto_keys``
+    #: and foreign keys, which it syncs from relationships).
+    synced_keys: frozenset[str] = frozenset()
     #: How the ORM compares the old and new value of each key of ``columns``.
     equal: dict[str, t.Callable[[t.Any, t.Any], t.Any]] = dataclasses.field(
         default_factory=dict
@@ -212,6 +218,12 @@ class Tracker:
                 if key not in kept
                 for name in (key, str(column.name), str(column.key))
             }
+            auto_keys = tuple(
+                key
+                for key, column in columns
+                if key in kept
+                and (column.onupdate is not None or column is mapper.version_id_col)
+            )
             # Plain str, not quoted_name: the entries' short path checks types.
             spec = _Spec(
                 str(name),
@@ -220,12 +232,9 @@ class Tracker:
                 exclude | left_out,
                 {op: f"{name}.{op}" for op in _ROW_OPS},
                 _names_size(str(name), [c for _, c in pk], list(kept.values())),
-                tuple(
-                    key
-                    for key, column in columns
-                    if key in kept
-                    and (column.onupdate is not None or column is mapper.version_id_col)
-                ),
+                auto_keys,
+                frozenset([*auto_keys, *(key for key, c in columns if c.foreign_keys)])
+                & kept.keys(),
                 {key: _is_equal(mapper, key) for key in kept},
             )
         self._specs[mapper] = spec
@@ -307,10 +316,13 @@ def _value(value: t.Any) -> t.Any:
     """A JSON-friendly copy of a column value, taken when it is captured."""
     if type(value) in _PLAIN:
         return value
-    if isinstance(value, (datetime, date, time)):
-        return value.isoformat()
-    if isinstance(value, (decimal.Decimal, uuid.UUID)):
-        return str(value)
+    try:
+        if isinstance(value, (datetime, date, time)):
+            return value.isoformat()
+        if isinstance(value, (decimal.Decimal, uuid.UUID)):
+            return str(value)
+    except Exception:  # a subclass's own code raised: a marker, not the flush
+        pass
     return to_storable(value)
 
 
@@ -440,11 +452,13 @@ def _row_changes(
     session: sa_orm.Session,
     deleted: list[sa_orm.InstanceState[t.Any]],
     old_values: dict[t.Any, dict[str, t.Any]],
+    sql_set: dict[t.Any, dict[str, t.Any]],
     mappers: set[sa_orm.Mapper[t.Any]],
 ) -> list[Change]:
     """One change per tracked row in the session's pending flush, whose
     deleted rows are ``deleted`` (see :func:`_deleted`); ``old_values``
-    from :func:`_read_old_values`. Adds the rows' mappers to ``mappers``."""
+    and ``sql_set`` from :func:`_read_old_values`. Adds the rows' mappers to
+    ``mappers``."""
     at: datetime | None = None
     actor: str | None = None
     found: list[Change] = []
@@ -464,7 +478,9 @@ def _row_changes(
         identity = st.key[1] if st.key is not None else None
         pk = {}
         for i, (key, column) in enumerate(spec.pk):
-            value = d.get(key)
+            # A delete goes by the stored key, whatever the row's key was set
+            # to since; an insert or update ends with the row's own.
+            value = identity[i] if op == "delete" and identity else d.get(key)
             if value is None and identity is not None:
                 value = identity[i]
             pk[column] = _value(value)
@@ -485,9 +501,9 @@ def _row_changes(
             for key, column in spec.columns.items():
                 old = committed.get(key, _NO_VALUE)
                 if old is _NO_VALUE:
-                    old = d.get(key, _NO_VALUE)
-                if old is not _NO_VALUE:
-                    changes[column] = [_value(old), None]
+                    # Not read for the delete, if never loaded (deferred).
+                    old = d.get(key, NOT_LOADED)
+                changes[column] = [_value(old), None]
             add(spec, "delete", d, st, changes)
     for obj in session.new:
         st = instance_state(obj)
@@ -521,6 +537,11 @@ def _row_changes(
             if old is new or _equal(spec.equal[key], old, new):
                 continue
             changes[name] = [_value(old), _value(new)]
+        for key, old in sql_set.get(st, {}).items():
+            # Run by the flush, which then forgot the value (and the key).
+            if old is _NO_VALUE:
+                old = old_values.get(st, {}).get(key, NOT_LOADED)
+            changes[spec.columns[key]] = [_value(old), SQL_EXPRESSION]
         for key in spec.auto_keys:
             # Compared only with a value from before the flush: a row the
             # flush changes on its own (a foreign key) has none, and one it
@@ -588,6 +609,7 @@ def _before_flush(
             # Not those of a flush that stopped before it began (a listener
             # raised): they would be taken for this one's.
             found[2].old_values = {}
+            found[2].sql_set = {}
             try:
                 _read_old_values(session, found[1], found[2])
             except Exception:
@@ -615,7 +637,10 @@ def _read_old_values(
     that a job changing many rows after a commit does not make a query per
     row."""
     instance_state = sa_orm.attributes.instance_state
-    expired: dict[sa_orm.Mapper[t.Any], list[sa_orm.InstanceState[t.Any]]] = {}
+    # By mapper: its rows whose old values are missing, and which keys.
+    expired: dict[
+        sa_orm.Mapper[t.Any], tuple[list[sa_orm.InstanceState[t.Any]], set[str]]
+    ] = {}
     mapper: sa_orm.Mapper[t.Any] | None = None
     spec: _Spec | None = None
     for obj in session.dirty:
@@ -633,13 +658,27 @@ def _read_old_values(
                 old = committed[key] if key in committed else d.get(key, _NO_VALUE)
                 if old is not _NO_VALUE:
                     kept[key] = old
-        if st.key is not None and (
-            st.expired_attributes
-            # By identity: a value's == may have no truth value (an array).
-            or any(old is _NO_VALUE for old in st.committed_state.values())
-        ):
-            expired.setdefault(st.mapper, []).append(st)
-    for mapper, states in expired.items():
+        if st.key is None:
+            continue
+        # Set before they were loaded again (by identity: a value's == may
+        # have no truth value, an array's), and what the flush may set
+        # itself while it is expired; nothing else, a deferred blob least.
+        unknown = []
+        d = st.dict
+        for key, old in st.committed_state.items():
+            if key in spec.columns:
+                if old is _NO_VALUE:
+                    unknown.append(key)
+                new = d.get(key)
+                if type(new) not in _PLAIN and _is_sql(new):
+                    state.sql_set.setdefault(st, {})[key] = old
+        if st.expired_attributes:
+            unknown += st.expired_attributes & spec.synced_keys
+        if unknown:
+            states, keys = expired.setdefault(st.mapper, ([], set()))
+            states.append(st)
+            keys.update(unknown)
+    for mapper, (states, keys) in expired.items():
         spec = t.cast(_Spec, tracker.spec(mapper))
         size = min(
             OLD_VALUES_PER_SELECT, _OLD_VALUES_PARAMETERS // len(mapper.primary_key)
@@ -648,14 +687,13 @@ def _read_old_values(
         while pending:
             chunk = pending.pop()
             try:
-                found = _select_old_values(session, spec, chunk)
+                found = _select_old_values(session, keys, chunk)
             except Exception as error:
                 if isinstance(
                     error, sa.exc.DBAPIError
                 ) and "too many SQL variables" not in str(error.orig):
-                    # Refused by the database: asking again would not do (on
-                    # PostgreSQL the transaction is aborted; on SQLite, a lock
-                    # would be waited for again and again).
+                    # Refused by the database (a column this role may not
+                    # read, a lock): asking again would not do.
                     _log_unread(spec)
                     pending.clear()
                     continue
@@ -676,20 +714,31 @@ def _read_old_values(
             missing = [st for st in chunk if st not in found] if len(chunk) > 1 else ()
             for st in missing:
                 try:
-                    found.update(_select_old_values(session, spec, [st]))
+                    found.update(_select_old_values(session, keys, [st]))
                 except Exception:
                     _log_unread(spec)
             for st, values in found.items():
                 state.old_values.setdefault(st, {}).update(values)
 
 
+def _is_sql(value: t.Any) -> bool:
+    """Whether the app set a column to ``value`` for the database to compute
+    (``Account.balance + 1``), as SQLAlchemy tells."""
+    return isinstance(value, sa.sql.ClauseElement) or hasattr(
+        value, "__clause_element__"
+    )
+
+
 def _select_old_values(
-    session: sa_orm.Session, spec: _Spec, states: list[sa_orm.InstanceState[t.Any]]
+    session: sa_orm.Session,
+    wanted: t.Iterable[str],
+    states: list[sa_orm.InstanceState[t.Any]],
 ) -> dict[t.Any, dict[str, t.Any]]:
-    """The stored values of ``spec``'s columns of ``states``, rows of one
-    mapper, by state, read in one SELECT in the main transaction."""
+    """The stored values of the attributes ``wanted`` of ``states``, rows of
+    one mapper, by state, read in one SELECT in the main transaction (on
+    PostgreSQL within a savepoint: a refused read would abort it)."""
     mapper = states[0].mapper
-    keys = list(spec.columns)
+    keys = sorted(wanted)
     pk_columns = mapper.primary_key
     state_of = {st.key[1]: st for st in states if st.key is not None}
     if len(pk_columns) == 1:
@@ -700,7 +749,13 @@ def _select_old_values(
     # among the columns too.
     pks = [c.label(f"_sidelog_pk_{i}") for i, c in enumerate(pk_columns)]
     columns = [getattr(mapper.class_, key) for key in keys]
-    with session.no_autoflush:
+    connection = session.connection(bind_arguments={"mapper": mapper})
+    with (
+        session.no_autoflush,
+        connection.begin_nested()
+        if connection.dialect.name == "postgresql"
+        else contextlib.nullcontext(),
+    ):
         rows = session.execute(sa.select(*pks, *columns).where(where)).all()
     width = len(pk_columns)
     found = {}
@@ -737,10 +792,17 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     app_state, tracker, state = found
     flush, state.flush = state.flush, None
     old_values, state.old_values = state.old_values, {}
+    sql_set, state.sql_set = state.sql_set, {}
     mappers: set[sa_orm.Mapper[t.Any]] = set()
     try:
         changes = _row_changes(
-            app_state, tracker, session, _deleted(session, flush), old_values, mappers
+            app_state,
+            tracker,
+            session,
+            _deleted(session, flush),
+            old_values,
+            sql_set,
+            mappers,
         )
     except Exception:
         # A session event that raises would break the main transaction.
@@ -834,8 +896,16 @@ def _where(
     return {"where": str(compiled), "params": params}
 
 
+#: A parameter's value given by a callable, which is not called for the
+#: entry: it may give another value on each call, and the statement calls it.
+NOT_EVALUATED = "[callable]"
+
+
 def _as_parameter(bind: sa.BindParameter[t.Any]) -> None:
     bind.literal_execute = False
+    if bind.callable is not None:
+        bind.callable = None
+        bind.value = [NOT_EVALUATED] if bind.expanding else NOT_EVALUATED
 
 
 def _params_of_columns(
@@ -946,7 +1016,10 @@ def _named(param: str, names: set[str]) -> bool:
 
 
 def _after_commit(session: sa_orm.Session) -> None:
-    state = context._main_session_state(session) if has_app_context() else None
+    if not has_app_context():
+        return
+    context.after_commit(session)
+    state = context._main_session_state(session)
     if state is None or not state.changes:
         return
     transaction = _current_carrier(session)
@@ -1140,7 +1213,8 @@ def listen(session_class: type[sa_orm.Session]) -> None:
     sa.event.listen(session_class, "after_flush", _after_flush)
     sa.event.listen(session_class, "after_rollback", _after_rollback)
     sa.event.listen(session_class, "do_orm_execute", _do_orm_execute)
-    sa.event.listen(session_class, "after_commit", _after_commit)
+    # First, as the context's (which it runs itself, so as to come after it).
+    sa.event.listen(session_class, "after_commit", _after_commit, insert=True)
     sa.event.listen(session_class, "after_transaction_end", _after_transaction_end)
 
 

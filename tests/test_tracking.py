@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 import json
 import sqlite3
+import subprocess
+import sys
 import typing as t
+import uuid
 from datetime import datetime
 from datetime import timezone
 
@@ -233,6 +236,39 @@ class Embedding(Base):
     raw: sa_orm.Mapped[t.Any] = sa_orm.mapped_column(sa.PickleType, nullable=True)
 
 
+class Upload(Base):
+    """A blob nobody reads by the way."""
+
+    __tablename__ = "tr_upload"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    views: sa_orm.Mapped[int] = sa_orm.mapped_column(default=0)
+    blob: sa_orm.Mapped[bytes] = sa_orm.mapped_column(sa.LargeBinary, deferred=True)
+    taken: sa_orm.Mapped[datetime | None] = sa_orm.mapped_column(
+        sa.DateTime(timezone=True)
+    )
+
+
+class Card(Base):
+    __tablename__ = "tr_card"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    holder: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(40))
+    # Write-only for the app's role: it may set it, never read it.
+    pin_hash: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(80), deferred=True)
+
+
+class Moment(datetime):
+    """A datetime subclass whose own code raises."""
+
+    def isoformat(self, *args: t.Any, **kwargs: t.Any) -> str:
+        raise RuntimeError("no isoformat")
+
+
+class UserId(str):
+    """An actor id type an app may have: a str without a hash."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 OPS = ("insert", "update", "delete", "bulk_insert", "bulk_update", "bulk_delete")
 
 
@@ -412,6 +448,216 @@ def test_a_capture_that_fails_never_breaks_the_flush(
     assert balances(app, db) == {"alice": 6}
     assert summary(changes(app, sidelog)) == recorded
     assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_unloaded_columns_are_not_read_and_deletes_go_by_the_stored_key(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A deferred column is read for the old values only if it was set; a
+    delete names the row it deletes, whatever its key was set to, and marks
+    what was never loaded. An odd value, or an actor of an odd str type,
+    stores a marker without losing the flush's other changes."""
+    with app.app_context():
+        db.session.add(Upload(id=1, blob=b"x" * 10_000))
+        db.session.commit()
+    sidelog.track(Upload)
+    sidelog.actor_loader(lambda: UserId("u1"))
+    statements: list[str] = []
+
+    @app.post("/uploads")
+    def work() -> str:
+        upload = db.session.get(Upload, 1)
+        db.session.commit()  # expires it
+        sa.event.listen(db.engine, "before_cursor_execute", record)
+        upload.views = 1  # set while expired: its old value is read
+        db.session.commit()
+        sa.event.remove(db.engine, "before_cursor_execute", record)
+        db.session.add_all(
+            [Upload(id=2, blob=b"", taken=Moment(2026, 1, 1)), Upload(id=3, blob=b"")]
+        )
+        db.session.commit()
+        upload.id = 9  # in memory only: the DELETE goes by id 1
+        db.session.delete(upload)
+        db.session.commit()
+        return "ok"
+
+    def record(conn: t.Any, cursor: t.Any, statement: str, *args: t.Any) -> None:
+        statements.append(statement)
+
+    assert client.post("/uploads").text == "ok"
+    assert not any("blob" in s for s in statements if s.startswith("SELECT"))
+    found = changes(app, sidelog, "tr_upload")
+    assert [(e["event"], e["data"]["pk"]) for e in found] == [
+        ("tr_upload.update", {"id": 1}),
+        ("tr_upload.insert", {"id": 2}),
+        ("tr_upload.insert", {"id": 3}),
+        ("tr_upload.delete", {"id": 1}),
+    ]
+    assert found[0]["data"]["changes"] == {"views": [0, 1]}
+    assert found[1]["data"]["changes"]["taken"] == [
+        None,
+        "<unreadable Moment: RuntimeError>",
+    ]
+    assert found[3]["data"]["changes"] == {
+        "id": [1, None],
+        "views": [1, None],
+        "blob": ["[not loaded]", None],
+        "taken": [None, None],
+    }
+    assert {e["actor"] for e in found} == {"u1"}
+
+
+@pytest.mark.postgres
+def test_old_values_the_role_may_not_read_leave_the_transaction_alone(
+    postgres: t.Any, tmp_path: t.Any
+) -> None:
+    """A column the app may write but not read: its old value is unknown,
+    and the refused read does not abort the app's transaction."""
+    uri = postgres.create_database(f"t_{uuid.uuid4().hex[:16]}")
+    owner = sa.create_engine(uri, isolation_level="AUTOCOMMIT")
+    role = f"writer_{uuid.uuid4().hex[:8]}"
+    with owner.connect() as conn:
+        Base.metadata.create_all(conn, tables=[Card.__table__])
+        conn.execute(sa.insert(Card).values(id=1, holder="ann", pin_hash="old"))
+        conn.exec_driver_sql(
+            f"CREATE ROLE {role} LOGIN;"
+            f" GRANT SELECT (id, holder), INSERT, UPDATE ON tr_card TO {role}"
+        )
+    owner.dispose()
+    config = {"SIDELOG_DATABASE_URI": uri}  # the log is the owner's
+    app, db, sidelog = make_app(
+        uri.replace("postgres@", f"{role}@"), str(tmp_path), config
+    )
+    assert db is not None
+    sidelog.track(Card)
+
+    @app.post("/pin")
+    def set_pin() -> str:
+        card = db.session.get(Card, 1)
+        db.session.commit()  # expires it
+        card.pin_hash = "new"
+        db.session.commit()
+        return "ok"
+
+    try:
+        assert app.test_client().post("/pin").text == "ok"
+        with app.app_context():
+            (entry,) = sidelog.entries()
+    finally:
+        dispose(app)
+    assert (entry["main_tx"], entry["data"]["changes"]) == (
+        "committed",
+        {"pin_hash": ["[not loaded]", "new"]},
+    )
+    check = sa.create_engine(uri)
+    with check.connect() as conn:
+        assert conn.scalar(sa.select(Card.pin_hash)) == "new"
+    check.dispose()
+
+
+def test_a_column_set_to_sql_is_recorded(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """``balance = Account.balance + 5``: the database computes it and the
+    session forgets it, but the change is there, loaded or expired."""
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+
+    @app.post("/credit")
+    def credit() -> str:
+        account = db.session.scalars(sa.select(Account)).one()
+        account.balance = Account.balance + 5
+        db.session.commit()  # expires it
+        account.balance = Account.balance + 1
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/credit").text == "ok"
+    assert balances(app, db) == {"alice": 16}
+    assert summary(changes(app, sidelog)) == [
+        ("account.update", "committed", {"balance": [10, "[SQL expression]"]}),
+        ("account.update", "committed", {"balance": [15, "[SQL expression]"]}),
+    ]
+
+
+def test_a_callable_parameter_is_called_by_the_statement_only(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    seed(app, db, ("a", 0), ("b", 0))
+    sidelog.track(Account)
+    names = iter(["a", "b"])
+
+    @app.post("/bump")
+    def bump() -> str:
+        wanted = sa.bindparam("wanted", callable_=lambda: next(names))
+        db.session.execute(
+            sa.update(Account)
+            .where(Account.name == wanted)
+            .values(balance=Account.balance + 1),
+            execution_options={"synchronize_session": False},
+        )
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/bump").text == "ok"
+    assert balances(app, db) == {"a": 1, "b": 0}
+    (entry,) = changes(app, sidelog)
+    assert entry["data"]["params"] == {"wanted": "[callable]"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_committed_although_a_listener_before_ours_raised(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """Flask-SQLAlchemy's ``models_committed`` receiver raises after the
+    commit (a search index is down). Its listener came first, in a fresh
+    process: the changes are still recorded as committed."""
+    done = subprocess.run(
+        [sys.executable, "-c", _RAISING_RECEIVER, database_uri, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "committed 1\n"), done.stderr
+
+
+_RAISING_RECEIVER = """
+import sys
+import sqlalchemy as sa
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
+from flask_sqlalchemy.track_modifications import models_committed
+from flask_sidelog import SideLog
+
+app = Flask("raising_receiver", instance_path=sys.argv[2])
+app.config.update(
+    SQLALCHEMY_DATABASE_URI=sys.argv[1],
+    SQLALCHEMY_TRACK_MODIFICATIONS=True,
+    SIDELOG_CREATE_TABLE=True,
+)
+db = SQLAlchemy(app)
+sidelog = SideLog(app, db)
+
+class Item(db.Model):
+    id = sa.Column(sa.Integer, primary_key=True)
+
+sidelog.track(Item)
+
+def reindex(sender, changes):
+    raise ConnectionError("search index is down")
+
+models_committed.connect(reindex, app)
+with app.app_context():
+    db.create_all()
+    db.session.add(Item(id=1))
+    try:
+        db.session.commit()
+    except ConnectionError:
+        pass
+    db.session.close()
+    (entry,) = sidelog.entries(event="item.insert")
+    print(entry["main_tx"], db.session.scalar(sa.select(sa.func.count(Item.id))))
+"""
 
 
 def test_delete_of_an_expired_row_keeps_its_old_values(
