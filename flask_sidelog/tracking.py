@@ -85,9 +85,9 @@ class _Spec:
     #: ``onupdate`` default, the version counter): the session's history
     #: does not have them.
     auto_keys: tuple[str, ...] = ()
-    #: The keys of ``columns`` that a flush may set on its own (``auto_keys``
-    #: and foreign keys, which it syncs from relationships).
-    synced_keys: frozenset[str] = frozenset()
+    #: The keys of ``columns`` that a load of the row reads (all but the
+    #: deferred ones).
+    loaded_keys: frozenset[str] = frozenset()
     #: How the ORM compares the old and new value of each key of ``columns``.
     equal: dict[str, t.Callable[[t.Any, t.Any], t.Any]] = dataclasses.field(
         default_factory=dict
@@ -233,8 +233,11 @@ class Tracker:
                 {op: f"{name}.{op}" for op in _ROW_OPS},
                 _names_size(str(name), [c for _, c in pk], list(kept.values())),
                 auto_keys,
-                frozenset([*auto_keys, *(key for key, c in columns if c.foreign_keys)])
-                & kept.keys(),
+                frozenset(
+                    key
+                    for key in kept
+                    if not getattr(mapper.attrs.get(key), "deferred", False)
+                ),
                 {key: _is_equal(mapper, key) for key in kept},
             )
         self._specs[mapper] = spec
@@ -660,9 +663,10 @@ def _read_old_values(
                     kept[key] = old
         if st.key is None:
             continue
-        # Set before they were loaded again (by identity: a value's == may
-        # have no truth value, an array's), and what the flush may set
-        # itself while it is expired; nothing else, a deferred blob least.
+        # Of an expired row, what a load reads (the flush, or a listener of
+        # the app's, may set any of them), and a deferred column only if it
+        # was set (not a blob nobody touched). Set before they were loaded
+        # again: by identity, as a value's == may have no truth value.
         unknown = []
         d = st.dict
         for key, old in st.committed_state.items():
@@ -672,8 +676,8 @@ def _read_old_values(
                 new = d.get(key)
                 if type(new) not in _PLAIN and _is_sql(new):
                     state.sql_set.setdefault(st, {})[key] = old
-        if st.expired_attributes:
-            unknown += st.expired_attributes & spec.synced_keys
+        if unknown or st.expired_attributes:
+            unknown += spec.loaded_keys
         if unknown:
             states, keys = expired.setdefault(st.mapper, ([], set()))
             states.append(st)
@@ -750,11 +754,13 @@ def _select_old_values(
     pks = [c.label(f"_sidelog_pk_{i}") for i, c in enumerate(pk_columns)]
     columns = [getattr(mapper.class_, key) for key in keys]
     connection = session.connection(bind_arguments={"mapper": mapper})
+    # Not in autocommit mode, where no transaction is there to protect.
+    guard = connection.dialect.name == "postgresql" and not getattr(
+        connection.connection.driver_connection, "autocommit", False
+    )
     with (
         session.no_autoflush,
-        connection.begin_nested()
-        if connection.dialect.name == "postgresql"
-        else contextlib.nullcontext(),
+        connection.begin_nested() if guard else contextlib.nullcontext(),
     ):
         rows = session.execute(sa.select(*pks, *columns).where(where)).all()
     width = len(pk_columns)

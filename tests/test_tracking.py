@@ -256,6 +256,25 @@ class Card(Base):
     pin_hash: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(80), deferred=True)
 
 
+class Stamped(Base):
+    """Stamped by a listener of the app's as the flush writes it."""
+
+    __tablename__ = "tr_stamped"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    title: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+    edited_by: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+    # A many-to-one with no FOREIGN KEY constraint, as legacy schemas have.
+    owner_id: sa_orm.Mapped[int | None] = sa_orm.mapped_column()
+    owner: sa_orm.Mapped[Thing | None] = sa_orm.relationship(
+        primaryjoin="Thing.id == foreign(Stamped.owner_id)"
+    )
+
+
+@sa.event.listens_for(Stamped, "before_update")
+def _stamp(mapper: t.Any, connection: t.Any, target: Stamped) -> None:
+    target.edited_by = "editor"
+
+
 class Moment(datetime):
     """A datetime subclass whose own code raises."""
 
@@ -508,6 +527,37 @@ def test_unloaded_columns_are_not_read_and_deletes_go_by_the_stored_key(
 
 
 @pytest.mark.postgres
+def test_old_values_of_an_engine_in_autocommit_mode(
+    postgres: t.Any, tmp_path: t.Any
+) -> None:
+    """No transaction to guard, so no savepoint around the read (which
+    PostgreSQL would refuse)."""
+    uri = postgres.create_database(f"t_{uuid.uuid4().hex[:16]}")
+    config = {"SQLALCHEMY_ENGINE_OPTIONS": {"isolation_level": "AUTOCOMMIT"}}
+    app, db, sidelog = make_app(uri, str(tmp_path), config)
+    assert db is not None
+    with app.app_context():
+        Base.metadata.create_all(db.engine, tables=[Account.__table__])
+    seed(app, db, ("alice", 10))
+    sidelog.track(Account)
+
+    @app.post("/raise")
+    def bump() -> str:
+        account = db.session.scalars(sa.select(Account)).one()
+        db.session.commit()  # expires it
+        account.balance = 11
+        db.session.commit()
+        return "ok"
+
+    try:
+        assert app.test_client().post("/raise").text == "ok"
+        found = changes(app, sidelog)
+    finally:
+        dispose(app)
+    assert summary(found) == [("account.update", "committed", {"balance": [10, 11]})]
+
+
+@pytest.mark.postgres
 def test_old_values_the_role_may_not_read_leave_the_transaction_alone(
     postgres: t.Any, tmp_path: t.Any
 ) -> None:
@@ -553,6 +603,43 @@ def test_old_values_the_role_may_not_read_leave_the_transaction_alone(
     with check.connect() as conn:
         assert conn.scalar(sa.select(Card.pin_hash)) == "new"
     check.dispose()
+
+
+def test_old_values_of_an_expired_row_that_the_flush_sets_itself(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A column a listener of the app's sets, a key a relationship without
+    a constraint syncs: their old values are read too."""
+    with app.app_context():
+        db.session.add_all(
+            [Thing(id=1, label="a"), Thing(id=2, label="b")]
+            + [Stamped(id=1, title="a", edited_by="creator", owner_id=1)]
+        )
+        db.session.commit()
+    sidelog.track(Stamped)
+
+    @app.post("/edit")
+    def edit() -> str:
+        row = db.session.get(Stamped, 1)
+        other = db.session.get(Thing, 2)
+        db.session.commit()  # expires them
+        row.title = "b"
+        row.owner = other
+        db.session.commit()
+        return "ok"
+
+    assert client.post("/edit").text == "ok"
+    assert summary(changes(app, sidelog)) == [
+        (
+            "tr_stamped.update",
+            "committed",
+            {
+                "title": ["a", "b"],
+                "owner_id": [1, 2],
+                "edited_by": ["creator", "editor"],
+            },
+        )
+    ]
 
 
 def test_a_column_set_to_sql_is_recorded(
