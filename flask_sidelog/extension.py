@@ -17,7 +17,6 @@ from flask import current_app
 from flask import Flask
 from flask import has_request_context
 from flask import Response
-from flask import session as cookie_session
 from flask.globals import app_ctx
 from werkzeug.exceptions import HTTPException
 
@@ -230,6 +229,7 @@ def _default_actor() -> str | None:
         return None
     try:
         from flask_login import current_user
+        from flask_login import UserMixin
     except ImportError:
         return None
     if not current_user.is_authenticated:
@@ -237,12 +237,27 @@ def _default_actor() -> str | None:
     try:
         return t.cast("str | None", current_user.get_id())
     except Exception:
-        # A user model the failed main session can no longer load (its
-        # commit raised): the id Flask-Login keeps in the session cookie.
-        user_id = cookie_session.get("_user_id")
-        if isinstance(user_id, str):
-            return user_id
-        raise
+        user_id = _stored_user_id(current_user._get_current_object(), UserMixin)
+        if user_id is None:
+            raise
+        return user_id
+
+
+def _stored_user_id(user: object, user_mixin: t.Any) -> str | None:
+    """What ``UserMixin.get_id()`` returns (``str(user.id)``) for a user
+    model the failed main session can no longer load (its commit raised),
+    taken from its identity key: ``id`` as stored. None unless ``user`` is
+    a mapped object, with that ``get_id``, whose key is its ``id`` alone."""
+    if getattr(type(user), "get_id", None) is not user_mixin.get_id:
+        return None
+    state: sa_orm.InstanceState[t.Any] | None = sa.inspect(user, raiseerr=False)
+    identity = None if state is None else state.identity
+    if state is None or identity is None or len(identity) != 1:
+        return None
+    mapper = state.mapper
+    if mapper.get_property_by_column(mapper.primary_key[0]).key != "id":
+        return None
+    return str(identity[0])
 
 
 class SideLog:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import itertools
 import json
 import operator
@@ -677,8 +678,12 @@ class Writer:
     def _send(self, signal: t.Any, **kwargs: t.Any) -> None:
         # One by one: a receiver that raises must not break the write path,
         # nor keep the receivers after it (an alert) from running.
+        if getattr(signal, "is_muted", False):
+            return
         for receiver in signal.receivers_for(self.app):
             try:
+                if inspect.iscoroutinefunction(receiver):
+                    raise TypeError("an async receiver; connect a plain function")
                 receiver(self.app, **kwargs)
             except Exception:
                 self.app.logger.exception("A flask-sidelog signal receiver raised.")

@@ -400,6 +400,30 @@ def test_raising_signal_receiver_breaks_nothing(
     assert seen == ["index"]
 
 
+def test_muted_and_async_receivers(
+    app: Flask, sidelog: SideLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A muted signal reaches no receiver; an async one, which the write
+    path cannot await, is reported rather than left unawaited."""
+    seen: list[str] = []
+
+    def record(sender: Flask, entry: dict[str, t.Any]) -> None:
+        seen.append(entry["event"])
+
+    async def record_later(sender: Flask, entry: dict[str, t.Any]) -> None:
+        seen.append("never")  # pragma: no cover
+
+    with entry_written.connected_to(record, app), app.app_context():
+        with entry_written.muted():
+            sidelog.log("muted")
+        with entry_written.connected_to(record_later, app):
+            sidelog.log("heard")
+    assert seen == ["heard"]
+    assert any(
+        "async receiver" in str(r.exc_info[1]) for r in caplog.records if r.exc_info
+    )
+
+
 class AuditBase(sa_orm.DeclarativeBase):
     pass
 
