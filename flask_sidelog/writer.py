@@ -682,8 +682,10 @@ class Writer:
             return
         for receiver in signal.receivers_for(self.app):
             try:
-                if inspect.iscoroutinefunction(receiver):
+                result = receiver(self.app, **kwargs)
+                if inspect.isawaitable(result):  # what nothing here would await
+                    if inspect.iscoroutine(result):
+                        result.close()
                     raise TypeError("an async receiver; connect a plain function")
-                receiver(self.app, **kwargs)
             except Exception:
                 self.app.logger.exception("A flask-sidelog signal receiver raised.")
