@@ -638,7 +638,8 @@ def _read_old_values(
     foreign key synced, before it was loaded again. One SELECT per mapper and
     :data:`OLD_VALUES_PER_SELECT` rows (fewer for a key of many columns), so
     that a job changing many rows after a commit does not make a query per
-    row."""
+    row. Also notes, in ``state.sql_set``, the columns set to a SQL
+    expression, which the flush runs and then forgets."""
     instance_state = sa_orm.attributes.instance_state
     # By mapper: its rows whose old values are missing, and which keys.
     expired: dict[
