@@ -56,6 +56,7 @@ if t.TYPE_CHECKING:
     from .extension import _AppState
 
 _PLAIN = frozenset({type(None), bool, int, float, str})
+_NOTHING: t.Mapping[str, t.Any] = {}
 _NO_VALUE = sa_orm.base.NO_VALUE
 #: The old value of an updated column that the session had not loaded and
 #: that could not be read before the flush.
@@ -301,7 +302,10 @@ def _is_equal(
 ) -> t.Callable[[t.Any, t.Any], t.Any]:
     """The ORM's comparison of two values of the attribute ``key``."""
     impl = getattr(mapper.class_manager.get(key), "impl", None)
-    return getattr(impl, "is_equal", operator.eq)
+    is_equal = getattr(impl, "is_equal", operator.eq)
+    if getattr(is_equal, "__func__", None) is sa.types.TypeEngine.compare_values:
+        return operator.eq  # the same x == y, without a call in Python
+    return t.cast("t.Callable[[t.Any, t.Any], t.Any]", is_equal)
 
 
 def _names_size(table: str, pk: list[str], columns: list[str]) -> int | None:
@@ -537,10 +541,15 @@ def _row_changes(
             if old is _NO_VALUE:
                 # Expired when set: as read before the flush, if it was.
                 old = old_values.get(st, {}).get(key, NOT_LOADED)
-            if old is new or _equal(spec.equal[key], old, new):
+            if old is new:
                 continue
+            try:  # _equal(), inline: this runs for each changed column
+                if spec.equal[key](new, old) is True:
+                    continue
+            except Exception:
+                pass
             changes[name] = [_value(old), _value(new)]
-        for key, old in sql_set.get(st, {}).items():
+        for key, old in (sql_set.get(st, _NOTHING) if sql_set else _NOTHING).items():
             # Run by the flush, which then forgot the value (and the key).
             if old is _NO_VALUE:
                 old = old_values.get(st, {}).get(key, NOT_LOADED)
@@ -641,6 +650,7 @@ def _read_old_values(
     row. Also notes, in ``state.sql_set``, the columns set to a SQL
     expression, which the flush runs and then forgets."""
     instance_state = sa_orm.attributes.instance_state
+    instance_dict = sa_orm.attributes.instance_dict
     # By mapper: its rows whose old values are missing, and which keys.
     expired: dict[
         sa_orm.Mapper[t.Any], tuple[list[sa_orm.InstanceState[t.Any]], set[str]]
@@ -666,23 +676,24 @@ def _read_old_values(
             continue
         # Of an expired row, what a load reads (the flush, or a listener of
         # the app's, may set any of them), and a deferred column only if it
-        # was set (not a blob nobody touched). Set before they were loaded
-        # again: by identity, as a value's == may have no truth value.
-        unknown = []
-        d = st.dict
+        # was set (not a blob nobody touched). Set before it was loaded
+        # again: told by identity, as a value's == may have no truth value.
+        wanted: set[str] | None = None
+        d = instance_dict(obj)
         for key, old in st.committed_state.items():
-            if key in spec.columns:
+            new = d.get(key)
+            if (old is _NO_VALUE or type(new) not in _PLAIN) and key in spec.columns:
                 if old is _NO_VALUE:
-                    unknown.append(key)
-                new = d.get(key)
+                    wanted = wanted or set(spec.loaded_keys)
+                    wanted.add(key)
                 if type(new) not in _PLAIN and _is_sql(new):
                     state.sql_set.setdefault(st, {})[key] = old
-        if unknown or st.expired_attributes:
-            unknown += spec.loaded_keys
-        if unknown:
+        if wanted is None and st.expired_attributes:
+            wanted = set(spec.loaded_keys)
+        if wanted:
             states, keys = expired.setdefault(st.mapper, ([], set()))
             states.append(st)
-            keys.update(unknown)
+            keys.update(wanted)
     for mapper, (states, keys) in expired.items():
         spec = t.cast(_Spec, tracker.spec(mapper))
         size = min(
