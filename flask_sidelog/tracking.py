@@ -541,13 +541,8 @@ def _row_changes(
             if old is _NO_VALUE:
                 # Expired when set: as read before the flush, if it was.
                 old = old_values.get(st, {}).get(key, NOT_LOADED)
-            if old is new:
+            if old is new or _equal(spec.equal[key], old, new):
                 continue
-            try:  # _equal(), inline: this runs for each changed column
-                if spec.equal[key](new, old) is True:
-                    continue
-            except Exception:
-                pass
             changes[name] = [_value(old), _value(new)]
         for key, old in (sql_set.get(st, _NOTHING) if sql_set else _NOTHING).items():
             # Run by the flush, which then forgot the value (and the key).
