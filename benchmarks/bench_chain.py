@@ -39,6 +39,7 @@ from flask import Flask
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import apps  # noqa: E402
+from _args import positive  # noqa: E402
 
 from _postgres import ThrowawayPostgres  # noqa: E402
 from flask_sidelog import SideLog  # noqa: E402
@@ -232,8 +233,10 @@ def bench_insert(server: ThrowawayPostgres, seconds: float, rounds: int) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="off/on pairs")
+    parser.add_argument(
+        "--seconds", type=positive(float), default=10.0, help="per measurement"
+    )
+    parser.add_argument("--rounds", type=positive(int), default=3, help="off/on pairs")
     parser.add_argument("--only", choices=("http", "insert"), help="one part only")
     parser.add_argument(
         "--modes",

@@ -37,6 +37,8 @@ ROOT = os.path.dirname(HERE)
 # The checkout's flask_sidelog, the tests' throwaway PostgreSQL, cli_app.
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
 
+from _args import positive  # noqa: E402
+
 from _postgres import ThrowawayPostgres  # noqa: E402
 from flask_sidelog import SideLog  # noqa: E402
 from flask_sidelog.entry import make_entry  # noqa: E402
@@ -459,7 +461,9 @@ def write_results(results: dict[str, t.Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="entries to load")
+    parser.add_argument(
+        "--rows", type=positive(int), default=1_000_000, help="entries to load"
+    )
     parser.add_argument(
         "--backend",
         choices=("sqlite", "postgres"),

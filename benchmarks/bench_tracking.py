@@ -49,6 +49,9 @@ from flask_sqlalchemy import SQLAlchemy
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 
+from _args import positive  # noqa: E402
+from _args import postgres_url  # noqa: E402
+
 from _postgres import ThrowawayPostgres  # noqa: E402
 from flask_sidelog import SideLog  # noqa: E402
 from flask_sidelog import tracking  # noqa: E402
@@ -214,14 +217,18 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="3 rounds, to check it runs"
     )
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per view")
+    parser.add_argument(
+        "--rounds", type=positive(int), default=15, help="timed rounds per view"
+    )
     parser.add_argument(
         "--breakdown",
         action="store_true",
         help="then time the parts of tracked requests (5 more per view)",
     )
     parser.add_argument(
-        "--postgres-url", help="a PostgreSQL server URL; default: start a throwaway one"
+        "--postgres-url",
+        type=postgres_url,
+        help="a PostgreSQL server URL; default: start a throwaway one",
     )
     args = parser.parse_args()
     rounds = 3 if args.smoke else args.rounds

@@ -32,6 +32,8 @@ from flask_sidelog import chain
 from flask_sidelog import SideLog
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from _args import positive  # noqa: E402
+
 from _postgres import ThrowawayPostgres  # noqa: E402
 
 TABLE = "sidelog_entries"
@@ -141,7 +143,9 @@ def bench(name: str, uri: str, instance: str, n: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="chain length")
+    parser.add_argument(
+        "--rows", type=positive(int), default=1_000_000, help="chain length"
+    )
     parser.add_argument(
         "--backend", choices=("sqlite", "postgresql", "both"), default="both"
     )

@@ -58,6 +58,8 @@ import time
 import typing as t
 import venv
 
+from _args import positive
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VENV = os.path.join(HERE, ".venv")
@@ -819,9 +821,14 @@ def chart(results: dict[str, t.Any], path: str) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a seconds-long run")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument(
-        "--scale", type=float, default=1.0, help="multiply the requests per round"
+        "--rounds", type=positive(int), default=5, help="interleaved rounds"
+    )
+    parser.add_argument(
+        "--scale",
+        type=positive(float),
+        default=1.0,
+        help="multiply the requests per round",
     )
     parser.add_argument(
         "--backends",
@@ -847,15 +854,13 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument(
         "--requests",
-        type=int,
+        type=positive(int),
         default=3000,
         help="requests to profile per variant (with --profile)",
     )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--profile-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.requests < 1:
-        parser.error(f"--requests takes a number of 1 or more; got {args.requests}")
     if not 0 < args.paced_share <= 1:
         parser.error(
             f"--paced-share takes a share of the baseline's rate above 0 and up"
