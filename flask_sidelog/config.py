@@ -5,14 +5,19 @@ Every key is read once, by ``init_app``; the documentation lists each one.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
+import re
 import typing as t
 
 import sqlalchemy as sa
 from flask import Flask
 
+from .engine import create_log_engine
+from .engine import resolve_url
 from .entry import normalise_key
+from .model import TABLE_NAME_MAX
 
 DEFAULT_REDACT_KEYS = (
     "password",
@@ -26,6 +31,13 @@ DEFAULT_REDACT_KEYS = (
 
 ON_WRITE_ERROR = ("spool", "raise")
 WRITE_MODES = ("sync", "group", "buffered")
+#: The longest write timeout and flush interval taken, in seconds: a day.
+#: Far longer ones overflow the clocks of locks and drivers, and every
+#: write would fail.
+LONGEST_WAIT = 86_400
+
+# An HTTP header name is a "token" (RFC 9110, section 5.6.2).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +64,10 @@ class Settings:
     flush_interval: float
 
     @classmethod
-    def from_app(cls, app: Flask) -> Settings:
+    def from_app(cls, app: Flask, has_db: bool = True) -> Settings:
+        """Read and check the ``SIDELOG_*`` keys of ``app``, with their
+        defaults set in its config; ``has_db``: a Flask-SQLAlchemy ``db``
+        was passed to ``init_app``, whose binds ``SIDELOG_BIND_KEY`` names."""
         c = app.config
         c.setdefault("SIDELOG_DATABASE_URI", None)
         c.setdefault("SIDELOG_BIND_KEY", None)
@@ -84,16 +99,16 @@ class Settings:
                 f" got {batch_size!r}."
             )
         interval = c["SIDELOG_FLUSH_INTERVAL"]
-        if not _positive_number(interval):
+        if not _positive_number(interval, LONGEST_WAIT * 1000):
             raise ValueError(
-                "SIDELOG_FLUSH_INTERVAL must be a number of milliseconds above 0;"
-                f" got {interval!r}."
+                "SIDELOG_FLUSH_INTERVAL must be a number of milliseconds above 0"
+                f" and at most {LONGEST_WAIT * 1000:,} (a day); got {interval!r}."
             )
         timeout = c["SIDELOG_WRITE_TIMEOUT"]
-        if not _positive_number(timeout):
+        if not _positive_number(timeout, LONGEST_WAIT):
             raise ValueError(
-                "SIDELOG_WRITE_TIMEOUT must be a number of seconds above 0,"
-                f" got {timeout!r}."
+                "SIDELOG_WRITE_TIMEOUT must be a number of seconds above 0 and"
+                f" at most {LONGEST_WAIT:,} (a day), got {timeout!r}."
             )
         on_error = c["SIDELOG_ON_WRITE_ERROR"]
         if on_error not in ON_WRITE_ERROR:
@@ -107,24 +122,50 @@ class Settings:
                 " written after the call returned, with nobody left to raise to."
             )
         spool_path = c["SIDELOG_SPOOL_PATH"] or "sidelog-spool.jsonl"
-        if not isinstance(spool_path, (str, os.PathLike)):
+        if not isinstance(spool_path, (str, os.PathLike)) or os.path.isdir(
+            os.path.join(app.instance_path, os.fspath(spool_path))
+        ):
             raise ValueError(
-                "SIDELOG_SPOOL_PATH must be a file path (relative ones are in the"
-                f" instance folder), got {spool_path!r}."
+                "SIDELOG_SPOOL_PATH must be a file path, not a folder (relative"
+                f" ones are in the instance folder), got {spool_path!r}."
             )
         if not isinstance(c["SIDELOG_CHAIN"], bool):
             raise ValueError(
                 f"SIDELOG_CHAIN must be True or False, got {c['SIDELOG_CHAIN']!r}."
             )
+        create = c["SIDELOG_CREATE_TABLE"]
+        if create is not None and not isinstance(create, bool):
+            raise ValueError(
+                "SIDELOG_CREATE_TABLE must be True, False or None (yes on SQLite"
+                f" only), got {create!r}."
+            )
+        table = c["SIDELOG_TABLE"]
+        if not isinstance(table, str) or not 0 < len(table) <= TABLE_NAME_MAX:
+            raise ValueError(
+                f"SIDELOG_TABLE must be a table name of 1 to {TABLE_NAME_MAX}"
+                f" characters, got {table!r}."
+            )
+        database_uri = _database_uri(c["SIDELOG_DATABASE_URI"])
+        bind_key = _bind_key(c, has_db)
+        main_uri = c["SIDELOG_MAIN_DATABASE_URI"] or c.get("SQLALCHEMY_DATABASE_URI")
+        options = _engine_options(c["SIDELOG_ENGINE_OPTIONS"])
+        if options:
+            log_uri: str | sa.URL | None
+            if database_uri is not None:
+                log_uri = database_uri
+            elif bind_key is not None:
+                log_uri = _bind_url(c["SQLALCHEMY_BINDS"][bind_key])
+            else:
+                log_uri = main_uri
+            _check_engine_options(log_uri, app.instance_path, float(timeout), options)
         return cls(
-            database_uri=c["SIDELOG_DATABASE_URI"],
-            bind_key=c["SIDELOG_BIND_KEY"],
-            table=c["SIDELOG_TABLE"],
-            create_table=c["SIDELOG_CREATE_TABLE"],
-            redact_keys=frozenset(normalise_key(k) for k in c["SIDELOG_REDACT_KEYS"]),
-            engine_options=dict(c["SIDELOG_ENGINE_OPTIONS"]),
-            main_database_uri=c["SIDELOG_MAIN_DATABASE_URI"]
-            or c.get("SQLALCHEMY_DATABASE_URI"),
+            database_uri=database_uri,
+            bind_key=bind_key,
+            table=table,
+            create_table=create,
+            redact_keys=_redact_keys(c["SIDELOG_REDACT_KEYS"]),
+            engine_options=options,
+            main_database_uri=main_uri,
             write_timeout=float(timeout),
             on_write_error=on_error,
             spool_path=os.path.join(app.instance_path, os.fspath(spool_path)),
@@ -144,12 +185,104 @@ def _header_name(config: t.Mapping[str, t.Any], key: str) -> str | None:
     name = config[key]
     if name is None:
         return None
-    if not isinstance(name, str) or not name.strip() or ":" in name:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name.strip()):
         raise ValueError(
             f"{key} must be None or an HTTP header name such as"
-            f' "X-Request-ID", got {name!r}.'
+            f' "X-Request-ID" (ASCII letters, digits and !#$%&\'*+-.^_`|~),'
+            f" got {name!r}."
         )
     return name.strip()
+
+
+def _redact_keys(keys: object) -> frozenset[str]:
+    # A str is iterable too: letter by letter, it would redact nearly every key.
+    if (
+        isinstance(keys, (str, bytes))
+        or not isinstance(keys, collections.abc.Iterable)
+        or not all(isinstance(k, str) and normalise_key(k) for k in keys)
+    ):
+        raise ValueError(
+            "SIDELOG_REDACT_KEYS must be a list or tuple of words, such as"
+            f' ("password", "token"), got {keys!r}.'
+        )
+    return frozenset(normalise_key(k) for k in keys)
+
+
+def _database_uri(uri: object) -> str | sa.URL | None:
+    if uri is None or isinstance(uri, sa.URL):
+        return uri
+    try:
+        if not isinstance(uri, str):
+            raise TypeError(type(uri).__name__)
+        sa.make_url(uri).get_dialect()  # the driver loads when first used
+    except Exception:
+        raise ValueError(
+            "SIDELOG_DATABASE_URI must be None or a SQLAlchemy database URL such"
+            f' as "sqlite:///audit.db" or "postgresql+psycopg://...", got {uri!r}.'
+        ) from None
+    return uri
+
+
+def _bind_key(config: t.Mapping[str, t.Any], has_db: bool) -> str | None:
+    key = config["SIDELOG_BIND_KEY"]
+    if key is None or config["SIDELOG_DATABASE_URI"] is not None:
+        return None  # SIDELOG_DATABASE_URI wins over it
+    if not has_db:
+        raise ValueError(
+            "SIDELOG_BIND_KEY names a Flask-SQLAlchemy bind: pass the db to"
+            " init_app(app, db), or set SIDELOG_DATABASE_URI instead."
+        )
+    binds = config.get("SQLALCHEMY_BINDS") or {}
+    if key not in binds:
+        names = ", ".join(repr(k) for k in binds if k is not None) or "none"
+        raise ValueError(
+            "SIDELOG_BIND_KEY must be a key of SQLALCHEMY_BINDS"
+            f" ({names}), got {key!r}."
+        )
+    return t.cast(str, key)
+
+
+def _bind_url(bind: t.Any) -> str | sa.URL | None:
+    """The URL of a ``SQLALCHEMY_BINDS`` value: a URL, or a dict of engine
+    options with one under ``"url"``, as Flask-SQLAlchemy takes them."""
+    url = bind.get("url") if isinstance(bind, t.Mapping) else bind
+    return url if isinstance(url, (str, sa.URL)) else None
+
+
+def _engine_options(options: object) -> dict[str, t.Any]:
+    if (
+        not isinstance(options, t.Mapping)
+        or not all(isinstance(k, str) for k in options)
+        or not isinstance(options.get("connect_args", {}), t.Mapping)
+    ):
+        raise ValueError(
+            "SIDELOG_ENGINE_OPTIONS must be a dict of create_engine() keyword"
+            ' arguments, such as {"pool_size": 5} (connect_args a dict too),'
+            f" got {options!r}."
+        )
+    return dict(options)
+
+
+def _check_engine_options(
+    uri: str | sa.URL | None,
+    instance_path: str,
+    timeout: float,
+    options: dict[str, t.Any],
+) -> None:
+    """Make, and drop, an engine with ``options``: it connects only when
+    used, and an option that create_engine does not take would fail every
+    write."""
+    if uri is None:  # no main database yet: the first write says so
+        return
+    try:
+        create_log_engine(resolve_url(uri, instance_path), timeout, options).dispose()
+    except ImportError:  # a driver not installed: the first write says so
+        return
+    except (TypeError, ValueError, sa.exc.ArgumentError) as e:
+        raise ValueError(
+            "SIDELOG_ENGINE_OPTIONS must be keyword arguments that"
+            f" sqlalchemy.create_engine() takes for this database: {e}"
+        ) from None
 
 
 def _chain_key(key: object) -> bytes | None:
@@ -170,9 +303,9 @@ def _chain_key(key: object) -> bytes | None:
     return key
 
 
-def _positive_number(value: object) -> bool:
+def _positive_number(value: object, most: float) -> bool:
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
-        and 0 < value < float("inf")
+        and 0 < value <= most
     )

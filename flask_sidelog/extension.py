@@ -86,7 +86,7 @@ class _AppState:
         self.extension = extension
         self.app = app
         self.db = db
-        self.settings = Settings.from_app(app)
+        self.settings = Settings.from_app(app, has_db=db is not None)
         self.main_session = main_session
         self.table = make_entries_table(self.settings.table)
         self._lock = threading.Lock()
@@ -126,12 +126,7 @@ class _AppState:
         s = self.settings
         if s.database_uri is not None:
             return resolve_url(s.database_uri, self.app.instance_path)
-        if s.bind_key is not None:
-            if self.db is None:
-                raise RuntimeError(
-                    "SIDELOG_BIND_KEY names a Flask-SQLAlchemy bind: pass the db to"
-                    " init_app(app, db), or set SIDELOG_DATABASE_URI instead."
-                )
+        if s.bind_key is not None and self.db is not None:  # see Settings
             return self.db.engines[s.bind_key].url
         return self.main_engine.url
 

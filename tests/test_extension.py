@@ -34,10 +34,90 @@ def test_state_lives_in_app_extensions(app: Flask, sidelog: SideLog) -> None:
     assert not hasattr(sidelog, "app")
 
 
-@pytest.mark.parametrize("timeout", [0, -1, "5"])
+@pytest.mark.parametrize("timeout", [0, -1, "5", 1e12, float("inf")])
 def test_bad_write_timeout(tmp_path: t.Any, timeout: object) -> None:
-    with pytest.raises(ValueError, match="number of seconds above 0"):
+    with pytest.raises(ValueError, match="number of seconds above 0 and at most"):
         make_app("sqlite://", str(tmp_path), {"SIDELOG_WRITE_TIMEOUT": timeout})
+
+
+@pytest.mark.parametrize(
+    ("config", "accepted"),
+    [
+        # A str is read letter by letter: nearly every key would be redacted.
+        ({"SIDELOG_REDACT_KEYS": "password"}, "SIDELOG_REDACT_KEYS must be a list"),
+        ({"SIDELOG_REDACT_KEYS": [""]}, "SIDELOG_REDACT_KEYS must be a list"),
+        ({"SIDELOG_REDACT_KEYS": None}, "SIDELOG_REDACT_KEYS must be a list"),
+        ({"SIDELOG_REDACT_KEYS": [1, 2]}, "SIDELOG_REDACT_KEYS must be a list"),
+        ({"SIDELOG_DATABASE_URI": "nope"}, "SIDELOG_DATABASE_URI must be None or a"),
+        ({"SIDELOG_DATABASE_URI": 5}, "SIDELOG_DATABASE_URI must be None or a"),
+        ({"SIDELOG_DATABASE_URI": ""}, "SIDELOG_DATABASE_URI must be None or a"),
+        ({"SIDELOG_ENGINE_OPTIONS": {"bogus": 1}}, "Invalid argument.*'bogus'"),
+        ({"SIDELOG_ENGINE_OPTIONS": None}, "SIDELOG_ENGINE_OPTIONS must be a dict"),
+        (
+            {"SIDELOG_ENGINE_OPTIONS": {"connect_args": "x"}},
+            "SIDELOG_ENGINE_OPTIONS must be a dict",
+        ),
+        (
+            {"SIDELOG_BIND_KEY": "missing", "SQLALCHEMY_BINDS": {"audit": "sqlite://"}},
+            r"SIDELOG_BIND_KEY must be a key of SQLALCHEMY_BINDS \('audit'\)",
+        ),
+        (
+            {
+                "SIDELOG_BIND_KEY": "audit",
+                "SQLALCHEMY_BINDS": {"audit": {"url": "sqlite://"}},
+                "SIDELOG_ENGINE_OPTIONS": {"pool_sizee": 3},
+            },
+            "'pool_sizee'",
+        ),
+        ({"SIDELOG_TABLE": None}, "SIDELOG_TABLE must be a table name of 1 to 49"),
+        ({"SIDELOG_TABLE": ""}, "SIDELOG_TABLE must be a table name"),
+        ({"SIDELOG_TABLE": "t" * 50}, "SIDELOG_TABLE must be a table name"),
+        ({"SIDELOG_CREATE_TABLE": "no"}, "SIDELOG_CREATE_TABLE must be True, False"),
+        ({"SIDELOG_SPOOL_PATH": "."}, "SIDELOG_SPOOL_PATH must be a file path, not"),
+        ({"SIDELOG_FLUSH_INTERVAL": 1e308}, "SIDELOG_FLUSH_INTERVAL must be a number"),
+        (
+            {"SIDELOG_REQUEST_ID_RESPONSE_HEADER": "Идентификатор"},
+            "SIDELOG_REQUEST_ID_RESPONSE_HEADER must be None or an HTTP header name",
+        ),
+        (
+            {"SIDELOG_REQUEST_ID_HEADER": "X Req ID"},
+            "SIDELOG_REQUEST_ID_HEADER must be None or an HTTP header name",
+        ),
+    ],
+)
+def test_bad_setting_is_refused_at_init_app(
+    tmp_path: t.Any, config: dict[str, t.Any], accepted: str
+) -> None:
+    """Each of these used to pass init_app and then fail every write or
+    response, or (a str of redacted keys) store the wrong data."""
+    with pytest.raises(ValueError, match=accepted):
+        make_app("sqlite:///main.db", str(tmp_path), config)
+
+
+def test_bind_key_needs_the_db(tmp_path: t.Any) -> None:
+    with pytest.raises(ValueError, match=r"pass the db to init_app\(app, db\)"):
+        make_app("sqlite://", str(tmp_path), {"SIDELOG_BIND_KEY": "a"}, with_db=False)
+
+
+def test_good_settings_are_taken(tmp_path: t.Any) -> None:
+    app, _, sidelog = make_app(
+        "sqlite:///main.db",
+        str(tmp_path),
+        {
+            "SIDELOG_REDACT_KEYS": ["pin"],
+            "SIDELOG_TABLE": "t" * 49,
+            "SIDELOG_ENGINE_OPTIONS": {"pool_size": 3, "connect_args": {}},
+            "SIDELOG_REQUEST_ID_HEADER": "X-Request-ID",
+            "SIDELOG_CREATE_TABLE": True,
+        },
+    )
+    try:
+        with app.app_context():
+            sidelog.log("ok", data={"pin": 1234, "password": "kept", "name": "ann"})
+            (entry,) = sidelog.entries()
+        assert entry["data"] == {"pin": "[redacted]", "password": "kept", "name": "ann"}
+    finally:
+        dispose(app)
 
 
 def test_one_extension_several_apps(tmp_path: t.Any) -> None:

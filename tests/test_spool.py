@@ -371,7 +371,6 @@ def test_an_unwritable_spool_leaves_the_entry_in_the_app_log(
     tmp_path: t.Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Last resort: the request goes on and the whole entry is in the app's log."""
-    (tmp_path / "spool-is-a-dir").mkdir()
     app, _, sidelog = make_app(
         f"sqlite:///{tmp_path / 'main.db'}",
         str(tmp_path / "instance"),
@@ -380,6 +379,8 @@ def test_an_unwritable_spool_leaves_the_entry_in_the_app_log(
             "SIDELOG_SPOOL_PATH": str(tmp_path / "spool-is-a-dir"),
         },
     )
+    # A folder where the file should be (init_app refuses one found there).
+    (tmp_path / "spool-is-a-dir").mkdir()
 
     @app.get("/")
     @sidelog.audit("home")
