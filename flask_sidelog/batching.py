@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import contextvars
 import os
 import sys
@@ -75,13 +76,17 @@ def _own_token() -> Running | None:
 class _Waiter:
     """One caller's entries in a group commit, and how its wait ended."""
 
-    __slots__ = ("entries", "lead", "error", "_wake")
+    __slots__ = ("entries", "lead", "error", "done", "gone", "_wake")
 
     def __init__(self, entries: Entries) -> None:
         self.entries = entries
         #: Woken to commit the next batch rather than because it was committed.
         self.lead = False
         self.error: Exception | None = None
+        #: Its batch ended: ``error`` says how.
+        self.done = False
+        #: Its caller stopped waiting (interrupted): the leader reports it.
+        self.gone = False
         self._wake = threading.Lock()
         self._wake.acquire()
 
@@ -158,14 +163,47 @@ class GroupCommitter:
             self._leading = True
             self._joined.notify()
         if not me.lead:
-            me.wait()
+            try:
+                me.wait()
+            except BaseException:
+                # Interrupted (Ctrl-C, a job timeout raised by a signal
+                # handler): left in the queue, it would be handed the lead
+                # and never take it, and every later caller would wait.
+                self._leave(me)
+                raise
         if me.lead:
             self._commit_next_batch()
-        if me.error is not None:
-            self.writer.failed(entries, me.error)
+        return self._report(me)
+
+    def _report(self, waiter: _Waiter) -> bool:
+        if waiter.error is not None:
+            self.writer.failed(waiter.entries, waiter.error)
             return False
-        self.writer.written(entries)
+        self.writer.written(waiter.entries)
         return True
+
+    def _leave(self, me: _Waiter) -> None:
+        """Take ``me``, whose caller stops waiting, out of the group commit.
+        Still queued, its entries go the error path now; in a batch being
+        committed, the leader reports them when it ends."""
+        with self._mutex:
+            queued = me in self._waiting
+            if queued:
+                self._waiting.remove(me)
+                if me.lead:  # handed the lead: hand it on
+                    me.lead = False
+                    successor = self._waiting[0] if self._waiting else None
+                    self._leading = successor is not None
+                    if successor is not None:
+                        successor.lead = True
+                        successor.wake()
+            elif not me.done:
+                me.gone = True
+                return
+        if queued:
+            me.error = RuntimeError("the thread waiting for this entry was interrupted")
+        with contextlib.suppress(Exception):  # the interruption is what it raises
+            self._report(me)
 
     def _commit_next_batch(self) -> None:
         # Until the insert returns, the batch counts as failed: if this thread
@@ -204,13 +242,19 @@ class GroupCommitter:
                     self._waiting.clear()
                 successor = self._waiting[0] if self._waiting else None
                 self._leading = successor is not None
-            for waiter in batch:
-                waiter.lead = False
-                waiter.error = error
-                if waiter is not batch[0]:
+                for waiter in batch:
+                    waiter.lead = False
+                    waiter.error = error
+                    waiter.done = True
+                if successor is not None:
+                    successor.lead = True
+            for waiter in batch[1:]:
+                if waiter.gone:
+                    with contextlib.suppress(Exception):  # not this caller's
+                        self._report(waiter)
+                else:
                     waiter.wake()
             if successor is not None:
-                successor.lead = True
                 successor.wake()
 
     def _gather(self, size: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -27,6 +28,7 @@ from conftest import make_app
 from conftest import run_threads
 from flask_sidelog import chain
 from flask_sidelog import SideLog
+from flask_sidelog.batching import _Waiter
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
 from flask_sidelog.signals import entry_written
@@ -885,6 +887,106 @@ def test_group_leader_interrupted_while_gathering_hands_over(
     run_threads(1, first)
     run_threads(1, later)  # would wait forever for the interrupted leader
     assert len(raised) == 1
+    assert not committer._leading and not committer._waiting
+
+
+def _start(app: Flask, sidelog: SideLog, event: str) -> threading.Thread:
+    def call() -> None:
+        with app.app_context(), contextlib.suppress(Interrupt):
+            sidelog.log(event)
+
+    thread = threading.Thread(target=call, name=event, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_for(condition: t.Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("when", ["queued", "handed_the_lead", "in_a_batch"])
+def test_group_caller_interrupted_while_it_waits(
+    build: t.Callable[..., Built],
+    database_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+) -> None:
+    """A caller whose wait is interrupted (Ctrl-C, a job timeout raised by a
+    signal handler) leaves the queue: the lead passes on, later callers are
+    not left waiting for it, and its entries are written or spooled, never
+    dropped. Left in the queue, it was handed the lead it never took, and
+    every later caller of the process waited forever."""
+    app, sidelog = build(
+        SIDELOG_WRITE_MODE="group", SIDELOG_BATCH_SIZE=1 if when != "in_a_batch" else 10
+    )
+    with app.app_context():
+        sidelog.create_table()
+        writer = app.extensions["sidelog"].writer
+    committer = writer._batcher
+    interrupted: list[t.Any] = []
+    wait = _Waiter.wait
+
+    def interrupted_wait(waiter: t.Any) -> None:
+        if waiter.entries[0]["event"] != "interrupted":
+            return wait(waiter)
+        interrupted.append(waiter)
+        if when == "handed_the_lead":
+            wait(waiter)  # woken to lead, then interrupted
+        elif when == "in_a_batch":  # once a leader took it into its batch
+            _wait_for(lambda: waiter not in committer._waiting)
+        raise Interrupt()
+
+    monkeypatch.setattr(_Waiter, "wait", interrupted_wait)
+    insert = writer.insert
+    # In a batch: another caller first in line leads it; else the first in
+    # line is the interrupted one.
+    queue = ["interrupted", "later"]
+    if when == "in_a_batch":
+        queue.reverse()
+
+    def held_insert(entries: list[dict[str, t.Any]]) -> None:
+        events = [e["event"] for e in entries]
+        if events == ["first"]:  # until the others queue behind it
+            _wait_for(lambda: len(committer._waiting) == 2 or interrupted)
+        if "interrupted" in events:  # until its caller stopped waiting
+            _wait_for(lambda: interrupted[0].gone)
+        insert(entries)
+
+    monkeypatch.setattr(writer, "insert", held_insert)
+    with failures(app) as failed:
+        threads = [_start(app, sidelog, "first")]
+        _wait_for(lambda: committer._leading)
+        for event in queue:  # one after the other, in this order
+            threads.append(_start(app, sidelog, event))
+            _wait_for(
+                lambda e=event: (
+                    e  # type: ignore[misc]
+                    in [
+                        w.entries[0]["event"]
+                        for w in [*interrupted, *committer._waiting]
+                    ]
+                )
+            )
+        for thread in threads:
+            thread.join(20)
+        assert not any(thread.is_alive() for thread in threads)
+        (waiter,) = interrupted
+        _start(app, sidelog, "after").join(20)  # would wait forever
+    stored = set(stored_events(app, database_uri))
+    assert {"first", "later", "after"} <= stored
+    if when == "in_a_batch":
+        # Committed with its batch, and reported by the leader.
+        assert "interrupted" in stored and failed == [] and waiter.done
+    else:
+        assert "interrupted" not in stored
+        assert [str(e) for e in failed] == [
+            "the thread waiting for this entry was interrupted"
+        ]
+        with open(app.extensions["sidelog"].settings.spool_path) as spool:
+            assert ['"interrupted"' in line for line in spool] == [True]
     assert not committer._leading and not committer._waiting
 
 
