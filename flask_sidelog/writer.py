@@ -578,7 +578,12 @@ class Writer:
                 return
             try:
                 self.table.create(self.engine, checkfirst=True)
-            except sa.exc.DatabaseError:
+            except sa.exc.DatabaseError as error:
+                # Locked, down, timed out: asking again would wait as long again.
+                if isinstance(
+                    error, sa.exc.OperationalError
+                ) and "already exists" not in str(error.orig):
+                    raise
                 # Another process created it between the check and the create.
                 if not sa.inspect(self.engine).has_table(self.table.name):
                     raise

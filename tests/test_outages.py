@@ -460,6 +460,36 @@ def test_4_sqlite_lock_is_bounded_by_the_busy_timeout(tmp_path: t.Any) -> None:
     print(f"\ncase 4 (SQLite exclusive lock, timeout 1 s): answered in {elapsed:.2f} s")
 
 
+def test_4_sqlite_lock_before_the_first_write_waits_the_timeout_once(
+    tmp_path: t.Any,
+) -> None:
+    """A process whose first write finds the log's file locked: creating the
+    table (SQLite's default) fails on the lock once. Asking the database
+    again whether the table exists waited out the timeout a second time."""
+    log_path = tmp_path / "log.db"
+    first, sidelog = home_app(tmp_path, f"sqlite:///{log_path}")
+    with first.app_context():
+        sidelog.create_table()
+    dispose(first)
+    app, _ = home_app(tmp_path, f"sqlite:///{log_path}")
+    asked: list[str] = []
+    with app.app_context():
+        engine = app.extensions["sidelog"].writer.engine
+    sa.event.listen(
+        engine,
+        "before_cursor_execute",
+        lambda conn, cursor, statement, *args: asked.append(statement),
+    )
+    other = sqlite3.connect(log_path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        answered_and_spooled(app)
+    finally:
+        other.close()
+    assert len([s for s in asked if "table_info" in s]) == 1
+    dispose(app)
+
+
 @pytest.mark.slow
 def test_5_load_through_gunicorn(postgres: ThrowawayPostgres, tmp_path: t.Any) -> None:
     uri = postgres.create_database(f"t_load_{os.urandom(4).hex()}")
