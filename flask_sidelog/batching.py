@@ -360,14 +360,35 @@ class BufferedQueue:
                 batch = [self._queue.popleft() for _ in range(size)]
                 self._cond.notify_all()  # room for callers waiting on a full queue
             try:
-                self.writer.write_now(batch)
-            except Exception:  # a raising failure path must not end the thread
-                self.writer.app.logger.exception(
-                    "flask-sidelog could not report a failed buffered batch."
-                )
+                self.writer.insert(batch)
+            except Exception as error:
+                if not refused_for_content(error):
+                    # Down, locked, slower than the timeout: each batch queued
+                    # would wait out the timeout in turn (at exit, past any
+                    # grace period), so they go the error path with this one,
+                    # as in a group commit.
+                    with self._cond:
+                        batch += self._queue
+                        size = len(batch)
+                        self._queue.clear()
+                        self._cond.notify_all()
+                self._report(batch, error)
+            else:
+                self._report(batch, None)
             with self._cond:
                 self._done += size
                 self._cond.notify_all()
+
+    def _report(self, batch: Entries, error: Exception | None) -> None:
+        try:
+            if error is None:
+                self.writer.written(batch)
+            else:
+                self.writer.failed(batch, error)
+        except Exception:  # a raising receiver must not end the thread
+            self.writer.app.logger.exception(
+                "flask-sidelog could not report a buffered batch."
+            )
 
     def request_started(self) -> None:
         """Nothing to do: the caller does not wait for a commit."""

@@ -269,6 +269,47 @@ def test_buffered_caller_does_not_wait_and_flush_commits(
     assert stored_events(app, database_uri) == ["queued"] * 5
 
 
+@pytest.mark.parametrize("refused", ["for_being_down", "for_its_content"])
+def test_buffered_batch_failed_for_the_database_fails_the_queue_with_it(
+    build: t.Callable[..., Built],
+    database_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    refused: str,
+) -> None:
+    """A batch that fails for the database (down, locked, slower than the
+    timeout) takes what is queued behind it to the error path at once: each
+    batch would wait out the timeout in turn, and at exit the process was
+    killed before the spool got them. A batch refused for what it holds
+    fails alone."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="buffered", SIDELOG_BATCH_SIZE=1)
+    with app.app_context():
+        sidelog.create_table()
+        writer = app.extensions["sidelog"].writer
+    insert = writer.insert
+    tried: list[list[str]] = []
+
+    def first_fails(entries: list[dict[str, t.Any]]) -> None:
+        tried.append([e["event"] for e in entries])
+        if len(tried) > 1:
+            return insert(entries)
+        _wait_for(lambda: len(writer._batcher._queue) == 4)
+        if refused == "for_being_down":
+            raise sa.exc.OperationalError("INSERT", {}, Exception("locked"))
+        raise sa.exc.IntegrityError("INSERT", {}, Exception("duplicate"))
+
+    monkeypatch.setattr(writer, "insert", first_fails)
+    with failures(app) as failed, app.app_context():
+        for n in range(5):
+            sidelog.log(f"e{n}")
+        sidelog.flush()
+    if refused == "for_being_down":
+        assert tried == [["e0"]] and len(failed) == 5
+        assert stored_events(app, database_uri) == []
+    else:
+        assert tried == [["e0"], ["e1"], ["e2"], ["e3"], ["e4"]] and len(failed) == 1
+        assert stored_events(app, database_uri) == ["e1", "e2", "e3", "e4"]
+
+
 def stored_within(
     app: Flask, database_uri: str, expected: list[str], seconds: float
 ) -> bool:
