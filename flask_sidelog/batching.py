@@ -406,7 +406,13 @@ class BufferedQueue:
             self._cond.notify_all()
             try:
                 while self._done < target:
-                    if self._thread is None or not self._thread.is_alive():
+                    if (
+                        self._thread is None
+                        or not self._thread.is_alive()
+                        # Called back by it (a signal receiver): it would
+                        # wait for itself.
+                        or self._thread is threading.current_thread()
+                    ):
                         break
                     self._cond.wait(self.interval)
                 else:

@@ -310,6 +310,47 @@ def test_buffered_batch_failed_for_the_database_fails_the_queue_with_it(
         assert stored_events(app, database_uri) == ["e1", "e2", "e3", "e4"]
 
 
+def test_buffered_flush_from_the_writer_threads_receiver(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """A receiver of a batch's signal runs in the writer thread; a flush
+    there waited for that thread, itself, for ever, and so did every flush
+    after it. It writes what is queued inline instead."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="buffered", SIDELOG_BATCH_SIZE=1)
+    with app.app_context():
+        sidelog.create_table()
+    flushed: list[str] = []
+
+    def flush_then_note(sender: Flask, entry: dict[str, t.Any]) -> None:
+        if entry["event"] == "first":
+            _wait_for(lambda: len(app.extensions["sidelog"].writer._batcher._queue))
+            with sender.app_context():
+                sidelog.flush()
+            flushed.append(threading.current_thread().name)
+
+    with entry_written.connected_to(flush_then_note, app):
+        with app.app_context():
+            sidelog.log("first")
+            sidelog.log("second")
+        done = threading.Thread(target=lambda: _flush(app), daemon=True)
+        done.start()
+        done.join(20)
+        hung = done.is_alive()
+        if hung:  # let the flushes go, so that the test ends
+            batcher = app.extensions["sidelog"].writer._batcher
+            with batcher._cond:
+                batcher._done = batcher._queued
+                batcher._cond.notify_all()
+        assert not hung
+    assert flushed == ["flask-sidelog buffered writer"]
+    assert stored_events(app, database_uri) == ["first", "second"]
+
+
+def _flush(app: Flask) -> None:
+    with app.app_context():
+        app.extensions["sidelog"].extension.flush()
+
+
 def stored_within(
     app: Flask, database_uri: str, expected: list[str], seconds: float
 ) -> bool:
