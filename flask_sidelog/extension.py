@@ -650,7 +650,9 @@ class SideLog:
             until=until,
         )
         with writer.connect() as conn:
-            by_event = entry_filters(table, event=event)
+            by_event = entry_filters(
+                table, event=event, sqlite=is_sqlite(writer.engine.url)
+            )
             queries = [newest_first(table, *clauses, *by_event)]
             if event is not None and "*" in event:
                 # A time-ordered scan for a glob reads every entry in range
@@ -703,6 +705,7 @@ class SideLog:
             request_id=request_id,
             since=since,
             until=until,
+            sqlite=is_sqlite(writer.engine.url),
         )
         if after_id is not None:
             query = newer_than(writer.table, after_id, *clauses)

@@ -20,14 +20,19 @@ STREAM_BATCH = 1000
 GLOB_NAMES_MAX = 50
 
 
-def event_clause(column: sa.ColumnElement[str], event: str) -> sa.ColumnElement[bool]:
-    """``column = event``, or a ``LIKE`` when ``event`` is a glob with ``*``.
-
-    ``%``, ``_`` and ``\\`` in the glob match themselves; ``*`` matches any
-    run of characters. SQLite's ``LIKE`` ignores the case of ASCII letters.
+def event_clause(
+    column: sa.ColumnElement[str], event: str, sqlite: bool = False
+) -> sa.ColumnElement[bool]:
+    """``column = event``, or a match of the glob ``event`` when it has a
+    ``*``, which matches any run of characters; every other character
+    matches itself, case and all: ``LIKE``, or on SQLite (``sqlite``), whose
+    ``LIKE`` ignores the case of ASCII letters, ``GLOB``.
     """
     if "*" not in event:
         return column == event
+    if sqlite:  # GLOB's other wildcards, ? and [...], as themselves
+        pattern = event.replace("[", "[[]").replace("?", "[?]")
+        return column.op("GLOB", is_comparison=True)(pattern)
     pattern = (
         event.replace("\\", "\\\\")
         .replace("%", "\\%")
@@ -69,12 +74,14 @@ def entry_filters(
     request_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    sqlite: bool = False,
 ) -> list[sa.ColumnElement[bool]]:
-    """WHERE clauses for the given filters, all bound parameters."""
+    """WHERE clauses for the given filters, all bound parameters; ``sqlite``:
+    for SQLite (see :func:`event_clause`)."""
     c = table.c
     clauses: list[sa.ColumnElement[bool]] = []
     if event is not None:
-        clauses.append(event_clause(c.event, clean_text(event)))
+        clauses.append(event_clause(c.event, clean_text(event), sqlite))
     for column, value in (
         (c.actor, actor),
         (c.outcome, outcome),

@@ -405,6 +405,8 @@ def test_glob_reads_each_matching_name(
         *[dict(event=names[i % 3], created_at=ago(minutes=i)) for i in range(12)],
         dict(event="a*b", created_at=ago(minutes=30)),
         dict(event="Login.C", created_at=ago(minutes=31)),
+        dict(event="q?[x]", created_at=ago(minutes=32)),
+        dict(event="qa[x]", created_at=ago(minutes=33)),
     )
     found = show(runner, "-n", "4", "--event", "login.*")
     assert [(e["event"], e["created_at"]) for e in found] == [
@@ -416,8 +418,13 @@ def test_glob_reads_each_matching_name(
     assert events(runner, "--event", "a*") == [("a*b", None)]
     assert events(runner, "--event", "*.C") == [("Login.C", None)]
     assert show(runner, "--event", "nothing.*") == []
-    if names_max > 1:  # exact case, where SQLite's LIKE would take Login.C
-        assert len(show(runner, "--event", "login*")) == 8
+    # Exact case, where SQLite's LIKE would take Login.C; GLOB's wildcards
+    # match themselves.
+    assert len(show(runner, "--event", "login*")) == 8
+    assert events(runner, "--event", "q?[*") == [("q?[x]", None)]
+    exported = runner.invoke(args=["sidelog", "export", "--event", "login*"])
+    assert exported.exit_code == 0
+    assert len(exported.stdout.splitlines()) == 8
 
 
 @pytest.mark.parametrize(
