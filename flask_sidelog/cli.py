@@ -19,7 +19,9 @@ import sqlalchemy as sa
 from flask import current_app
 from flask.cli import AppGroup
 
+from .chain import timestamp
 from .engine import safe_url
+from .engine import sqlite_path
 from .entry import LEVELS
 from .entry import OUTCOMES
 from .render import csv_writer
@@ -99,9 +101,13 @@ def _reason(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def with_log_database(*, need_table: bool = True) -> t.Callable[[F], F]:
+def with_log_database(*, need_table: bool | None = True) -> t.Callable[[F], F]:
     """Run the command against the log database, turning what can go wrong
-    there into one line and exit status 1 instead of a traceback."""
+    there into one line and exit status 1 instead of a traceback.
+
+    :param need_table: refuse to run without the entries table; None: only
+        if the first write will not create it (``SIDELOG_CREATE_TABLE``).
+    """
 
     def decorator(command: F) -> F:
         @functools.wraps(command)
@@ -123,7 +129,8 @@ def with_log_database(*, need_table: bool = True) -> t.Callable[[F], F]:
                 raise click.ClickException(
                     f"cannot reach the sidelog database {where}: {_reason(e)}"
                 ) from None
-            if need_table and not exists:
+            needed = not writer.creates_table if need_table is None else need_table
+            if needed and not exists:
                 raise click.ClickException(
                     "no sidelog entries table in DB: run `flask sidelog init`"
                     f" (looked for {writer.table.name} in {where})"
@@ -137,6 +144,11 @@ def with_log_database(*, need_table: bool = True) -> t.Callable[[F], F]:
             except BrokenPipeError:
                 _stop_writing()
                 sys.exit(1)
+            except OSError as e:  # standard output: a full disk, say
+                _stop_writing()
+                raise click.ClickException(
+                    f"cannot write the output: {e.strerror or e}"
+                ) from None
 
         return t.cast(F, wrapper)
 
@@ -167,6 +179,7 @@ def init_command() -> None:
 
 
 @sidelog_group.command("replay")
+@with_log_database(need_table=None)
 def replay_command() -> None:
     """Move the entries of the spool (SIDELOG_SPOOL_PATH) into the log
     database. Safe to run again, and while the app runs: no entry is ever
@@ -393,6 +406,8 @@ def stats_command(since: datetime) -> None:
 @with_log_database()
 def export_command(fmt: str, output: str, **filters: t.Any) -> None:
     """Write every matching entry, oldest first, streaming in constant memory."""
+    if output != "-":
+        _refuse_own_files(output)
     count = 0
     try:
         with contextlib.ExitStack() as stack:
@@ -411,10 +426,29 @@ def export_command(fmt: str, output: str, **filters: t.Any) -> None:
         if output == "-":
             raise  # a closed pipe: see with_log_database
         raise click.ClickException(
-            f"cannot write {output}: {e.strerror or e} ({count} entries written before)"
+            f"cannot write {output}: {e.strerror or e}; it is incomplete"
         ) from None
     where = "" if output == "-" else f" to {output}"
     click.echo(f"Exported {count} entr{'y' if count == 1 else 'ies'}{where}.", err=True)
+
+
+def _refuse_own_files(output: str) -> None:
+    """Opening ``output`` for writing empties it: refuse the app's SQLite
+    files and its spool, which an export would wipe."""
+    state = _state()
+    engines = [state.writer.engine]
+    with contextlib.suppress(RuntimeError):  # no main database
+        engines.append(state.main_engine)
+    if state.db is not None:
+        engines += state.db.engines.values()
+    own = [state.writer.spool.path, *map(sqlite_path, (e.url for e in engines))]
+    for path in own:
+        with contextlib.suppress(OSError):  # a file not there (yet)
+            if path is not None and os.path.samefile(output, path):
+                raise click.UsageError(
+                    f"--output {output} is a file of the app's (its database or"
+                    " the spool), which exporting would empty; give another file."
+                )
 
 
 @sidelog_group.command("prune")
@@ -432,7 +466,7 @@ def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
     chain on, deletion stops at the first entry to keep: an older entry
     chained after it (a replayed one) waits for a later prune."""
     sidelog = _extension()
-    when = f"{before:%Y-%m-%dT%H:%M:%SZ}"
+    when = timestamp(before)
     count = sidelog.prune(before, dry_run=True)
     if dry_run or count == 0:
         click.echo(f"{count} entries created before {when} would be deleted.")
@@ -450,7 +484,7 @@ def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
 @click.option(
     "--from",
     "from_seq",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=2**63 - 1),
     help="Start at this seq, trusting the entry before it (incremental checks).",
 )
 @click.option(

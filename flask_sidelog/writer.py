@@ -567,6 +567,11 @@ class Writer:
                 driver.isolation_level = isolation
                 _leave_autocommit(conn, driver, True)
 
+    @property
+    def creates_table(self) -> bool:
+        """Whether the first write creates the table if it is missing."""
+        return self._create_table
+
     def ensure_table(self) -> None:
         """Create the table on first use when ``SIDELOG_CREATE_TABLE`` is on."""
         if not self._create_table:

@@ -25,6 +25,7 @@ from _entries import ago
 from conftest import dispose
 from conftest import make_app
 from flask_sidelog import SideLog
+from flask_sidelog.engine import sqlite_path
 
 
 def count(app: Flask) -> int:
@@ -107,6 +108,37 @@ def test_export_to_a_file_that_cannot_be_written(
         assert result.exit_code == 1
         assert result.output.startswith(f"Error: cannot write {target}: {reason}")
         assert "Traceback" not in result.output
+
+
+def test_export_refuses_the_apps_own_files(
+    app: Flask, runner: FlaskCliRunner, sidelog: SideLog
+) -> None:
+    """Opening --output empties it: pointed at the log's database file or
+    the spool, an export wiped the log it was exporting."""
+    add_entries(app, dict(event="kept"))
+    state = app.extensions["sidelog"]
+    targets = [state.settings.spool_path]
+    os.makedirs(os.path.dirname(state.settings.spool_path), exist_ok=True)
+    with open(state.settings.spool_path, "w") as spool:
+        spool.write('{"event": "spooled"}\n')
+    database = sqlite_path(state.writer.engine.url)
+    if database is not None:  # a file of its own
+        targets.append(database)
+    for target in targets:
+        result = runner.invoke(args=["sidelog", "export", "-o", target])
+        assert result.exit_code == 2, result.output
+        assert "which exporting would empty; give another file" in result.output
+    assert count(app) == 1
+    with open(state.settings.spool_path) as spool:
+        assert spool.read() == '{"event": "spooled"}\n'
+
+
+def test_verify_from_a_seq_beyond_any(app: Flask, runner: FlaskCliRunner) -> None:
+    """Once an OverflowError from the driver, as a traceback."""
+    add_entries(app, dict(event="kept"))
+    result = runner.invoke(args=["sidelog", "verify", "--from", str(2**64)])
+    assert result.exit_code == 2
+    assert "is not in the range 1<=x<=9223372036854775807" in result.output
 
 
 def test_show_data_that_is_not_an_object(app: Flask, runner: FlaskCliRunner) -> None:
@@ -211,6 +243,10 @@ def test_prune(app: Flask, runner: FlaskCliRunner) -> None:
     assert "Delete 3 entries created before " in result.output
     assert count(app) == 5
 
+    before = "2020-01-02T03:04:05.678901Z"
+    result = runner.invoke(args=["sidelog", "prune", "--before", before, "--dry-run"])
+    assert result.output == f"0 entries created before {before} would be deleted.\n"
+
     result = runner.invoke(args=args, input="y\n")
     assert result.exit_code == 0, result.output
     assert "Deleted 3 entries created before " in result.output
@@ -304,10 +340,8 @@ def flask_process(
         [sys.executable, "-m", "flask", "--app", "logapp", "sidelog", *args],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         text=True,
-        **popen,
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen},
     )
 
 
@@ -317,6 +351,19 @@ def file_app(tmp_path: t.Any) -> t.Iterator[tuple[Flask, str]]:
     app, _, _ = make_app(uri, str(tmp_path / "instance"), with_db=False)
     yield app, uri
     dispose(app)
+
+
+@pytest.mark.parametrize("command", ["show", "export", "stats"])
+def test_output_to_a_full_disk(
+    file_app: tuple[Flask, str], tmp_path: t.Any, command: str
+) -> None:
+    app, uri = file_app
+    add_entries(app, *[dict(event="login.failed")] * 50)
+    with open("/dev/full", "w") as full:
+        proc = flask_process(tmp_path, uri, command, stdout=full)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err == "Error: cannot write the output: No space left on device\n"
 
 
 def test_show_as_a_real_process(file_app: tuple[Flask, str], tmp_path: t.Any) -> None:

@@ -156,10 +156,11 @@ def test_replay_cli(parts: AppParts) -> None:
     with app.app_context():
         sidelog.log("one")
         sidelog.log("two")
+    # No table, and SIDELOG_CREATE_TABLE off: said as it is, not as a
+    # failure to reach the database.
     failed = runner.invoke(args=["sidelog", "replay"])
     assert failed.exit_code == 1
-    assert "Moved 0 entries" in failed.output
-    assert "2 entries could not be written" in failed.output
+    assert failed.output.startswith("Error: no sidelog entries table in DB: run")
     assert "Traceback" not in failed.output
     assert len(spooled(app)) == 2
 
@@ -263,6 +264,33 @@ def test_spool_appends_from_processes_and_threads(tmp_path: t.Any) -> None:
     assert len({r["uuid"] for r in rows}) == len(rows)
     assert len({r["data"]["who"] for r in rows}) == len(rows)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize(
+    ("uri", "said"),
+    [
+        ("postgresql+psycopg://u@127.0.0.1:1/x", "cannot reach the sidelog database"),
+        ("mysql+mysqldb://u@localhost/x", "cannot load the sidelog database's driver"),
+    ],
+)
+def test_replay_with_the_log_database_out_of_reach(
+    tmp_path: t.Any, uri: str, said: str
+) -> None:
+    """One line and exit status 1, like every other command; the spool is
+    left as it was."""
+    app, _, sidelog = make_app(
+        "sqlite://", str(tmp_path / "instance"), {"SIDELOG_DATABASE_URI": uri}
+    )
+    path = app.extensions["sidelog"].settings.spool_path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as spool:
+        spool.write('{"event": "kept"}\n')
+    result = app.test_cli_runner().invoke(args=["sidelog", "replay"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"Error: {said}")
+    assert [e["event"] for e in spooled(app)] == ["kept"]
+    dispose(app)
 
 
 def test_replay_while_the_app_keeps_spooling(log_app: AppParts) -> None:
