@@ -164,16 +164,18 @@ class Table:
     ) -> str:
         cells = {name: escape(str(value)) for name, value in cells.items()}
         # Seven separators between eight columns; the wide text columns and
-        # the data share what the bounded ones leave.
+        # the data share what the bounded ones leave. The event, what a reader
+        # looks for, gets half of it (at 80 columns, "login.fail…", not
+        # "logi…"), the actor and the request a quarter each, up to their
+        # most, and the data the rest.
         free = self.width - self._BOUNDED - 7
-        share = max(free // 4, 4)
         widths = {
             "time": self._TIME,
-            "event": min(self._EVENT, share),
-            "actor": min(self._ACTOR, share),
+            "event": min(self._EVENT, max(free // 2, 4)),
+            "actor": min(self._ACTOR, max(free // 4, 4)),
             "outcome": self._OUTCOME,
             "main_tx": self._MAIN_TX,
-            "where": min(self._WHERE, share),
+            "where": min(self._WHERE, max(free // 4, 4)),
             "rid": self._REQUEST_ID,
         }
         widths["data"] = max(self.width - sum(widths.values()) - 7, 0)

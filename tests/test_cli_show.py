@@ -252,6 +252,16 @@ def test_table_fits_the_terminal(
     assert "\x1b[" not in result.output  # no colour without a terminal
 
 
+def test_event_is_readable_at_80_columns(app: Flask, runner: FlaskCliRunner) -> None:
+    """At 80 columns (any pipe) the event was cut to 4 characters: login.ok
+    and login.failed both read "logi…"."""
+    add_entries(app, dict(event="login.failed", actor="bob"))
+    result = runner.invoke(args=["sidelog", "show"], env={"COLUMNS": "80"})
+    row = result.output.splitlines()[1]
+    assert len(row) <= 80
+    assert row.split()[1] == "login.fail…"
+
+
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
 def test_machine_formats_are_lossless(
     app: Flask, runner: FlaskCliRunner, fmt: str
