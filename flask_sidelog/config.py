@@ -6,6 +6,7 @@ Every key is read once, by ``init_app``; the documentation lists each one.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import os
 import re
@@ -139,24 +140,19 @@ class Settings:
                 "SIDELOG_CREATE_TABLE must be True, False or None (yes on SQLite"
                 f" only), got {create!r}."
             )
-        table = c["SIDELOG_TABLE"]
-        if not isinstance(table, str) or not 0 < len(table) <= TABLE_NAME_MAX:
-            raise ValueError(
-                f"SIDELOG_TABLE must be a table name of 1 to {TABLE_NAME_MAX}"
-                f" characters, got {table!r}."
-            )
         database_uri = _database_uri(c["SIDELOG_DATABASE_URI"])
         bind_key = _bind_key(c, has_db)
         main_uri = c["SIDELOG_MAIN_DATABASE_URI"] or c.get("SQLALCHEMY_DATABASE_URI")
+        log_uri: str | sa.URL | None
+        if database_uri is not None:
+            log_uri = database_uri
+        elif bind_key is not None:
+            log_uri = _bind_url(c["SQLALCHEMY_BINDS"][bind_key])
+        else:
+            log_uri = main_uri
+        table = _table_name(c["SIDELOG_TABLE"], log_uri)
         options = _engine_options(c["SIDELOG_ENGINE_OPTIONS"])
         if options:
-            log_uri: str | sa.URL | None
-            if database_uri is not None:
-                log_uri = database_uri
-            elif bind_key is not None:
-                log_uri = _bind_url(c["SQLALCHEMY_BINDS"][bind_key])
-            else:
-                log_uri = main_uri
             _check_engine_options(log_uri, app.instance_path, float(timeout), options)
         return cls(
             database_uri=database_uri,
@@ -196,16 +192,38 @@ def _header_name(config: t.Mapping[str, t.Any], key: str) -> str | None:
 
 def _redact_keys(keys: object) -> frozenset[str]:
     # A str is iterable too: letter by letter, it would redact nearly every key.
-    if (
-        isinstance(keys, (str, bytes))
+    words = (
+        None
+        if isinstance(keys, (str, bytes))
         or not isinstance(keys, collections.abc.Iterable)
-        or not all(isinstance(k, str) and normalise_key(k) for k in keys)
-    ):
+        else list(keys)  # read once: a generator has nothing left after a check
+    )
+    if words is None or not all(isinstance(k, str) and normalise_key(k) for k in words):
         raise ValueError(
             "SIDELOG_REDACT_KEYS must be a list or tuple of words, such as"
             f' ("password", "token"), got {keys!r}.'
         )
-    return frozenset(normalise_key(k) for k in keys)
+    return frozenset(map(normalise_key, words))
+
+
+def _table_name(name: object, log_uri: str | sa.URL | None) -> str:
+    """A table name; on PostgreSQL, short enough for its index names, which
+    it takes up to 63 bytes."""
+    postgres = False
+    with contextlib.suppress(Exception):  # a URL that is checked elsewhere
+        postgres = (
+            sa.make_url(t.cast(t.Any, log_uri)).get_backend_name() == "postgresql"
+        )
+    if (
+        not isinstance(name, str)
+        or not name
+        or (postgres and len(name.encode("utf-8")) > TABLE_NAME_MAX)
+    ):
+        limit = f" of at most {TABLE_NAME_MAX} bytes on PostgreSQL" if postgres else ""
+        raise ValueError(
+            f"SIDELOG_TABLE must be a non-empty table name{limit}, got {name!r}."
+        )
+    return name
 
 
 def _database_uri(uri: object) -> str | sa.URL | None:

@@ -122,5 +122,5 @@ def make_checkpoints_table(entries_name: str, metadata: sa.MetaData) -> sa.Table
 
 #: The names of the stored fields, in table order.
 FIELDS: tuple[str, ...] = tuple(c.name for c in make_entries_table("_").columns)
-#: The longest table name whose index names PostgreSQL takes (63 characters).
+#: The longest table name (in bytes) whose index names PostgreSQL takes (63).
 TABLE_NAME_MAX = 64 - max(len(str(ix.name)) for ix in make_entries_table("_").indexes)
