@@ -420,11 +420,16 @@ class BufferedQueue:
                 # No thread to wait for (interpreter shutdown): write inline.
                 batch = list(self._queue)
                 self._queue.clear()
-                self._done += len(batch)
             finally:
                 self._urgent -= 1
         if batch:
-            self.writer.write_now(batch)
+            try:
+                self.writer.write_now(batch)
+            finally:
+                # Only now: a flush of another thread must not return first.
+                with self._cond:
+                    self._done += len(batch)
+                    self._cond.notify_all()
 
 
 Batcher = GroupCommitter | BufferedQueue

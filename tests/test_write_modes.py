@@ -346,6 +346,55 @@ def test_buffered_flush_from_the_writer_threads_receiver(
     assert stored_events(app, database_uri) == ["first", "second"]
 
 
+def test_flush_waits_for_what_a_receiver_flushes_inline(
+    build: t.Callable[..., Built], database_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a flush in the writer thread writes inline counts as done once
+    written: a flush of another thread returned before, without it."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="buffered", SIDELOG_BATCH_SIZE=1)
+    with app.app_context():
+        sidelog.create_table()
+        writer = app.extensions["sidelog"].writer
+    insert = writer.insert
+
+    def slow_second(entries: list[dict[str, t.Any]]) -> None:
+        if entries[0]["event"] == "second":
+            time.sleep(0.5)
+        insert(entries)
+
+    monkeypatch.setattr(writer, "insert", slow_second)
+    first, go = threading.Event(), threading.Event()
+
+    def flush_on_first(sender: Flask, entry: dict[str, t.Any]) -> None:
+        if entry["event"] == "first":
+            first.set()
+            go.wait(20)
+            with sender.app_context():
+                sidelog.flush()
+
+    seen: list[list[str]] = []
+
+    def other_flush() -> None:
+        with app.app_context():
+            sidelog.flush()
+            seen.append([e["event"] for e in sidelog.entries()])
+
+    with entry_written.connected_to(flush_on_first, app), app.app_context():
+        sidelog.log("first")
+        assert first.wait(20)
+        sidelog.log("second")  # queued while the writer thread is in the receiver
+        other = threading.Thread(target=other_flush, daemon=True)
+        other.start()
+        _wait_for(lambda: writer._batcher._urgent > 0)
+        # The receiver's flush takes "second" and "third": counted as done
+        # when taken, they made up the other flush's target of two while
+        # "second" was still being written.
+        sidelog.log("third")
+        go.set()
+        other.join(20)
+    assert seen and seen[0][:2] == ["first", "second"]
+
+
 def _flush(app: Flask) -> None:
     with app.app_context():
         app.extensions["sidelog"].extension.flush()
