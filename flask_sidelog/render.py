@@ -164,18 +164,19 @@ class Table:
     ) -> str:
         cells = {name: escape(str(value)) for name, value in cells.items()}
         # Seven separators between eight columns; the wide text columns and
-        # the data share what the bounded ones leave. The event, what a reader
-        # looks for, gets half of it (at 80 columns, "login.fail…", not
-        # "logi…"), the actor and the request a quarter each, up to their
-        # most, and the data the rest.
+        # the data share what the bounded ones leave, in fifths: two for the
+        # event, what a reader looks for (at 80 columns "login.f…", not
+        # "logi…"), one each for the actor and the request, up to their
+        # most, and the rest for the data.
         free = self.width - self._BOUNDED - 7
+        share = max(free // 5, 2)
         widths = {
             "time": self._TIME,
-            "event": min(self._EVENT, max(free // 2, 4)),
-            "actor": min(self._ACTOR, max(free // 4, 4)),
+            "event": min(self._EVENT, 2 * share),
+            "actor": min(self._ACTOR, share),
             "outcome": self._OUTCOME,
             "main_tx": self._MAIN_TX,
-            "where": min(self._WHERE, max(free // 4, 4)),
+            "where": min(self._WHERE, share),
             "rid": self._REQUEST_ID,
         }
         widths["data"] = max(self.width - sum(widths.values()) - 7, 0)

@@ -254,12 +254,13 @@ def test_table_fits_the_terminal(
 
 def test_event_is_readable_at_80_columns(app: Flask, runner: FlaskCliRunner) -> None:
     """At 80 columns (any pipe) the event was cut to 4 characters: login.ok
-    and login.failed both read "logi…"."""
-    add_entries(app, dict(event="login.failed", actor="bob"))
+    and login.failed both read "logi…". The data keeps room too."""
+    add_entries(app, dict(event="login.failed", actor="bob", data={"x": 1}))
     result = runner.invoke(args=["sidelog", "show"], env={"COLUMNS": "80"})
     row = result.output.splitlines()[1]
     assert len(row) <= 80
-    assert row.split()[1] == "login.fail…"
+    assert row.split()[1] == "login.f…"
+    assert row.rstrip().endswith(" x=1")
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
