@@ -144,8 +144,12 @@ def with_log_database(*, need_table: bool | None = True) -> t.Callable[[F], F]:
             except BrokenPipeError:
                 _stop_writing()
                 sys.exit(1)
-            except OSError as e:  # standard output: a full disk, say
-                _stop_writing()
+            except OSError as e:
+                if e.filename is not None:  # a file of the app's, the spool say
+                    raise click.ClickException(
+                        f"{e.filename}: {e.strerror or e}"
+                    ) from None
+                _stop_writing()  # standard output: a full disk, say
                 raise click.ClickException(
                     f"cannot write the output: {e.strerror or e}"
                 ) from None
@@ -443,12 +447,18 @@ def _refuse_own_files(output: str) -> None:
         engines += state.db.engines.values()
     own = [state.writer.spool.path, *map(sqlite_path, (e.url for e in engines))]
     for path in own:
-        with contextlib.suppress(OSError):  # a file not there (yet)
-            if path is not None and os.path.samefile(output, path):
-                raise click.UsageError(
-                    f"--output {output} is a file of the app's (its database or"
-                    " the spool), which exporting would empty; give another file."
-                )
+        if path is None:
+            continue
+        # By path too: a spool not there yet, created by the export, would
+        # have the wrong mode and hold lines replay cannot read.
+        same = os.path.realpath(output) == os.path.realpath(path)
+        with contextlib.suppress(OSError):  # not there (yet)
+            same = same or os.path.samefile(output, path)
+        if same:
+            raise click.UsageError(
+                f"--output {output} is a file of the app's (its database or"
+                " the spool), which exporting would empty; give another file."
+            )
 
 
 @sidelog_group.command("prune")

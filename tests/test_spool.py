@@ -293,6 +293,20 @@ def test_replay_with_the_log_database_out_of_reach(
     dispose(app)
 
 
+def test_replay_names_a_spool_it_cannot_open(tmp_path: t.Any) -> None:
+    """An error of the spool's file is not taken for one of the output."""
+    (tmp_path / "a-file").write_text("")
+    spool = tmp_path / "a-file" / "spool.jsonl"
+    app, _, _ = make_app(
+        "sqlite://", str(tmp_path / "instance"), {"SIDELOG_SPOOL_PATH": str(spool)}
+    )
+    result = app.test_cli_runner().invoke(args=["sidelog", "replay"])
+    assert result.exit_code == 1
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"Error: {tmp_path / 'a-file'}")
+    dispose(app)
+
+
 def test_replay_while_the_app_keeps_spooling(log_app: AppParts) -> None:
     """Appends that land during a replay are neither lost nor replayed twice."""
     app, _, sidelog = log_app
