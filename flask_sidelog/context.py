@@ -133,7 +133,7 @@ class ContextState:
         if status is None:
             # after_request did not run: the exception went past it.
             if isinstance(exc, HTTPException):
-                status = exc.code or 500
+                status = exc.code or _response_status(exc) or 500
             else:
                 status = 200 if exc is None else 500
             unhandled = exc is not None and not isinstance(exc, HTTPException)
@@ -145,7 +145,15 @@ class ContextState:
             outcome = "failure"
         else:
             outcome = "success"
+            if isinstance(exc, HTTPException):  # abort(redirect(...)): no error
+                exc = None
         return outcome, status, describe_error(exc)
+
+
+def _response_status(exc: HTTPException) -> int | None:
+    """The status of the response ``abort(response)`` was given."""
+    response = exc.response
+    return None if response is None else response.status_code
 
 
 def describe_error(exc: BaseException | None) -> str | None:
@@ -171,6 +179,8 @@ def describe_error(exc: BaseException | None) -> str | None:
 
 def _error_message(exc: BaseException) -> str:
     if isinstance(exc, HTTPException):
+        if exc.code is None and exc.response is not None:  # abort(response)
+            return exc.response.status
         return f"{exc.code} {exc.name}"
     error: BaseException = exc
     if isinstance(exc, sa.exc.StatementError) and exc.orig is not None:

@@ -8,6 +8,8 @@ import pytest
 import sqlalchemy as sa
 from flask import abort
 from flask import Flask
+from flask import make_response
+from flask import redirect
 from flask.testing import FlaskClient
 from flask_sqlalchemy import SQLAlchemy
 
@@ -119,6 +121,38 @@ def test_abort_is_a_failure(app: Flask, sidelog: SideLog, client: FlaskClient) -
     assert entry["level"] == "warning"
     assert entry["main_tx"] == "none"
     assert entry["error"] == "werkzeug.exceptions.Forbidden: 403 Forbidden"
+
+
+def test_abort_with_a_response(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """abort(response), Flask's way to send a redirect or a made response
+    from deep in a view, was stored as "None Unknown Error", on successes
+    too."""
+
+    @app.get("/go")
+    @sidelog.audit("go")
+    def go() -> str:
+        abort(redirect("/login"))
+
+    @app.get("/legal")
+    @sidelog.audit("legal")
+    def legal() -> str:
+        abort(make_response("blocked", 451))
+
+    assert client.get("/go").status_code == 302
+    assert client.get("/legal").status_code == 451
+    with app.app_context():
+        go_entry, legal_entry = sidelog.entries()
+    assert (go_entry["outcome"], go_entry["status_code"], go_entry["error"]) == (
+        "success",
+        302,
+        None,
+    )
+    assert (legal_entry["outcome"], legal_entry["status_code"]) == ("failure", 451)
+    assert legal_entry["error"] == (
+        "werkzeug.exceptions.HTTPException: 451 UNAVAILABLE FOR LEGAL REASONS"
+    )
 
 
 def test_success_with_commit(
