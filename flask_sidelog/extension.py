@@ -16,6 +16,7 @@ import sqlalchemy.orm as sa_orm
 from flask import current_app
 from flask import Flask
 from flask import has_request_context
+from flask import request
 from flask import Response
 from flask.globals import app_ctx
 from werkzeug.exceptions import HTTPException
@@ -496,6 +497,9 @@ class SideLog:
                 finally:
                     state.actor = self._actor()
 
+            # Copied by functools.wraps to the decorators above this one: a
+            # request they (or a before_request) turn away is recorded too.
+            wrapper._sidelog_audit = (event,)  # type: ignore[attr-defined]
             return t.cast(F, wrapper)
 
         return decorator
@@ -854,6 +858,16 @@ class SideLog:
         state = context.current_state(
             create=header is not None, with_request=header is not None
         )
+        if state is None or state.audit_event is None:
+            # Routed to an audited view that did not run: a before_request
+            # function or a decorator above @audit turned the request away
+            # (a denied request is what an audit log must keep).
+            view = current_app.view_functions.get(request.endpoint or "")
+            marker = getattr(view, "_sidelog_audit", None)
+            if marker is not None:
+                state = context.current_state(with_request=True)
+                state.audit_event = marker[0] or request.endpoint
+                state.actor = self._actor()
         if state is not None:
             state.status_code = response.status_code
             if header is not None and state.request_id is not None:

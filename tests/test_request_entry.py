@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import typing as t
 
 import pytest
 import sqlalchemy as sa
 from flask import abort
+from flask import Blueprint
 from flask import Flask
 from flask import make_response
 from flask import redirect
+from flask import request
 from flask.testing import FlaskClient
 from flask_sqlalchemy import SQLAlchemy
 
@@ -153,6 +156,71 @@ def test_abort_with_a_response(
     assert legal_entry["error"] == (
         "werkzeug.exceptions.HTTPException: 451 UNAVAILABLE FOR LEGAL REASONS"
     )
+
+
+def test_request_turned_away_before_the_audited_view(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A blueprint's before_request guard, or a decorator above @audit,
+    turns a request away before the view runs: the denied attempt is what
+    an audit log must keep, and it wrote no entry."""
+    admin = Blueprint("admin", __name__, url_prefix="/admin")
+
+    @admin.before_request
+    def require_admin() -> t.Any:
+        if request.args.get("as") == "guest":
+            abort(403)
+        if request.args.get("as") == "nobody":
+            return redirect("/login")
+        return None
+
+    @admin.post("/wipe")
+    @sidelog.audit("admin.wipe")
+    def wipe() -> str:
+        return "wiped"
+
+    @admin.post("/other")  # not audited: nothing to record
+    def other() -> str:
+        return "other"
+
+    def login_required(view: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+        @functools.wraps(view)
+        def check(*args: t.Any, **kwargs: t.Any) -> t.Any:
+            if "user" not in request.args:
+                abort(401)
+            return view(*args, **kwargs)
+
+        return check
+
+    @app.post("/transfer")
+    @login_required
+    @sidelog.audit()
+    def transfer() -> str:
+        return "sent"
+
+    app.register_blueprint(admin)
+    for path, status in [
+        ("/admin/wipe?as=guest", 403),
+        ("/admin/wipe?as=nobody", 302),
+        ("/admin/wipe", 200),
+        ("/admin/other?as=guest", 403),
+        ("/transfer", 401),
+        ("/transfer?user=ann", 200),
+        ("/nowhere", 404),
+    ]:
+        assert client.post(path).status_code == status, path
+    with app.app_context():
+        found = [
+            (e["event"], e["outcome"], e["status_code"], e["main_tx"], e["path"])
+            for e in sidelog.entries()
+        ]
+    assert found == [
+        ("admin.wipe", "failure", 403, "none", "/admin/wipe"),
+        ("admin.wipe", "success", 302, "none", "/admin/wipe"),
+        ("admin.wipe", "success", 200, "none", "/admin/wipe"),
+        ("transfer", "failure", 401, "none", "/transfer"),
+        ("transfer", "success", 200, "none", "/transfer"),
+    ]
 
 
 def test_success_with_commit(
