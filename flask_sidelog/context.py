@@ -145,8 +145,8 @@ class ContextState:
             outcome = "failure"
         else:
             outcome = "success"
-            if isinstance(exc, HTTPException):  # abort(redirect(...)): no error
-                exc = None
+            if isinstance(exc, HTTPException) and exc.code is None:
+                exc = None  # abort(redirect(...)): a response, not an error
         return outcome, status, describe_error(exc)
 
 
