@@ -1078,8 +1078,11 @@ def test_group_caller_interrupted_while_it_waits(
     if when == "in_a_batch":
         queue.reverse()
 
+    inserted: list[str] = []
+
     def held_insert(entries: list[dict[str, t.Any]]) -> None:
         events = [e["event"] for e in entries]
+        inserted.extend(events)
         if events == ["first"]:  # until the others queue behind it
             _wait_for(lambda: len(committer._waiting) == 2 or interrupted)
         if "interrupted" in events:  # until its caller stopped waiting
@@ -1092,12 +1095,15 @@ def test_group_caller_interrupted_while_it_waits(
         _wait_for(lambda: committer._leading)
         for event in queue:  # one after the other, in this order
             threads.append(_start(app, sidelog, event))
+            # Arrived: waiting, interrupted, or (taking its turn at once)
+            # already inserted.
             _wait_for(
                 lambda e=event: (
-                    e  # type: ignore[misc]
+                    e
                     in [
-                        w.entries[0]["event"]
-                        for w in [*interrupted, *committer._waiting]
+                        *(w.entries[0]["event"] for w in interrupted),
+                        *(w.entries[0]["event"] for w in committer._waiting),
+                        *inserted,
                     ]
                 )
             )
