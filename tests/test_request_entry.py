@@ -569,6 +569,29 @@ def test_exception_turned_into_a_response_by_an_errorhandler(
     assert entry["error"] == "test_request_entry.NotThere: no such account"
 
 
+def test_http_error_an_errorhandler_answers_with_a_success_keeps_its_text(
+    app: Flask, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A 404 answered with a page (a single-page app's fallback) is judged
+    by the 200 it got; what was raised stays in ``error``, as for any
+    exception an errorhandler answers. Only abort(response) has none."""
+
+    @app.errorhandler(404)
+    def fallback(e: Exception) -> str:
+        return "index page"
+
+    @app.get("/deep/<name>")
+    @sidelog.audit("deep")
+    def deep(name: str) -> str:
+        abort(404)
+
+    assert client.get("/deep/x").status_code == 200
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["status_code"]) == ("success", 200)
+    assert entry["error"] == "werkzeug.exceptions.NotFound: 404 Not Found"
+
+
 def test_after_request_that_raises_in_testing(
     app: Flask, sidelog: SideLog, client: FlaskClient
 ) -> None:
