@@ -85,9 +85,21 @@ def filter_options(command: F) -> F:
             "--until", type=TIME, help="Entries before this time (as --since)."
         ),
     ]
+
+    @functools.wraps(command)
+    def checked(*args: t.Any, **kwargs: t.Any) -> t.Any:
+        since, until = kwargs.get("since"), kwargs.get("until")
+        if since is not None and until is not None and since >= until:
+            # A mistake, such as a time ago given as --until: nothing matches.
+            raise click.UsageError(
+                f"--since ({timestamp(since)}) must be before --until"
+                f" ({timestamp(until)}); both take {ACCEPTED}."
+            )
+        return command(*args, **kwargs)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        checked = option(checked)
+    return t.cast(F, checked)
 
 
 def _state() -> _AppState:

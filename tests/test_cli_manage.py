@@ -140,6 +140,19 @@ def test_export_refuses_the_apps_own_files(
     assert not os.path.exists(state.settings.spool_path)
 
 
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_since_after_until(app: Flask, runner: FlaskCliRunner, command: str) -> None:
+    """Nothing can match: a mistake (a time ago given as --until), which
+    answered 'Exported 0 entries.' as if the log were empty."""
+    add_entries(app, dict(event="kept"))
+    args = ["sidelog", command, "--since", "1h", "--until", "2h"]
+    result = runner.invoke(args=args)
+    assert result.exit_code == 2, result.output
+    assert ") must be before --until (" in result.output
+    assert "Traceback" not in result.output
+    assert runner.invoke(args=["sidelog", command, "--since", "2h"]).exit_code == 0
+
+
 def test_verify_from_a_seq_beyond_any(app: Flask, runner: FlaskCliRunner) -> None:
     """Once an OverflowError from the driver, as a traceback."""
     add_entries(app, dict(event="kept"))
