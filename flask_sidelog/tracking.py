@@ -51,6 +51,7 @@ from .entry import to_storable
 from .entry import utcnow
 from .model import COLUMN_LIMITS
 from .query import row_to_dict
+from .writer import spool_on_error
 
 if t.TYPE_CHECKING:
     from .extension import _AppState
@@ -1063,7 +1064,9 @@ def _after_transaction_end(
 
 
 def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -> None:
-    # Called from session events, which must not break the main session.
+    # Called from session events, which must not break the main session: in
+    # "raise" mode too, entries that cannot be written are spooled, as at
+    # teardown, since raising here would reach no caller that asked for them.
     try:
         app_state: _AppState = current_app.extensions["sidelog"]
         entries = make_change_entries(
@@ -1073,7 +1076,8 @@ def _deliver(state: context.ContextState, changes: list[Change], main_tx: str) -
             request_id=state.request_id,
             **state.request_fields,
         )
-        app_state.extension._deliver(app_state, state, entries)
+        with spool_on_error():
+            app_state.extension._deliver(app_state, state, entries)
     except Exception:
         current_app.logger.exception(
             "flask-sidelog could not record %d tracked change(s).", len(changes)

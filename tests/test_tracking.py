@@ -2045,6 +2045,61 @@ def test_log_failure_does_not_break_the_main_transaction(
         dispose(app)
 
 
+def test_changes_that_cannot_be_written_are_spooled_in_raise_mode(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """Change entries are written from session events, where raising would
+    break the app's commit and reach no caller that asked for them: in
+    "raise" mode too they go to the spool, committed or rolled back, in a
+    request or not."""
+    app, db, sidelog = make_app(
+        database_uri,
+        str(tmp_path / "instance"),
+        {
+            "SIDELOG_CREATE_TABLE": False,
+            "SIDELOG_TABLE": "missing_table",
+            "SIDELOG_ON_WRITE_ERROR": "raise",
+        },
+    )
+    assert db is not None
+    sidelog.track(Account)
+
+    @app.post("/open")
+    def open_account() -> str:
+        db.session.add(Account(name="kept"))
+        db.session.commit()
+        return "ok"
+
+    @app.post("/try")
+    def try_account() -> str:
+        db.session.add(Account(name="discarded"))
+        db.session.flush()
+        return "not committed"
+
+    try:
+        with app.app_context():
+            Base.metadata.create_all(db.engine)
+        client = app.test_client()
+        assert client.post("/open").status_code == 200
+        assert client.post("/try").status_code == 200
+        with app.app_context():
+            db.session.add(Account(name="from a job"))
+            db.session.commit()
+            names = db.session.scalars(sa.select(Account.name).order_by(Account.id))
+            assert names.all() == ["kept", "from a job"]
+    finally:
+        dispose(app)
+    with open(app.extensions["sidelog"].settings.spool_path) as f:
+        spooled = [json.loads(line) for line in f]
+    assert [
+        (e["event"], e["main_tx"], e["data"]["changes"]["name"][1]) for e in spooled
+    ] == [
+        ("account.insert", "committed", "kept"),
+        ("account.insert", "rolled_back", "discarded"),
+        ("account.insert", "committed", "from a job"),
+    ]
+
+
 def test_tracked_decorator_before_init_app_and_track_all(
     database_uri: str, tmp_path: t.Any
 ) -> None:
