@@ -807,6 +807,11 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     flush, state.flush = state.flush, None
     old_values, state.old_values = state.old_values, {}
     sql_set, state.sql_set = state.sql_set, {}
+    if failed and getattr(flush, "transaction", None) is None:
+        # It stopped before it began (a later before_flush listener raised,
+        # or it had nothing to do): nothing was sent, and what is pending
+        # now may be changes made since.
+        return
     mappers: set[sa_orm.Mapper[t.Any]] = set()
     try:
         changes = _row_changes(

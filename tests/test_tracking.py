@@ -1017,6 +1017,43 @@ def test_a_changed_primary_key_is_in_the_history_of_both_keys(
     assert before == after == [("account.update", "committed", {"id": [1, 7]})]
 
 
+@pytest.mark.parametrize("end", ["rollback", "close"])
+def test_a_flush_refused_before_it_began_records_nothing(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, end: str
+) -> None:
+    """A ``before_flush`` listener of the app's, after ours, refuses the
+    flush: nothing was sent, so nothing is recorded, however the app ends
+    the transaction (a later rollback must not take the unsent changes for
+    a failed flush's). The next flush is recorded as usual."""
+    sidelog.track(Account)
+    seed(app, db, ("alice", 10))
+
+    def refuse_negative(session: sa_orm.Session, *args: t.Any) -> None:
+        if any(isinstance(o, Account) and o.balance < 0 for o in session.dirty):
+            raise ValueError("a balance cannot be negative")
+
+    factory = db.session.session_factory
+    sa.event.listen(factory, "before_flush", refuse_negative)
+    try:
+        with app.test_request_context("/"):
+            account = db.session.scalars(sa.select(Account)).one()
+            account.balance = -5
+            with pytest.raises(ValueError, match="negative"):
+                db.session.commit()
+            account.name = "never sent"
+            getattr(db.session, end)()
+            account = db.session.scalars(sa.select(Account)).one()
+            account.balance = 20
+            db.session.commit()
+    finally:
+        sa.event.remove(factory, "before_flush", refuse_negative)
+    assert [(e["event"], e["main_tx"]) for e in changes(app, sidelog)] == [
+        ("account.insert", "committed"),
+        ("account.update", "committed"),
+    ]
+    assert changes(app, sidelog)[1]["data"]["changes"] == {"balance": [10, 20]}
+
+
 def test_rolled_back_by_exception_after_flush(
     app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
 ) -> None:
