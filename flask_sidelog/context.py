@@ -82,6 +82,11 @@ class ContextState:
     started: float = 0.0
     annotations: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     actor: str | None = None
+    #: The actor loader's answer when the main session last began a flush
+    #: (in an audited request, or with tracked models), while the session
+    #: could still load a user: it stands in if the loader raises once a
+    #: flush or commit failed.
+    flush_actor: str | None = None
     exception: BaseException | None = None
     status_code: int | None = None
     #: The main session has written in a transaction that has not ended yet.
@@ -331,8 +336,13 @@ def has_changes(session: sa_orm.Session) -> bool:
 
 def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
     state = _main_session_state(session)
-    if state is not None and not state.pending_write:
+    if state is None:
+        return
+    if not state.pending_write:
         state.pending_write = has_changes(session)
+    extension = _cv_app.get().app.extensions["sidelog"].extension
+    if state.audit_event is not None or extension._tracker:
+        state.flush_actor = extension._actor()
 
 
 def _text_writes(sql: str) -> bool:

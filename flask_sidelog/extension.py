@@ -386,12 +386,13 @@ class SideLog:
         """
         return tracking.row_history(_app_state(), table, pk, only)
 
-    def _actor(self) -> str | None:
+    def _actor(self, fallback: str | None = None) -> str | None:
+        """The actor loader's answer; ``fallback`` if it raises."""
         try:
             actor = self._actor_loader()
         except Exception:
             current_app.logger.exception("The flask-sidelog actor loader raised.")
-            return None
+            return fallback
         # Its str() is the app's code too: a user model whose __str__ reads
         # an attribute the failed main session can no longer load.
         return None if actor is None else as_text(actor)
@@ -495,7 +496,8 @@ class SideLog:
                     state.exception = e
                     raise
                 finally:
-                    state.actor = self._actor()
+                    # A failed commit leaves a session that cannot load a user.
+                    state.actor = self._actor(state.flush_actor)
 
             # Copied by functools.wraps to the decorators above this one: a
             # request they (or a before_request) turn away is recorded too.

@@ -418,11 +418,13 @@ class Member(flask_login.UserMixin, Base):
     id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
 
 
-def test_flask_login_actor_of_a_request_whose_commit_failed(
-    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+def member_7_opens_a_taken_account(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, reads_user: bool
 ) -> None:
-    """The user is a model the failed session can no longer load when the
-    view ends: the actor is still the signed-in user."""
+    """Flask-Login loading ``Member`` rows from the main session; member 7
+    signs in, then asks an audited view (which reads ``current_user`` first
+    if ``reads_user``) to open an account whose unique name is taken: its
+    commit fails."""
     app.secret_key = "test"
     login_manager = flask_login.LoginManager(app)
     login_manager.user_loader(lambda user_id: db.session.get(Member, int(user_id)))
@@ -438,17 +440,45 @@ def test_flask_login_actor_of_a_request_whose_commit_failed(
     @app.post("/accounts")
     @sidelog.audit("account.open")
     def open_account() -> str:
-        assert flask_login.current_user.is_authenticated
+        if reads_user:
+            assert flask_login.current_user.is_authenticated
         db.session.add(Account(name="taken"))
         db.session.commit()  # a unique name: IntegrityError
         return "opened"
 
+    client = app.test_client()
     client.post("/login")
     with pytest.raises(sa.exc.IntegrityError):
         client.post("/accounts")
+
+
+def test_flask_login_actor_of_a_request_whose_commit_failed(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog
+) -> None:
+    """The user is a model the failed session can no longer load when the
+    view ends: the actor is still the signed-in user."""
+    member_7_opens_a_taken_account(app, db, sidelog, reads_user=True)
     with app.app_context():
         (entry,) = sidelog.entries()
     assert (entry["outcome"], entry["actor"]) == ("error", "7")
+
+
+def test_flask_login_actor_never_loaded_before_the_commit_failed(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog
+) -> None:
+    """The view never reads ``current_user``, so the user loader's query
+    first runs when the failed session can no longer answer it: the actor
+    asked for when the flush began stands in, on the request's entry and on
+    its tracked change."""
+    sidelog.track(Account)
+    member_7_opens_a_taken_account(app, db, sidelog, reads_user=False)
+    with app.app_context():
+        found = sidelog.entries()
+    attempt = [(e["event"], e["main_tx"], e["actor"]) for e in found if e["request_id"]]
+    assert sorted(attempt) == [
+        ("account.insert", "rolled_back", "7"),
+        ("account.open", "rolled_back", "7"),
+    ]
 
 
 def test_entry_written_signal(app: Flask, sidelog: SideLog) -> None:
