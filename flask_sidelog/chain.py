@@ -657,6 +657,8 @@ def _decoded(raw: t.Sequence[t.Any], dialect: str) -> t.Sequence[t.Any] | None:
     try:
         if dialect == "sqlite" and not _SQLITE_TIME.fullmatch(row[3]):
             return None
+        if row[-1] is not None and not isinstance(row[-1], str):
+            return None  # stored as a blob, which newer SQLite reads as JSONB
         # Python 3.10's fromisoformat does not read "Z".
         row[3] = datetime.fromisoformat(row[3].replace("Z", "+00:00"))
         if row[-1] is not None:
@@ -678,7 +680,7 @@ def _once_each(pairs: list[tuple[str, t.Any]]) -> dict[str, t.Any]:
     return found
 
 
-def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
+def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str, sqlite: bool) -> bytes:
     """:func:`record` built from a :func:`_walk` row without decoding it,
     which is what makes a million entries fast.
 
@@ -689,7 +691,7 @@ def _quick_message(raw: t.Sequence[t.Any], seq: int, prev: str) -> bytes:
     JSON token, so equal bytes mean equal fields and equal data text.
     """
     created_at: str = raw[3]
-    if created_at[-1] != "Z":  # SQLite's "YYYY-MM-DD HH:MM:SS.ffffff"
+    if sqlite:  # "YYYY-MM-DD HH:MM:SS.ffffff", and no other spelling
         if len(created_at) != 26 or created_at[10] != " ":
             return b""
         created_at = f"{created_at[:10]}T{created_at[11:]}Z"
@@ -757,7 +759,9 @@ def _diagnose(
     dialect = conn.dialect.name
     with _walk(conn, table, table.c.seq > seq) as result:
         # (seq, decoded row or None when undecodable) of each later entry
-        following = ((int(raw[0]), _decoded(raw, dialect)) for raw in result)
+        following = (
+            (raw[0], _decoded(raw, dialect)) for raw in result if type(raw[0]) is int
+        )
         nxt_seq, nxt = next(following, (0, None))
         if nxt_seq == 0:
             return "modified", (
@@ -876,15 +880,36 @@ def verify(
                 ),
             )
 
+    if used_checkpoint is None and start == 1:
+        below, lowest = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(c.seq)).where(c.seq < 1)
+        ).one()
+        if below:
+            return broken(
+                "inserted",
+                lowest,
+                (
+                    f"{below} entries have a seq before 1, where the chain starts:"
+                    " the chain never wrote them"
+                ),
+            )
+
     dialect = conn.dialect.name
     quick = dialect in ("sqlite", "postgresql")
+    sqlite = dialect == "sqlite"
     unmatched: t.Sequence[t.Any] | None = None
     with _walk(conn, table, c.seq >= start) as result:
         # SQLite reads in this thread faster than two threads share the GIL.
         rows = _prefetched(result) if dialect == "postgresql" else (r for r in result)
         with contextlib.closing(rows):
             for row in rows:
-                seq = int(row[0])
+                seq = row[0]
+                if type(seq) is not int:  # SQLite keeps any value in any column
+                    return broken(
+                        "modified",
+                        last_seq + 1,
+                        f"its seq {seq!r} is not a whole number",
+                    )
                 if seq != last_seq + 1:
                     if seq <= last_seq:
                         return broken("inserted", seq, "a second entry with this seq")
@@ -896,7 +921,9 @@ def verify(
                     )
                     return broken("missing", first, gap + " (deleted)")
                 try:
-                    linked = quick and hasher(_quick_message(row, seq, head_hash))
+                    linked = quick and hasher(
+                        _quick_message(row, seq, head_hash, sqlite)
+                    )
                 except (TypeError, ValueError, IndexError):  # not stored by the log
                     linked = False
                 if linked != row[1]:

@@ -232,7 +232,7 @@ def test_stored_values_hash_the_same_when_read_back(
         decoded = chain._decoded(raw, dialect)
         assert decoded is not None
         expected = chain.record(decoded[2:], raw[0], prev)
-        assert chain._quick_message(raw, raw[0], prev) == expected
+        assert chain._quick_message(raw, raw[0], prev, dialect == "sqlite") == expected
         prev = raw[1]
 
 
@@ -674,6 +674,22 @@ def test_undecodable_stored_value_is_detected(
         dispose(app)
 
 
+@pytest.mark.parametrize("seq", [0, -1])
+def test_an_entry_below_the_first_seq_is_detected(
+    app: Flask, sidelog: SideLog, seq: int
+) -> None:
+    """A row at seq 0 or below sits before the chain's first position, which
+    the walk starts from: it is there, so it was inserted."""
+    fill(app, sidelog, 3)
+    forge(app, sidelog, seq)
+    code, out = verify(app.test_cli_runner())
+    assert code == 1, out
+    assert out.startswith(
+        f"FAILED at seq {seq}: inserted: 1 entries have a seq before 1, where"
+        " the chain starts"
+    )
+
+
 UNLIKE_THE_LOG = "its data is not JSON or its created_at not a time, as the log"
 
 
@@ -684,12 +700,14 @@ UNLIKE_THE_LOG = "its data is not JSON or its created_at not a time, as the log"
         # entry moved out of (or into) a time range.
         ("sqlite_file", "created_at = replace(created_at, ' ', 'T')"),
         ("sqlite_file", "created_at = created_at || '+00:00'"),
+        ("sqlite_file", "created_at = replace(created_at, ' ', 'T') || 'Z'"),
         # The same object to json.loads, but SQLite's json_extract reads the
         # first of the two keys.
         ("sqlite_file", r"""data = '{"i"\:999,"i"\:2}'"""),  # \: for text()
         ("postgres", r"""data = '{"i"\:999,"i"\:2}'"""),
         # SQLite keeps any type in any column.
         ("sqlite_file", "data = 5"),
+        ("sqlite_file", "data = CAST(data AS BLOB)"),
         ("sqlite_file", "created_at = 5"),
         ("sqlite_file", "event = X'6162'"),
     ],
@@ -697,14 +715,38 @@ UNLIKE_THE_LOG = "its data is not JSON or its created_at not a time, as the log"
 def test_a_value_stored_unlike_the_log_is_detected(
     tmp_path: t.Any, request: pytest.FixtureRequest, backend: str, statement: str
 ) -> None:
+    code, out = verify_after(tmp_path, request, backend, statement, seq=2)
+    assert code == 1, out
+    assert out.startswith(f"FAILED at seq 2: modified: {UNLIKE_THE_LOG}")
+
+
+def test_a_seq_that_is_not_a_number_is_detected(
+    tmp_path: t.Any, request: pytest.FixtureRequest
+) -> None:
+    """SQLite keeps text in an integer column: that is a changed entry, not
+    a usage error."""
+    code, out = verify_after(tmp_path, request, "sqlite_file", "seq = 'x'", seq=3)
+    assert code == 1, out
+    assert out.startswith(
+        "FAILED at seq 3: modified: its seq 'x' is not a whole number"
+    )
+
+
+def verify_after(
+    tmp_path: t.Any,
+    request: pytest.FixtureRequest,
+    backend: str,
+    statement: str,
+    seq: int,
+) -> tuple[int, str]:
+    """``verify`` of three entries, after ``UPDATE ... SET statement`` of the
+    one at ``seq``."""
     uri = new_database_uri(backend, tmp_path, request)
     app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
     try:
         fill(app, sidelog, 3)
-        sql(app, sidelog, f"UPDATE {TABLE} SET {statement} WHERE seq = 2")
-        code, out = verify(app.test_cli_runner())
-        assert code == 1, out
-        assert out.startswith(f"FAILED at seq 2: modified: {UNLIKE_THE_LOG}")
+        sql(app, sidelog, f"UPDATE {TABLE} SET {statement} WHERE seq = {seq}")
+        return verify(app.test_cli_runner())
     finally:
         dispose(app)
 
