@@ -817,6 +817,28 @@ def verify(
         chain must still contain it.
     :raise ValueError: for a ``from_seq`` or ``expect_head`` that cannot be used.
     """
+    for attempt in range(PRUNED_MEANWHILE_RETRIES, -1, -1):
+        result = _verify(conn, table, key, from_seq, expect_head, attempt > 0)
+        if result is not None:
+            return result
+    raise AssertionError("the last attempt always returns a result")
+
+
+#: How many times :func:`verify` starts again when a prune committed after it
+#: read the checkpoint (each time, a newer checkpoint).
+PRUNED_MEANWHILE_RETRIES = 3
+
+
+def _verify(
+    conn: sa.Connection,
+    table: sa.Table,
+    key: bytes | None,
+    from_seq: int | None,
+    expect_head: str | None,
+    may_retry: bool,
+) -> VerifyResult | None:
+    """:func:`verify`, once; None (with ``may_retry``) if its walk began at a
+    gap that a checkpoint committed since it started explains."""
     hasher = make_hasher(key)
     expected = parse_head(expect_head) if expect_head is not None else None
     checkpoint = latest_checkpoint(conn, table)
@@ -898,6 +920,7 @@ def verify(
     quick = dialect in ("sqlite", "postgresql")
     sqlite = dialect == "sqlite"
     unmatched: t.Sequence[t.Any] | None = None
+    gap: VerifyResult | None = None
     with _walk(conn, table, c.seq >= start) as result:
         # SQLite reads in this thread faster than two threads share the GIL.
         rows = _prefetched(result) if dialect == "postgresql" else (r for r in result)
@@ -914,12 +937,15 @@ def verify(
                     if seq <= last_seq:
                         return broken("inserted", seq, "a second entry with this seq")
                     first, last = last_seq + 1, seq - 1
-                    gap = (
+                    missing = (
                         f"the entry at seq {first} is missing"
                         if first == last
                         else f"the entries at seq {first} to {last} are missing"
                     )
-                    return broken("missing", first, gap + " (deleted)")
+                    gap = broken("missing", first, missing + " (deleted)")
+                    if count or not may_retry:
+                        return gap
+                    break  # at the start: maybe pruned meanwhile
                 try:
                     linked = quick and hasher(
                         _quick_message(row, seq, head_hash, sqlite)
@@ -957,6 +983,11 @@ def verify(
                         )
                 count += 1
                 last_seq, head_hash = seq, row[1]
+    if gap is not None:
+        # Read after the walk's fetching thread has stopped, as below.
+        newer = latest_checkpoint(conn, table)
+        moved = newer is not None and (checkpoint is None or newer.seq > checkpoint.seq)
+        return None if moved else gap
     if unmatched is not None:
         # Diagnosed after the walk's fetching thread has stopped: the
         # diagnosis reads through the same connection.

@@ -458,6 +458,39 @@ def test_pruning_with_a_checkpoint_keeps_the_chain_verifiable(
     assert "OK: 1 entries" in out
 
 
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_a_prune_that_commits_during_verify_is_not_a_deletion(
+    tmp_path: t.Any,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    backend: str,
+) -> None:
+    """verify read the checkpoint just before a prune committed a newer one:
+    the walk then starts at a gap, which the newer checkpoint explains."""
+    uri = new_database_uri(backend, tmp_path, request)
+    app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
+    read = chain.latest_checkpoint
+    reads: list[object] = []
+
+    def prune_after_the_first_read(*args: t.Any) -> t.Any:
+        found = read(*args)
+        reads.append(found)
+        if len(reads) == 1:
+            prune(app, sidelog, 3)
+        return found
+
+    try:
+        fill(app, sidelog, 5)
+        monkeypatch.setattr(chain, "latest_checkpoint", prune_after_the_first_read)
+        with app.app_context():
+            result = sidelog.verify()
+    finally:
+        dispose(app)
+    assert result.ok, str(result)
+    assert (result.entries, result.head_seq, result.checkpoint.seq) == (2, 5, 3)
+    assert reads[0] is None
+
+
 def test_forged_checkpoint_is_detected_with_a_key(
     keyed: tuple[Flask, SideLog, FlaskCliRunner],
 ) -> None:
