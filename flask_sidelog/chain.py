@@ -806,6 +806,7 @@ def verify(
     key: bytes | None = None,
     from_seq: int | None = None,
     expect_head: str | None = None,
+    through: int | None = None,
 ) -> VerifyResult:
     """Walk the chain of ``table`` in ``seq`` order, in constant memory, and
     report the first broken position.
@@ -815,10 +816,11 @@ def verify(
         (or the checkpoint); default: the latest checkpoint, or the beginning.
     :param expect_head: ``SEQ:HASH`` or ``HASH`` of a head saved earlier; the
         chain must still contain it.
+    :param through: stop after this ``seq`` (what a prune is about to delete).
     :raise ValueError: for a ``from_seq`` or ``expect_head`` that cannot be used.
     """
     for attempt in range(PRUNED_MEANWHILE_RETRIES, -1, -1):
-        result = _verify(conn, table, key, from_seq, expect_head, attempt > 0)
+        result = _verify(conn, table, key, from_seq, expect_head, through, attempt > 0)
         if result is not None:
             return result
     raise AssertionError("the last attempt always returns a result")
@@ -835,6 +837,7 @@ def _verify(
     key: bytes | None,
     from_seq: int | None,
     expect_head: str | None,
+    through: int | None,
     may_retry: bool,
 ) -> VerifyResult | None:
     """:func:`verify`, once; None (with ``may_retry``) if its walk began at a
@@ -921,7 +924,8 @@ def _verify(
     sqlite = dialect == "sqlite"
     unmatched: t.Sequence[t.Any] | None = None
     gap: VerifyResult | None = None
-    with _walk(conn, table, c.seq >= start) as result:
+    walked = c.seq >= start if through is None else c.seq.between(start, through)
+    with _walk(conn, table, walked) as result:
         # SQLite reads in this thread faster than two threads share the GIL.
         rows = _prefetched(result) if dialect == "postgresql" else (r for r in result)
         with contextlib.closing(rows):
@@ -1013,7 +1017,9 @@ def _verify(
                 " rewritten"
             ),
         )
-    unchained = conn.scalar(sa.select(sa.func.count()).where(c.seq.is_(None)))
+    unchained = through is None and conn.scalar(
+        sa.select(sa.func.count()).where(c.seq.is_(None))
+    )
     if unchained:
         return broken(
             "inserted",

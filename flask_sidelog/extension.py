@@ -773,6 +773,9 @@ class SideLog:
         :meth:`verify` still proves the rest. Entries outside the chain
         (written while it was off) go by age alone.
 
+        :raise RuntimeError: the chain entries to delete do not verify
+            (nothing is deleted: the evidence would be lost).
+
         :param dry_run: only count them.
         :return: how many entries were (or, with ``dry_run``, would be) deleted.
         """
@@ -823,8 +826,19 @@ class SideLog:
             if dry_run:
                 count = sa.select(sa.func.count()).where(c.seq <= last)
                 return int(conn.scalar(count.select_from(writer.table)) or 0)
-        deleted = 0
         key = _app_state().settings.chain_key
+        with writer.connect() as conn:
+            checked = chain.verify(conn, writer.table, key, through=last)
+        if not checked.ok:
+            # Deleted, a break would leave no trace: the checkpoint after it
+            # makes the rest verify.
+            raise RuntimeError(
+                f"The chain is broken at seq {checked.seq} ({checked.problem}:"
+                f" {checked.detail}), among the entries to prune, and pruning"
+                " would delete the evidence: look into it with 'flask sidelog"
+                " verify' first."
+            )
+        deleted = 0
         while low <= last:
             upto = min(last, low + batch_size - 1)
             with writer.connect() as conn, conn.begin():

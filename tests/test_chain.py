@@ -826,6 +826,37 @@ def test_prune_command_keeps_the_chain_verifiable(
     assert out.splitlines()[0].startswith("Checkpoint: entries up to seq 6 pruned")
 
 
+@pytest.mark.parametrize(
+    ("tamper", "report"),
+    [
+        (f"DELETE FROM {TABLE} WHERE seq = 2", "missing"),
+        (f"UPDATE {TABLE} SET actor = 'mallory' WHERE seq = 2", "modified"),
+    ],
+)
+def test_prune_refuses_to_delete_a_broken_range(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner, tamper: str, report: str
+) -> None:
+    """Pruning entries that do not verify would delete the evidence, and
+    the checkpoint would make the rest verify: prune refuses, keeping all."""
+    fill(app, sidelog, 6)
+    old = datetime.now(timezone.utc) - timedelta(days=2)
+    with app.app_context(), sidelog.log_session() as session:
+        table = app.extensions["sidelog"].table
+        session.execute(sa.update(table).where(table.c.seq <= 4).values(created_at=old))
+    rehash(app, sidelog, 1)
+    sql(app, sidelog, tamper)
+    kept = rows(app, sidelog)
+    result = runner.invoke(args=["sidelog", "prune", "--before", "1d", "--yes"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(
+        f"Error: The chain is broken at seq 2 ({report}:"
+    ), result.output
+    assert "Traceback" not in result.output
+    assert rows(app, sidelog) == kept
+    code, out = verify(runner)
+    assert (code, out.split(":")[0]) == (1, "FAILED at seq 2")
+
+
 def test_prune_in_batches_records_a_checkpoint_each(
     app: Flask, sidelog: SideLog, runner: FlaskCliRunner
 ) -> None:
