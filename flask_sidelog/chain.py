@@ -769,7 +769,11 @@ def _diagnose(
                 " appended"
             )
         if _matches(hasher, nxt, nxt_seq, row[1]):
-            return "modified", "its fields were changed: they no longer match its hash"
+            return "modified", (
+                "it does not match its hash, and the next entry follows from that"
+                " hash: its fields were changed, or the entry before it was changed"
+                " and its hash recomputed"
+            )
         for gap in range(1, _RENUMBER_SEARCH + 1):
             # The next entry follows from this one at a higher seq: entries
             # before this one were deleted and the rest renumbered down.
@@ -864,6 +868,12 @@ def _verify(
                 )
             start, prev = from_seq, found
     if expected is not None and expected[0] is not None and expected[0] < start - 1:
+        if checkpoint is not None and expected[0] < checkpoint.seq:
+            raise ValueError(
+                f"the expected head's seq {expected[0]} was pruned (the chain goes"
+                f" on from the checkpoint at seq {checkpoint.seq}): a head saved"
+                " before a prune cannot be checked; save the head after each prune."
+            )
         raise ValueError(
             f"the expected head's seq {expected[0]} is before the verified range"
             f" (from seq {start}); give a later head, or a smaller --from."
@@ -880,6 +890,14 @@ def _verify(
     def broken(problem: Problem, seq: int, detail: str) -> VerifyResult:
         return VerifyResult(
             False, count, last_seq, head_hash, used_checkpoint, problem, seq, detail
+        )
+
+    if expected is not None and expected[0] == start - 1 and not seen_expected:
+        return broken(
+            "modified",
+            start - 1,
+            f"its hash {prev} is not the expected head {expected[1]}: the chain"
+            " was rewritten up to here",
         )
 
     if used_checkpoint is not None:
@@ -1008,13 +1026,18 @@ def _verify(
                     f" {expected[0]}: the newest entries were deleted"
                 ),
             )
+        pruned = (
+            f", or it was pruned (saved before the checkpoint at seq {checkpoint.seq})"
+            if checkpoint is not None
+            else ""
+        )
         return broken(
             "missing",
             last_seq + 1,
             (
                 f"the expected head {expected[1]} is not in the chain, which ends at"
                 f" seq {last_seq}: the newest entries were deleted, or the chain was"
-                " rewritten"
+                f" rewritten{pruned}"
             ),
         )
     unchained = through is None and conn.scalar(

@@ -241,8 +241,10 @@ def test_stored_values_hash_the_same_when_read_back(
     [
         pytest.param(
             "UPDATE {t} SET actor = 'mallory' WHERE seq = 3",
-            "FAILED at seq 3: modified: its fields were changed: they no longer"
-            " match its hash (2 entries verified before it)",
+            "FAILED at seq 3: modified: it does not match its hash, and the next"
+            " entry follows from that hash: its fields were changed, or the entry"
+            " before it was changed and its hash recomputed (2 entries verified"
+            " before it)",
             id="field",
         ),
         pytest.param(
@@ -325,6 +327,44 @@ def test_deleted_newest_entries_are_detected_by_the_expected_head(
     code, out = verify(runner, "--expect-head", entries[-1]["hash"])
     assert code == 1
     assert out.startswith("FAILED at seq 4: missing: the expected head")
+
+
+def test_an_expected_head_just_before_the_range_is_checked(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """``--from 4 --expect-head 3:...``: the head is the entry the walk
+    starts after, and its hash differs: rewritten there, not deleted."""
+    entries = fill(app, sidelog, 6)
+    code, out = verify(runner, "--from", "4", "--expect-head", f"3:{'a' * 64}")
+    assert code == 1
+    assert out.startswith(
+        f"FAILED at seq 3: modified: its hash {entries[2]['hash']} is not the"
+        f" expected head {'a' * 64}: the chain was rewritten up to here"
+    )
+    assert (
+        verify(runner, "--from", "4", "--expect-head", f"3:{entries[2]['hash']}")[0]
+        == 0
+    )
+
+
+def test_an_expected_head_saved_before_a_prune(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """A head saved before a prune deleted it cannot be checked: with its
+    seq, that is the usage error; as a hash alone, the failure says it may be
+    that."""
+    entries = fill(app, sidelog, 6)
+    prune(app, sidelog, 4)
+    saved = entries[2]["hash"]
+    code, out = verify(runner, "--expect-head", f"3:{saved}")
+    assert code == 2
+    assert (
+        "Error: the expected head's seq 3 was pruned (the chain goes on from the"
+        " checkpoint at seq 4): a head saved before a prune cannot be checked"
+    ) in out
+    code, out = verify(runner, "--expect-head", saved)
+    assert code == 1
+    assert "or it was pruned (saved before the checkpoint at seq 4)" in out
 
 
 def test_forged_entry_with_recomputed_hashes(
