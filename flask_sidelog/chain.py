@@ -616,7 +616,7 @@ def parse_head(text: str) -> tuple[int | None, str]:
         )
     if not seq_text:
         return None, hash_text
-    if not seq_text.isdigit() or int(seq_text) < 1:
+    if not (seq_text.isascii() and seq_text.isdigit()) or int(seq_text) < 1:
         raise ValueError(
             f"the SEQ of SEQ:HASH must be a number of 1 or more, got {seq_text!r}."
         )

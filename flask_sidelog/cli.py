@@ -490,7 +490,10 @@ def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
     sidelog = _extension()
     when = timestamp(before)
     count = sidelog.prune(before, dry_run=True)
-    if dry_run or count == 0:
+    if count == 0:
+        click.echo(f"No entries created before {when} to delete.")
+        return
+    if dry_run:
         click.echo(f"{count} entries created before {when} would be deleted.")
         return
     if not yes:

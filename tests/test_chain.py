@@ -571,9 +571,10 @@ def test_bad_options_say_what_is_accepted(
     code, out = verify(runner, "--expect-head", "nope")
     assert code == 2
     assert "expected a head as SEQ:HASH or HASH (64 hex digits), got 'nope'" in out
-    code, out = verify(runner, "--expect-head", "x:" + "a" * 64)
-    assert code == 2
-    assert "SEQ of SEQ:HASH must be a number of 1 or more" in out
+    for seq in ("x", "\u00b2"):  # a letter; a superscript two, a digit to isdigit()
+        code, out = verify(runner, "--expect-head", f"{seq}:" + "a" * 64)
+        assert code == 2
+        assert "SEQ of SEQ:HASH must be a number of 1 or more" in out
     code, out = verify(runner, "--from", "0")
     assert code == 2
     assert "Traceback" not in out
