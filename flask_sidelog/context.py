@@ -88,6 +88,10 @@ class ContextState:
     #: flush or commit failed.
     flush_actor: str | None = None
     exception: BaseException | None = None
+    #: What Flask-SQLAlchemy's teardown raised as it closed the main session
+    #: (its connection died): raised again once this context's entries are
+    #: written, since Flask skips the teardowns after one that raises.
+    teardown_error: Exception | None = None
     status_code: int | None = None
     #: The main session has written in a transaction that has not ended yet.
     pending_write: bool = False

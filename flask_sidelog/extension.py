@@ -301,6 +301,8 @@ class SideLog:
         # transaction's fate is known then, and on SQLite its lock is released.
         app.teardown_appcontext_funcs.remove(self._teardown)
         app.teardown_appcontext_funcs.insert(0, self._teardown)
+        if db is not None:
+            _hold_session_teardown_errors(app, db)
         app.cli.add_command(sidelog_group)
 
     def actor_loader(self, loader: F) -> F:
@@ -893,19 +895,26 @@ class SideLog:
     def _teardown(self, exc: BaseException | None) -> None:
         # Never raise: a raising teardown would skip the ones after it. So in
         # "raise" mode too, entries written here go to the spool on failure.
+        held: Exception | None = None
         try:
             with spool_on_error():
-                self._finish_context(exc)
+                held = self._finish_context(exc)
         except Exception:
             current_app.logger.exception("flask-sidelog failed at teardown.")
+        if held is not None:
+            # Flask-SQLAlchemy's, held back until the entries were written;
+            # this teardown runs last, so raising skips no other.
+            raise held
 
-    def _finish_context(self, exc: BaseException | None) -> None:
+    def _finish_context(self, exc: BaseException | None) -> Exception | None:
+        """Write this context's last entries; return the error Flask-SQLAlchemy's
+        teardown held back, if any."""
         app_state = _app_state()
         if app_state.db is None and self.session.registry.has():
             self.session.remove()
         state = context.pop_state()
         if state is not None:
-            self._write_last_entries(app_state, state, exc)
+            self._write_last_entries(app_state, state, exc or state.teardown_error)
         if (
             (state is None or state.request is None)
             and app_state.has_writer
@@ -914,6 +923,7 @@ class SideLog:
             # A CLI command's entries are committed before it exits, those
             # its threads logged too; requests do not wait for buffered ones.
             app_state.writer.flush()
+        return None if state is None else state.teardown_error
 
     def _write_last_entries(
         self,
@@ -959,11 +969,12 @@ class SideLog:
         exc: BaseException | None,
     ) -> dict[str, t.Any]:
         """The ``@audit`` entry of the request that ends."""
-        if state.exception is None and exc is not None:
+        if exc is not None and (state.exception is None or exc is state.teardown_error):
             state.exception = exc
             if not isinstance(exc, HTTPException):
                 # Raised past our after_request (by a later one, with
-                # TESTING): the client got no response of that status.
+                # TESTING; by Flask-SQLAlchemy's teardown): the client got
+                # no response of that status.
                 state.status_code = None
         outcome, status, error = state.outcome()
         entry = make_entry(
@@ -982,6 +993,35 @@ class SideLog:
         entry["request_id"] = state.request_id
         entry["duration_ms"] = round((time.perf_counter() - state.started) * 1000, 3)
         return entry
+
+
+def _hold_session_teardown_errors(app: Flask, db: SQLAlchemy) -> None:
+    """Wrap Flask-SQLAlchemy's teardown, which closes the main session: if
+    that raises (the connection died after a flush), Flask would skip the
+    teardowns after it, ours included, and the request's entry would be
+    lost. The error is kept on the context state instead, and raised by our
+    teardown once the entry is written."""
+    funcs = app.teardown_appcontext_funcs
+    for i, func in enumerate(funcs):
+        if func == getattr(db, "_teardown_session", None):
+            funcs[i] = functools.partial(_close_main_session, func, db)
+
+
+def _close_main_session(
+    teardown: t.Callable[[BaseException | None], t.Any],
+    db: SQLAlchemy,
+    exc: BaseException | None,
+) -> None:
+    try:
+        teardown(exc)
+    except Exception as error:
+        state = context.current_state(create=False)
+        if state is None:
+            raise
+        state.teardown_error = error
+        # The session failed to close, so remove() never forgot it: a later
+        # app context with the same id would be handed this broken session.
+        db.session.registry.clear()
 
 
 def _main_holds_sqlite_lock(app_state: _AppState, state: context.ContextState) -> bool:
