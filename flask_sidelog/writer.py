@@ -139,7 +139,9 @@ class TimedLock:
         if not self.acquire():
             raise TimeoutError(
                 f"Waited {self.timeout} s for another flask-sidelog writer of this"
-                " process; raise SIDELOG_WRITE_TIMEOUT or keep log_session() short."
+                " process, itself waiting for the database (a lock that another"
+                " process or a long log_session() holds); raise"
+                " SIDELOG_WRITE_TIMEOUT, or keep log_session() short."
             )
 
     def __exit__(self, *exc_info: object) -> None:
