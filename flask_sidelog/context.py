@@ -82,11 +82,10 @@ class ContextState:
     started: float = 0.0
     annotations: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     actor: str | None = None
-    #: The actor loader's answer when the main session last began a flush
-    #: (in an audited request, or with tracked models), while the session
-    #: could still load a user: it stands in if the loader raises once a
-    #: flush or commit failed.
-    flush_actor: str | None = None
+    #: The actor loader's answer as the audited view started, while the main
+    #: session could still load a user: it stands in if the loader raises
+    #: once a flush or commit failed.
+    actor_before: str | None = None
     exception: BaseException | None = None
     #: What Flask-SQLAlchemy's teardown raised as it closed the main session
     #: (its connection died): raised again once this context's entries are
@@ -340,13 +339,8 @@ def has_changes(session: sa_orm.Session) -> bool:
 
 def _before_flush(session: sa_orm.Session, *args: t.Any) -> None:
     state = _main_session_state(session)
-    if state is None:
-        return
-    if not state.pending_write:
+    if state is not None and not state.pending_write:
         state.pending_write = has_changes(session)
-    extension = _cv_app.get().app.extensions["sidelog"].extension
-    if state.audit_event is not None or extension._tracker:
-        state.flush_actor = extension._actor()
 
 
 def _text_writes(sql: str) -> bool:

@@ -492,14 +492,17 @@ class SideLog:
                 )
                 state.started = time.perf_counter()
                 state.running = _app_state().writer.request_started()
+                # Asked before the view too: a commit that fails leaves a
+                # session that can no longer load the user (one the view never
+                # read) when the view ends, or when its changes are recorded.
+                state.actor_before = self._actor()
                 try:
                     return call(*args, **kwargs)
                 except BaseException as e:
                     state.exception = e
                     raise
                 finally:
-                    # A failed commit leaves a session that cannot load a user.
-                    state.actor = self._actor(state.flush_actor)
+                    state.actor = self._actor(state.actor_before)
 
             # Copied by functools.wraps to the decorators above this one: a
             # request they (or a before_request) turn away is recorded too.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import decimal
+import functools
 import importlib
 import math
 import operator
@@ -455,7 +456,7 @@ def _deleted(
 
 
 def _row_changes(
-    actor: str | None,
+    ask_actor: t.Callable[[], str | None],
     tracker: Tracker,
     session: sa_orm.Session,
     deleted: list[sa_orm.InstanceState[t.Any]],
@@ -465,10 +466,10 @@ def _row_changes(
 ) -> list[Change]:
     """One change per tracked row in the session's pending flush, whose
     deleted rows are ``deleted`` (see :func:`_deleted`); ``old_values``
-    and ``sql_set`` from :func:`_read_old_values`; ``actor`` as asked when
-    the flush began, while the session could still load a user (this may be
-    a failed flush). Adds the rows' mappers to ``mappers``."""
+    and ``sql_set`` from :func:`_read_old_values`; ``ask_actor()`` gives
+    the actor, asked once. Adds the rows' mappers to ``mappers``."""
     at: datetime | None = None
+    actor: str | None = None
     found: list[Change] = []
 
     def add(
@@ -478,9 +479,11 @@ def _row_changes(
         st: sa_orm.InstanceState[t.Any],
         changes: dict[str, list[t.Any]],
     ) -> None:
-        nonlocal at
+        nonlocal at, actor
         if at is None:
+            # Resolved once a flush, while the request context is alive.
             at = utcnow()
+            actor = ask_actor()
         identity = st.key[1] if st.key is not None else None
         pk = {}
         for i, (key, column) in enumerate(spec.pk):
@@ -813,7 +816,9 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     mappers: set[sa_orm.Mapper[t.Any]] = set()
     try:
         changes = _row_changes(
-            state.flush_actor,
+            # In an audited request, the actor as the view started stands in
+            # for a loader that the failed session makes raise.
+            functools.partial(app_state.extension._actor, state.actor_before),
             tracker,
             session,
             _deleted(session, flush),

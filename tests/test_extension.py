@@ -3,6 +3,7 @@ actors, signals, the log session and ``flask sidelog init``."""
 
 from __future__ import annotations
 
+import contextlib
 import typing as t
 
 import flask_login
@@ -418,24 +419,41 @@ class Member(flask_login.UserMixin, Base):
     id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
 
 
-def member_7_opens_a_taken_account(
-    app: Flask, db: SQLAlchemy, sidelog: SideLog, reads_user: bool
+def member_7_can_sign_in(
+    app: Flask, db: SQLAlchemy, loaded: list[str] | None = None
 ) -> None:
-    """Flask-Login loading ``Member`` rows from the main session; member 7
-    signs in, then asks an audited view (which reads ``current_user`` first
-    if ``reads_user``) to open an account whose unique name is taken: its
-    commit fails."""
+    """Flask-Login loading ``Member`` rows from the main session (noting
+    each id it loads in ``loaded``); member 7 stored, and ``POST /login``
+    signs it in."""
     app.secret_key = "test"
     login_manager = flask_login.LoginManager(app)
-    login_manager.user_loader(lambda user_id: db.session.get(Member, int(user_id)))
+
+    @login_manager.user_loader
+    def load(user_id: str) -> Member | None:
+        if loaded is not None:
+            loaded.append(user_id)
+        return db.session.get(Member, int(user_id))
+
     with app.app_context():
-        db.session.add_all([Member(id=7), Account(name="taken")])
+        db.session.add(Member(id=7))
         db.session.commit()
 
     @app.post("/login")
     def login() -> str:
         flask_login.login_user(db.session.get(Member, 7))
         return "in"
+
+
+def member_7_opens_a_taken_account(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, reads_user: bool
+) -> None:
+    """Member 7 signs in, then asks an audited view (which reads
+    ``current_user`` first if ``reads_user``) to open an account whose
+    unique name is taken: its commit fails."""
+    member_7_can_sign_in(app, db)
+    with app.app_context():
+        db.session.add(Account(name="taken"))
+        db.session.commit()
 
     @app.post("/accounts")
     @sidelog.audit("account.open")
@@ -479,6 +497,70 @@ def test_flask_login_actor_never_loaded_before_the_commit_failed(
         ("account.insert", "rolled_back", "7"),
         ("account.open", "rolled_back", "7"),
     ]
+
+
+def test_an_actor_loader_the_failed_session_refuses_keeps_its_first_answer(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """A loader that queries the main session raises once the view's commit
+    failed, however often the view then touches the session: the answer it
+    gave as the view started stands in."""
+    with app.app_context():
+        db.session.add_all([Member(id=7), Account(name="taken")])
+        db.session.commit()
+
+    @sidelog.actor_loader
+    def actor() -> str:
+        found = db.session.scalar(sa.select(Member.id).where(Member.id == 7))
+        return f"member-{found}"
+
+    @app.post("/accounts")
+    @sidelog.audit("account.open")
+    def open_account() -> tuple[str, int]:
+        db.session.add(Account(name="taken"))
+        try:
+            db.session.commit()  # a unique name: IntegrityError
+        except sa.exc.IntegrityError:
+            db.session.add(Account(name="other"))
+            with contextlib.suppress(sa.exc.PendingRollbackError):
+                db.session.flush()  # not rolled back: refused too
+        return "taken", 409
+
+    assert client.post("/accounts").status_code == 409
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["main_tx"], entry["actor"]) == (
+        "failure",
+        "rolled_back",
+        "member-7",
+    )
+
+
+def test_the_user_loader_runs_once_a_request(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, client: FlaskClient
+) -> None:
+    """Asking for the actor never runs Flask-Login's user loader again from
+    inside its own query (its autoflush)."""
+    loaded: list[str] = []
+    member_7_can_sign_in(app, db, loaded)
+    sidelog.track(Account)
+
+    @app.post("/accounts")
+    @sidelog.audit("account.open")
+    def open_account() -> str:
+        db.session.add(Account(name="new"))
+        assert flask_login.current_user.get_id() == "7"
+        db.session.commit()
+        return "opened"
+
+    client.post("/login")
+    loaded.clear()
+    assert client.post("/accounts").status_code == 200
+    assert loaded == ["7"]
+    with app.app_context():
+        actors = {(e["event"], e["actor"]) for e in sidelog.entries()}
+    assert ("account.open", "7") in actors
+    assert ("account.insert", "7") in actors
 
 
 def test_entry_written_signal(app: Flask, sidelog: SideLog) -> None:
