@@ -505,8 +505,9 @@ def test_a_prune_that_commits_during_verify_is_not_a_deletion(
     monkeypatch: pytest.MonkeyPatch,
     backend: str,
 ) -> None:
-    """verify read the checkpoint just before a prune committed a newer one:
-    the walk then starts at a gap, which the newer checkpoint explains."""
+    """verify read the checkpoint just before a prune committed a newer one.
+    On PostgreSQL its reads share one snapshot, from before the prune; on
+    SQLite the walk starts at a gap, and again from the newer checkpoint."""
     uri = new_database_uri(backend, tmp_path, request)
     app, _, sidelog = make_app(uri, str(tmp_path / "i"), CHAINED)
     read = chain.latest_checkpoint
@@ -527,7 +528,9 @@ def test_a_prune_that_commits_during_verify_is_not_a_deletion(
     finally:
         dispose(app)
     assert result.ok, str(result)
-    assert (result.entries, result.head_seq, result.checkpoint.seq) == (2, 5, 3)
+    pruned = 0 if backend == "postgres" else 3
+    assert (result.entries, result.head_seq) == (5 - pruned, 5)
+    assert (result.checkpoint.seq if result.checkpoint else 0) == pruned
     assert reads[0] is None
 
 
