@@ -287,6 +287,13 @@ class SideLog:
             raise RuntimeError(
                 "SideLog is already registered on this app; use that instance."
             )
+        if db is not None and app.extensions.get("sqlalchemy") is not db:
+            # Its teardown must be there to be wrapped (see
+            # _hold_session_teardown_errors).
+            raise RuntimeError(
+                "Call db.init_app(app) before sidelog.init_app(app, db), or"
+                " create both with the app: SQLAlchemy(app), then SideLog(app, db)."
+            )
         main_session = db.session if db is not None else self.session
         app.extensions["sidelog"] = _AppState(self, app, db, main_session)
         session_class = main_session.session_factory.class_

@@ -103,6 +103,16 @@ def test_bad_setting_is_refused_at_init_app(
         make_app("sqlite:///main.db", str(tmp_path), config)
 
 
+def test_db_must_be_set_up_first(tmp_path: t.Any) -> None:
+    """Flask-SQLAlchemy's teardown must be registered before ours wraps it."""
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    db = SQLAlchemy()
+    with pytest.raises(RuntimeError, match=r"Call db.init_app\(app\) before sidelog"):
+        SideLog().init_app(app, db)
+    assert "sidelog" not in app.extensions
+
+
 def test_bind_key_needs_the_db(tmp_path: t.Any) -> None:
     with pytest.raises(ValueError, match=r"pass the db to init_app\(app, db\)"):
         make_app("sqlite://", str(tmp_path), {"SIDELOG_BIND_KEY": "a"}, with_db=False)
