@@ -282,7 +282,11 @@ class SideLog:
             self.init_app(app, db)
 
     def init_app(self, app: Flask, db: SQLAlchemy | None = None) -> None:
-        """Register on ``app``; ``db`` is its Flask-SQLAlchemy extension, if any."""
+        """Register on ``app``; ``db`` is its Flask-SQLAlchemy extension, if any.
+
+        :raise RuntimeError: if SideLog is on ``app`` already, or ``db`` is not
+            set up on it yet (call ``db.init_app(app)`` first).
+        """
         if "sidelog" in app.extensions:
             raise RuntimeError(
                 "SideLog is already registered on this app; use that instance."
