@@ -82,10 +82,6 @@ class ContextState:
     started: float = 0.0
     annotations: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     actor: str | None = None
-    #: The actor loader's answer as the audited view started, while the main
-    #: session could still load a user: it stands in if the loader raises
-    #: once a flush or commit failed.
-    actor_before: str | None = None
     exception: BaseException | None = None
     #: What Flask-SQLAlchemy's teardown raised as it closed the main session
     #: (its connection died): raised again once this context's entries are

@@ -18,6 +18,7 @@ from flask import Flask
 from flask import has_request_context
 from flask import request
 from flask import Response
+from flask import session as flask_session
 from flask.globals import app_ctx
 from werkzeug.exceptions import HTTPException
 
@@ -228,7 +229,24 @@ def _default_actor() -> str | None:
         from flask_login import UserMixin
     except ImportError:
         return None
-    if not current_user.is_authenticated:
+    try:
+        authenticated = current_user.is_authenticated
+    except Exception as error:
+        # Its user loader's query of a main session whose flush or commit
+        # failed (a view that never read current_user): the id Flask-Login
+        # keeps in the session for the signed-in user, as login_user() stored
+        # get_id(). Nothing is loaded, so nothing starts a transaction.
+        user_id = flask_session.get("_user_id")
+        if user_id is None:
+            raise
+        # Its type only: a wrapped database error quotes the failed rows.
+        current_app.logger.warning(
+            "Flask-Login could not load the user (%s); flask-sidelog names the"
+            " user id in its session instead.",
+            type(error).__name__,
+        )
+        return str(user_id)
+    if not authenticated:
         return None
     try:
         return t.cast("str | None", current_user.get_id())
@@ -399,13 +417,12 @@ class SideLog:
         """
         return tracking.row_history(_app_state(), table, pk, only)
 
-    def _actor(self, fallback: str | None = None) -> str | None:
-        """The actor loader's answer; ``fallback`` if it raises."""
+    def _actor(self) -> str | None:
         try:
             actor = self._actor_loader()
         except Exception:
             current_app.logger.exception("The flask-sidelog actor loader raised.")
-            return fallback
+            return None
         # Its str() is the app's code too: a user model whose __str__ reads
         # an attribute the failed main session can no longer load.
         return None if actor is None else as_text(actor)
@@ -503,17 +520,13 @@ class SideLog:
                 )
                 state.started = time.perf_counter()
                 state.running = _app_state().writer.request_started()
-                # Asked before the view too: a commit that fails leaves a
-                # session that can no longer load the user (one the view never
-                # read) when the view ends, or when its changes are recorded.
-                state.actor_before = self._actor()
                 try:
                     return call(*args, **kwargs)
                 except BaseException as e:
                     state.exception = e
                     raise
                 finally:
-                    state.actor = self._actor(state.actor_before)
+                    state.actor = self._actor()
 
             # Copied by functools.wraps to the decorators above this one: a
             # request they (or a before_request) turn away is recorded too.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import decimal
-import functools
 import importlib
 import math
 import operator
@@ -816,9 +815,7 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     mappers: set[sa_orm.Mapper[t.Any]] = set()
     try:
         changes = _row_changes(
-            # In an audited request, the actor as the view started stands in
-            # for a loader that the failed session makes raise.
-            functools.partial(app_state.extension._actor, state.actor_before),
+            app_state.extension._actor,
             tracker,
             session,
             _deleted(session, flush),
