@@ -231,21 +231,18 @@ def _default_actor() -> str | None:
         return None
     try:
         authenticated = current_user.is_authenticated
-    except Exception as error:
+    except sa.exc.InvalidRequestError:
         # Its user loader's query of a main session whose flush or commit
-        # failed (a view that never read current_user): the id Flask-Login
-        # keeps in the session for the signed-in user, as login_user() stored
-        # get_id(). Nothing is loaded, so nothing starts a transaction.
-        user_id = flask_session.get("_user_id")
+        # failed (a view that never read current_user); any other error is
+        # the loader's own, and logged as such.
+        user_id = _signed_in_id(ctx.app) if _main_session_failed() else None
         if user_id is None:
             raise
-        # Its type only: a wrapped database error quotes the failed rows.
         current_app.logger.warning(
-            "Flask-Login could not load the user (%s); flask-sidelog names the"
-            " user id in its session instead.",
-            type(error).__name__,
+            "Flask-Login could not load the user from the failed main session;"
+            " flask-sidelog names the user id in the Flask session instead."
         )
-        return str(user_id)
+        return user_id
     if not authenticated:
         return None
     try:
@@ -255,6 +252,27 @@ def _default_actor() -> str | None:
         if user_id is None:
             raise
         return user_id
+
+
+def _main_session_failed() -> bool:
+    """Whether this context's main session is in a transaction that a failed
+    flush or commit ended, which refuses every query until rolled back."""
+    scoped = _app_state().main_session
+    if not scoped.registry.has():
+        return False
+    transaction = scoped.registry().get_transaction()
+    return transaction is not None and not transaction.is_active
+
+
+def _signed_in_id(app: Flask) -> str | None:
+    """The id that Flask-Login keeps in the Flask session for the signed-in
+    user: what ``get_id()`` returned at sign-in, unless the login manager
+    stores another attribute (a session token, not for a log). Unchecked:
+    nothing is loaded, so nothing begins a transaction."""
+    if getattr(app.login_manager, "id_attribute", "get_id") != "get_id":  # type: ignore[attr-defined]
+        return None
+    user_id = flask_session.get("_user_id")
+    return None if user_id is None else str(user_id)
 
 
 def _stored_user_id(user: object, user_mixin: t.Any) -> str | None:

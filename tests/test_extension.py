@@ -429,19 +429,24 @@ class Member(flask_login.UserMixin, Base):
 
 
 def member_7_can_sign_in(
-    app: Flask, db: SQLAlchemy, loaded: list[str] | None = None
+    app: Flask,
+    db: SQLAlchemy,
+    loaded: list[str] | None = None,
+    id_attribute: str = "get_id",
 ) -> None:
     """Flask-Login loading ``Member`` rows from the main session (noting
-    each id it loads in ``loaded``); member 7 stored, and ``POST /login``
-    signs it in."""
+    each id it loads in ``loaded``) by what ``id_attribute`` names (for
+    another than ``get_id``, ``tok-<id>``); member 7 stored, and
+    ``POST /login`` signs it in."""
     app.secret_key = "test"
     login_manager = flask_login.LoginManager(app)
+    login_manager.id_attribute = id_attribute
 
     @login_manager.user_loader
     def load(user_id: str) -> Member | None:
         if loaded is not None:
             loaded.append(user_id)
-        return db.session.get(Member, int(user_id))
+        return db.session.get(Member, int(user_id.removeprefix("tok-")))
 
     with app.app_context():
         db.session.add(Member(id=7))
@@ -454,12 +459,16 @@ def member_7_can_sign_in(
 
 
 def member_7_opens_a_taken_account(
-    app: Flask, db: SQLAlchemy, sidelog: SideLog, reads_user: bool
+    app: Flask,
+    db: SQLAlchemy,
+    sidelog: SideLog,
+    reads_user: bool,
+    id_attribute: str = "get_id",
 ) -> None:
     """Member 7 signs in, then asks an audited view (which reads
     ``current_user`` first if ``reads_user``) to open an account whose
     unique name is taken: its commit fails."""
-    member_7_can_sign_in(app, db)
+    member_7_can_sign_in(app, db, id_attribute=id_attribute)
     with app.app_context():
         db.session.add(Account(name="taken"))
         db.session.commit()
@@ -494,9 +503,9 @@ def test_flask_login_actor_never_loaded_before_the_commit_failed(
     app: Flask, db: SQLAlchemy, sidelog: SideLog
 ) -> None:
     """The view never reads ``current_user``, so the user loader's query
-    first runs when the failed session can no longer answer it: the actor
-    asked for when the flush began stands in, on the request's entry and on
-    its tracked change."""
+    first runs when the failed session can no longer answer it: the user id
+    Flask-Login keeps in the session stands in, on the request's entry and
+    on its tracked change."""
     sidelog.track(Account)
     member_7_opens_a_taken_account(app, db, sidelog, reads_user=False)
     with app.app_context():
@@ -506,6 +515,50 @@ def test_flask_login_actor_never_loaded_before_the_commit_failed(
         ("account.insert", "rolled_back", "7"),
         ("account.open", "rolled_back", "7"),
     ]
+
+
+def test_a_user_loader_that_fails_on_its_own_names_no_one(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a main session refused after a failed commit makes the Flask
+    session's user id stand in: the loader's own error is logged, whole,
+    and the entry names no one (that user may be gone)."""
+    member_7_can_sign_in(app, db)
+
+    @app.post("/accounts")
+    @sidelog.audit("account.open")
+    def open_account() -> str:
+        return "opened"
+
+    client = app.test_client()
+    client.post("/login")
+
+    def gone(user_id: str) -> Member:
+        raise LookupError(f"no member {user_id}")
+
+    app.login_manager.user_loader(gone)  # type: ignore[attr-defined]
+    assert client.post("/accounts").status_code == 200
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert entry["actor"] is None
+    assert "The flask-sidelog actor loader raised." in caplog.text
+    assert "LookupError: no member 7" in caplog.text
+
+
+def test_a_session_token_in_place_of_the_id_is_never_the_actor(
+    app: Flask, db: SQLAlchemy, sidelog: SideLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``id_attribute`` set, Flask-Login keeps another value in the
+    session (a session token): it is not the user's id, and no log's to keep."""
+    monkeypatch.setattr(
+        Member, "get_session_token", lambda self: f"tok-{self.id}", raising=False
+    )
+    member_7_opens_a_taken_account(
+        app, db, sidelog, reads_user=False, id_attribute="get_session_token"
+    )
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["outcome"], entry["actor"]) == ("error", None)
 
 
 def test_a_view_that_begins_its_own_transaction(
