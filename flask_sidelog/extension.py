@@ -820,11 +820,10 @@ class SideLog:
         :meth:`verify` still proves the rest. Entries outside the chain
         (written while it was off) go by age alone.
 
-        :raise RuntimeError: the chain entries to delete do not verify
-            (nothing is deleted: the evidence would be lost).
-
         :param dry_run: only count them.
         :return: how many entries were (or, with ``dry_run``, would be) deleted.
+        :raise RuntimeError: the chain entries to delete do not verify
+            (nothing is deleted: the evidence would be lost).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be 1 or more, got {batch_size}.")

@@ -455,7 +455,7 @@ def _deleted(
 
 
 def _row_changes(
-    ask_actor: t.Callable[[], str | None],
+    app_state: _AppState,
     tracker: Tracker,
     session: sa_orm.Session,
     deleted: list[sa_orm.InstanceState[t.Any]],
@@ -465,8 +465,8 @@ def _row_changes(
 ) -> list[Change]:
     """One change per tracked row in the session's pending flush, whose
     deleted rows are ``deleted`` (see :func:`_deleted`); ``old_values``
-    and ``sql_set`` from :func:`_read_old_values`; ``ask_actor()`` gives
-    the actor, asked once. Adds the rows' mappers to ``mappers``."""
+    and ``sql_set`` from :func:`_read_old_values`. Adds the rows' mappers to
+    ``mappers``."""
     at: datetime | None = None
     actor: str | None = None
     found: list[Change] = []
@@ -482,7 +482,7 @@ def _row_changes(
         if at is None:
             # Resolved once a flush, while the request context is alive.
             at = utcnow()
-            actor = ask_actor()
+            actor = app_state.extension._actor()
         identity = st.key[1] if st.key is not None else None
         pk = {}
         for i, (key, column) in enumerate(spec.pk):
@@ -815,7 +815,7 @@ def _capture_flush(session: sa_orm.Session, failed: bool) -> None:
     mappers: set[sa_orm.Mapper[t.Any]] = set()
     try:
         changes = _row_changes(
-            app_state.extension._actor,
+            app_state,
             tracker,
             session,
             _deleted(session, flush),
