@@ -20,6 +20,7 @@ from flask import request
 from flask import Response
 from flask import session as flask_session
 from flask.globals import app_ctx
+from flask.signals import appcontext_pushed
 from werkzeug.exceptions import HTTPException
 
 from . import chain
@@ -124,6 +125,11 @@ class _AppState:
                 self._main_engine = sa.create_engine(url, **options)
             return self._main_engine
 
+    def _has_main_database(self) -> bool:
+        """Whether there is a main database; without one, the log database
+        (``SIDELOG_DATABASE_URI``) serves alone."""
+        return self.db is not None or self.settings.main_database_uri is not None
+
     def _log_url(self) -> sa.URL:
         s = self.settings
         if s.database_uri is not None:
@@ -142,7 +148,7 @@ class _AppState:
             # Every engine the main session may write through (a model of a
             # bind writes that bind's file), the default one first: of two on
             # the log's file, it is the one a plain session.connection() uses.
-            main_engines = [self.main_engine]
+            main_engines = [self.main_engine] if self._has_main_database() else []
             if self.db is not None:
                 main_engines += [
                     e for e in self.db.engines.values() if e is not self.main_engine
@@ -320,19 +326,18 @@ class SideLog:
     def init_app(self, app: Flask, db: SQLAlchemy | None = None) -> None:
         """Register on ``app``; ``db`` is its Flask-SQLAlchemy extension, if any.
 
-        :raise RuntimeError: if SideLog is on ``app`` already, or ``db`` is not
-            set up on it yet (call ``db.init_app(app)`` first).
+        :raise RuntimeError: if SideLog is on ``app`` already, or ``app`` has
+            another Flask-SQLAlchemy extension than ``db``.
         """
         if "sidelog" in app.extensions:
             raise RuntimeError(
                 "SideLog is already registered on this app; use that instance."
             )
-        if db is not None and app.extensions.get("sqlalchemy") is not db:
-            # Its teardown must be there to be wrapped (see
-            # _hold_session_teardown_errors).
+        registered = app.extensions.get("sqlalchemy")
+        if db is not None and registered is not None and registered is not db:
             raise RuntimeError(
-                "Call db.init_app(app) before sidelog.init_app(app, db), or"
-                " create both with the app: SQLAlchemy(app), then SideLog(app, db)."
+                "This app has another Flask-SQLAlchemy extension than the db"
+                " given: pass the one its db.init_app(app) was called with."
             )
         main_session = db.session if db is not None else self.session
         app.extensions["sidelog"] = _AppState(self, app, db, main_session)
@@ -349,7 +354,12 @@ class SideLog:
         app.teardown_appcontext_funcs.remove(self._teardown)
         app.teardown_appcontext_funcs.insert(0, self._teardown)
         if db is not None:
-            _hold_session_teardown_errors(app, db)
+            if registered is None:
+                # db.init_app(app) comes later: its teardown is wrapped
+                # once the app runs.
+                appcontext_pushed.connect(_wrap_when_set_up(db), app, weak=False)
+            else:
+                _hold_session_teardown_errors(app, db)
         app.cli.add_command(sidelog_group)
 
     def actor_loader(self, loader: F) -> F:
@@ -1049,6 +1059,20 @@ def _hold_session_teardown_errors(app: Flask, db: SQLAlchemy) -> None:
     for i, func in enumerate(funcs):
         if func == getattr(db, "_teardown_session", None):
             funcs[i] = functools.partial(_close_main_session, func, db)
+
+
+def _wrap_when_set_up(db: SQLAlchemy) -> t.Callable[[Flask], None]:
+    """A receiver of ``appcontext_pushed`` that wraps ``db``'s teardown in
+    the first app context after ``db.init_app(app)``, then disconnects."""
+
+    def receiver(app: Flask, **extra: t.Any) -> None:
+        if "sqlalchemy" in app.extensions:
+            # Two first contexts at once may both get here: wrapping twice
+            # wraps once (the wrapped teardown is no longer db's).
+            _hold_session_teardown_errors(app, db)
+            appcontext_pushed.disconnect(receiver, app)
+
+    return receiver
 
 
 def _close_main_session(

@@ -102,13 +102,57 @@ def test_bad_setting_is_refused_at_init_app(
         make_app("sqlite:///main.db", str(tmp_path), config)
 
 
-def test_db_must_be_set_up_first(tmp_path: t.Any) -> None:
-    """Flask-SQLAlchemy's teardown must be registered before ours wraps it."""
+@pytest.mark.parametrize("order", ["db first", "sidelog first"])
+def test_either_order_of_init_app(
+    tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch, order: str
+) -> None:
+    """Flask-SQLAlchemy's teardown is wrapped whichever extension is set up
+    first, so an error it raises as it closes the session (its connection
+    died) cannot skip ours: the request's entry is still written."""
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config.update(
+        TESTING=True,
+        SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'main.db'}",
+        SIDELOG_CREATE_TABLE=True,
+    )
+    db = SQLAlchemy()
+    sidelog = SideLog()
+    if order == "db first":
+        db.init_app(app)
+        sidelog.init_app(app, db)
+    else:
+        sidelog.init_app(app, db)
+        db.init_app(app)
+
+    @app.get("/")
+    @sidelog.audit("home")
+    def home() -> str:
+        return "home"
+
+    def closing_fails() -> None:
+        raise RuntimeError("the connection died as the session closed")
+
+    monkeypatch.setattr(db.session, "remove", closing_fails)
+    with pytest.raises(RuntimeError, match="the connection died"):
+        app.test_client().get("/")
+    monkeypatch.undo()
+    with app.app_context():
+        (entry,) = sidelog.entries()
+    assert (entry["event"], entry["outcome"], entry["status_code"]) == (
+        "home",
+        "error",
+        500,
+    )
+    assert "the connection died" in entry["error"]
+    dispose(app)
+
+
+def test_db_of_another_app_is_refused(tmp_path: t.Any) -> None:
     app = Flask(__name__, instance_path=str(tmp_path))
     app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
-    db = SQLAlchemy()
-    with pytest.raises(RuntimeError, match=r"Call db.init_app\(app\) before sidelog"):
-        SideLog().init_app(app, db)
+    SQLAlchemy(app)
+    with pytest.raises(RuntimeError, match="another Flask-SQLAlchemy"):
+        SideLog().init_app(app, SQLAlchemy())
     assert "sidelog" not in app.extensions
 
 
@@ -336,6 +380,29 @@ def test_main_session_removed_at_teardown(plain_app: tuple[Flask, SideLog]) -> N
         assert sidelog.session() is session
     with app.app_context():
         assert sidelog.session() is not session
+
+
+def test_log_database_alone(tmp_path: t.Any) -> None:
+    """Without Flask-SQLAlchemy or a main database, SIDELOG_DATABASE_URI is
+    enough: the app keeps its data elsewhere, or has none."""
+    app = Flask("logonly", instance_path=str(tmp_path))
+    app.config.update(
+        SIDELOG_DATABASE_URI=f"sqlite:///{tmp_path / 'log.db'}",
+        SIDELOG_CREATE_TABLE=True,
+    )
+    sidelog = SideLog(app)
+
+    @app.get("/")
+    @sidelog.audit("home")
+    def home() -> str:
+        sidelog.log("inside")
+        return "home"
+
+    assert app.test_client().get("/").text == "home"
+    with app.app_context():
+        found = [(e["event"], e["main_tx"]) for e in sidelog.entries()]
+    assert found == [("inside", None), ("home", "none")]
+    dispose(app)
 
 
 def test_no_main_database(tmp_path: t.Any) -> None:
