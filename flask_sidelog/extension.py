@@ -54,6 +54,7 @@ from .query import stream
 from .spool import ReplayResult
 from .spool import Spool
 from .writer import spool_on_error
+from .writer import Unavailable
 from .writer import Writer
 
 if t.TYPE_CHECKING:
@@ -90,6 +91,14 @@ class _AppState:
         self.app = app
         self.db = db
         self.settings = Settings.from_app(app, has_db=db is not None)
+        if db is None and not (
+            self.settings.database_uri or self.settings.main_database_uri
+        ):
+            raise ValueError(
+                "flask-sidelog has no database: set SIDELOG_DATABASE_URI, or"
+                " SQLALCHEMY_DATABASE_URI for a main database the log shares,"
+                " or pass the app's Flask-SQLAlchemy db to init_app(app, db)."
+            )
         self.main_session = main_session
         self.table = make_entries_table(self.settings.table)
         self._lock = threading.Lock()
@@ -186,6 +195,19 @@ class _AppState:
                 else:
                     engine.dispose()
         return self._writer
+
+    @property
+    def sink(self) -> Writer | Unavailable:
+        """Where entries go: the :attr:`writer`; or, while the log engine
+        cannot be made, a stand-in that sends them the error path (spool or
+        raise), so that a request never fails for it. Each write tries again."""
+        if self._writer is not None:
+            return self._writer
+        try:
+            return self.writer
+        except Exception as error:
+            s = self.settings
+            return Unavailable(self.app, s.on_write_error, Spool(s.spool_path), error)
 
     @property
     def has_writer(self) -> bool:
@@ -497,7 +519,7 @@ class SideLog:
         state: context.ContextState,
         entries: list[dict[str, t.Any]],
     ) -> None:
-        writer = app_state.writer
+        writer = app_state.sink
         if state.log_session_held is not None:
             # This thread holds the SQLite log in a log_session(): writing now
             # would join (memory database) or wait for (file) that session.
@@ -547,7 +569,7 @@ class SideLog:
                     event or state.request_fields.get("endpoint") or view.__name__
                 )
                 state.started = time.perf_counter()
-                state.running = _app_state().writer.request_started()
+                state.running = _app_state().sink.request_started()
                 try:
                     return call(*args, **kwargs)
                 except BaseException as e:
@@ -628,7 +650,7 @@ class SideLog:
 
         .. versionadded:: 0.1
         """
-        _app_state().writer.flush()
+        _app_state().sink.flush()
 
     def create_table(self) -> bool:
         """Create the entries table if it is missing; on PostgreSQL, also
@@ -1010,11 +1032,11 @@ class SideLog:
                         )
                     )
             if entries:
-                app_state.writer.write(entries, ends_request=audited)
+                app_state.sink.write(entries, ends_request=audited)
         finally:
             if audited:
                 # A no-op once its entry ended the request; here if it failed.
-                app_state.writer.request_ended()
+                app_state.sink.request_ended()
 
     def _audit_entry(
         self,

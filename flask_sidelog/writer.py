@@ -148,7 +148,103 @@ class TimedLock:
         self.release()
 
 
-class Writer:
+class Reporter:
+    """Reports entries as written or failed: signals, the app's log, the spool.
+
+    :param app: the app whose logger and signals report writes.
+    :param on_error: ``"spool"`` or ``"raise"``, what :meth:`failed` does.
+    :param spool: where failed entries are kept.
+    """
+
+    def __init__(self, app: Flask, on_error: str, spool: Spool) -> None:
+        self.app = app
+        self.on_error = on_error
+        self.spool = spool
+
+    def written(self, entries: list[dict[str, t.Any]]) -> None:
+        """Report ``entries`` that were committed."""
+        if not entry_written.receivers:  # most apps connect none: skip the loop
+            return
+        for entry in entries:
+            self._send(entry_written, entry=entry)
+
+    def failed(self, entries: list[dict[str, t.Any]], error: Exception) -> None:
+        """The error path for ``entries`` that could not be committed.
+
+        Logs a warning and sends ``entry_failed``. Then, in "spool" mode (and
+        within :func:`spool_on_error`), appends the entries to the spool; in
+        "raise" mode raises :class:`SideLogWriteError`, spooling nothing.
+        """
+        must_raise = self.on_error == "raise" and not _spool_only.get()
+        kept = "not kept" if must_raise else f"kept in {self.spool.path}"
+        if not must_raise:
+            try:
+                self.spool.append(entries)
+            except Exception as spool_error:
+                # The last place left is the app's log: put the whole entries there.
+                kept = f"NOT spooled ({spool_error}); the entries were: {entries!r}"
+        self.app.logger.warning(
+            "flask-sidelog could not write %d entr%s (%s), %s: %s",
+            len(entries),
+            "y" if len(entries) == 1 else "ies",
+            ", ".join(e["event"] for e in entries[:5]),
+            kept,
+            error,
+        )
+        for entry in entries:
+            self._send(entry_failed, entry=entry, error=error)
+        if must_raise:
+            raise SideLogWriteError(
+                f"flask-sidelog could not write {len(entries)} entries: {error}",
+                entries,
+            ) from error
+
+    def _send(self, signal: t.Any, **kwargs: t.Any) -> None:
+        # One by one: a receiver that raises must not break the write path,
+        # nor keep the receivers after it (an alert) from running.
+        if getattr(signal, "is_muted", False):
+            return
+        for receiver in signal.receivers_for(self.app):
+            try:
+                result = receiver(self.app, **kwargs)
+                if inspect.isawaitable(result):  # what nothing here would await
+                    if inspect.iscoroutine(result):
+                        result.close()
+                    raise TypeError("an async receiver; connect a plain function")
+            except Exception:
+                self.app.logger.exception("A flask-sidelog signal receiver raised.")
+
+
+class Unavailable(Reporter):
+    """Stands in for the :class:`Writer` of an app whose log engine cannot be
+    made (a driver that is not installed, a URL the dialect refuses): every
+    entry takes the error path, and the request goes on.
+
+    :param error: why the engine could not be made.
+    """
+
+    def __init__(self, app: Flask, on_error: str, spool: Spool, error: Exception):
+        super().__init__(app, on_error, spool)
+        self.error = error
+
+    def write(
+        self, entries: list[dict[str, t.Any]], ends_request: bool = False
+    ) -> bool:
+        """Report ``entries`` failed; see :meth:`Writer.write`."""
+        self.failed(entries, self.error)
+        return False
+
+    def request_started(self) -> object:
+        return None
+
+    def request_ended(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class Writer(Reporter):
     """Commits entries to ``table`` through ``engine``, one transaction a batch.
 
     :param app: the app whose logger and signals report writes.
@@ -178,12 +274,10 @@ class Writer:
         batch_size: int = 100,
         flush_interval: float = 0.1,
     ) -> None:
-        self.app = app
+        super().__init__(app, on_error, spool)
         self.engine = engine
         self.table = table
         self.chain = chain
-        self.on_error = on_error
-        self.spool = spool
         self._timeout = timeout
         self._create_table = create_table
         # Built once; inline: no RETURNING of the new ids, nothing reads them.
@@ -648,56 +742,3 @@ class Writer:
             return False
         self.written(entries)
         return True
-
-    def written(self, entries: list[dict[str, t.Any]]) -> None:
-        """Report ``entries`` that were committed."""
-        if not entry_written.receivers:  # most apps connect none: skip the loop
-            return
-        for entry in entries:
-            self._send(entry_written, entry=entry)
-
-    def failed(self, entries: list[dict[str, t.Any]], error: Exception) -> None:
-        """The error path for ``entries`` that could not be committed.
-
-        Logs a warning and sends ``entry_failed``. Then, in "spool" mode (and
-        within :func:`spool_on_error`), appends the entries to the spool; in
-        "raise" mode raises :class:`SideLogWriteError`, spooling nothing.
-        """
-        must_raise = self.on_error == "raise" and not _spool_only.get()
-        kept = "not kept" if must_raise else f"kept in {self.spool.path}"
-        if not must_raise:
-            try:
-                self.spool.append(entries)
-            except Exception as spool_error:
-                # The last place left is the app's log: put the whole entries there.
-                kept = f"NOT spooled ({spool_error}); the entries were: {entries!r}"
-        self.app.logger.warning(
-            "flask-sidelog could not write %d entr%s (%s), %s: %s",
-            len(entries),
-            "y" if len(entries) == 1 else "ies",
-            ", ".join(e["event"] for e in entries[:5]),
-            kept,
-            error,
-        )
-        for entry in entries:
-            self._send(entry_failed, entry=entry, error=error)
-        if must_raise:
-            raise SideLogWriteError(
-                f"flask-sidelog could not write {len(entries)} entries: {error}",
-                entries,
-            ) from error
-
-    def _send(self, signal: t.Any, **kwargs: t.Any) -> None:
-        # One by one: a receiver that raises must not break the write path,
-        # nor keep the receivers after it (an alert) from running.
-        if getattr(signal, "is_muted", False):
-            return
-        for receiver in signal.receivers_for(self.app):
-            try:
-                result = receiver(self.app, **kwargs)
-                if inspect.isawaitable(result):  # what nothing here would await
-                    if inspect.iscoroutine(result):
-                        result.close()
-                    raise TypeError("an async receiver; connect a plain function")
-            except Exception:
-                self.app.logger.exception("A flask-sidelog signal receiver raised.")

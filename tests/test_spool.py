@@ -269,6 +269,44 @@ def test_spool_appends_from_processes_and_threads(tmp_path: t.Any) -> None:
 @pytest.mark.parametrize(
     ("uri", "said"),
     [
+        ("mysql+mysqldb://u@localhost/x", "No module named 'MySQLdb'"),
+        ("sqlite:///log.db?timeout=abc", "could not convert string to float"),
+    ],
+)
+def test_log_engine_that_cannot_be_made(
+    tmp_path: t.Any, caplog: pytest.LogCaptureFixture, uri: str, said: str
+) -> None:
+    """A driver that is not installed, a URL value the dialect refuses: the
+    log engine cannot be made, found at the first write. The request goes
+    on, and its entries go to the spool with a warning that says why."""
+    app, _, sidelog = make_app(
+        "sqlite://", str(tmp_path / "instance"), {"SIDELOG_DATABASE_URI": uri}
+    )
+    failed: list[str] = []
+
+    @app.get("/")
+    @sidelog.audit("home")
+    def home() -> str:
+        sidelog.log("inside")
+        sidelog.flush()
+        return "home"
+
+    def on_failed(sender: Flask, entry: dict[str, t.Any], error: Exception) -> None:
+        failed.append(f"{entry['event']}: {error}")
+
+    with entry_failed.connected_to(on_failed, app):
+        response = app.test_client().get("/")
+    assert (response.status_code, response.text) == (200, "home")
+    assert [e["event"] for e in spooled(app)] == ["inside", "home"]
+    assert [f.split(":")[0] for f in failed] == ["inside", "home"]
+    assert all(said in f for f in failed)
+    assert said in caplog.text
+    dispose(app)
+
+
+@pytest.mark.parametrize(
+    ("uri", "said"),
+    [
         ("postgresql+psycopg://u@127.0.0.1:1/x", "cannot reach the sidelog database"),
         ("mysql+mysqldb://u@localhost/x", "cannot load the sidelog database's driver"),
     ],
