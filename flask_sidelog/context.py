@@ -113,6 +113,9 @@ class ContextState:
     #: to a SQL expression, with their values before, by instance state (the
     #: flush forgets both).
     sql_set: dict[t.Any, dict[str, t.Any]] = dataclasses.field(default_factory=dict)
+    #: When a write of this context failed without an answer from the log
+    #: database, and why (see :meth:`~flask_sidelog.writer.Writer.write`).
+    write_failed: tuple[float, Exception] | None = None
     #: Popped at teardown: the main session no longer reports to this state.
     ended: bool = False
     #: The write mode's token for a running audited request (see

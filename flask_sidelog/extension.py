@@ -534,7 +534,7 @@ class SideLog:
             # "database is locked". The teardown writes these.
             state.deferred.extend(entries)
             return
-        writer.write(entries)
+        writer.write(entries, state=state)
 
     def audit(self, event: str | F | None = None) -> t.Any:
         """Decorate a view so that each request to it writes one entry with
@@ -1032,7 +1032,7 @@ class SideLog:
                         )
                     )
             if entries:
-                app_state.sink.write(entries, ends_request=audited)
+                app_state.sink.write(entries, ends_request=audited, state=state)
         finally:
             if audited:
                 # A no-op once its entry ended the request; here if it failed.

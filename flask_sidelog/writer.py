@@ -13,6 +13,7 @@ import itertools
 import json
 import operator
 import threading
+import time
 import typing as t
 
 import sqlalchemy as sa
@@ -20,11 +21,13 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite
 
 from . import batching
+from . import context
 from .chain import append_function_sql
 from .chain import create_append_function
 from .chain import has_append_function
 from .engine import driver_error
 from .engine import is_sqlite
+from .engine import refused_for_content
 from .engine import without_parameters
 from .entry import canonical_json
 from .model import FIELDS
@@ -148,6 +151,11 @@ class TimedLock:
         self.release()
 
 
+class NotSent(Exception):
+    """Why an entry was not sent: a write of its app context failed a moment
+    ago without an answer from the log database (see :meth:`Writer.write`)."""
+
+
 class Reporter:
     """Reports entries as written or failed: signals, the app's log, the spool.
 
@@ -228,7 +236,10 @@ class Unavailable(Reporter):
         self.error = error
 
     def write(
-        self, entries: list[dict[str, t.Any]], ends_request: bool = False
+        self,
+        entries: list[dict[str, t.Any]],
+        ends_request: bool = False,
+        state: context.ContextState | None = None,
     ) -> bool:
         """Report ``entries`` failed; see :meth:`Writer.write`."""
         self.failed(entries, self.error)
@@ -695,16 +706,40 @@ class Writer(Reporter):
             self._create_table = False
 
     def write(
-        self, entries: list[dict[str, t.Any]], ends_request: bool = False
+        self,
+        entries: list[dict[str, t.Any]],
+        ends_request: bool = False,
+        state: context.ContextState | None = None,
     ) -> bool:
         """Commit ``entries`` as the write mode says; report the result.
 
         :param ends_request: the last entries of the audited request that
             started in this context (see :meth:`request_started`).
+        :param state: the state of the app context they come from, if it
+            is no longer the current one's (popped at teardown).
         :return: whether the entries were committed; ``True`` for buffered
             entries, which are committed (or reported failed) later.
         :raise SideLogWriteError: in "raise" mode (see :meth:`failed`).
         """
+        # A request waits out the timeout once, not once per entry: for the
+        # timeout's length after a write of this context failed (the
+        # database down, locked or slow), its entries go the error path.
+        if state is None:
+            state = context.current_state(create=False)
+        if state is not None and state.write_failed is not None:
+            failed_at, error = state.write_failed
+            ago = time.monotonic() - failed_at
+            if ago < self._timeout:
+                self.failed(
+                    entries,
+                    NotSent(
+                        f"not sent: a write of this app context failed {ago:.1f} s"
+                        f" ago ({error}); it waits for the log database once"
+                        " per SIDELOG_WRITE_TIMEOUT"
+                    ),
+                )
+                return False
+            state.write_failed = None
         if self._batcher is None:
             return self.write_now(entries)
         return self._batcher.write(entries, ends_request)
@@ -729,6 +764,16 @@ class Writer(Reporter):
         """Return once every entry written before is committed or reported."""
         if self._batcher is not None:
             self._batcher.flush()
+
+    def failed(self, entries: list[dict[str, t.Any]], error: Exception) -> None:
+        """:meth:`Reporter.failed`; an error that did not come from what the
+        entries hold also holds back this app context's next writes (see
+        :meth:`write`)."""
+        if not (refused_for_content(error) or isinstance(error, NotSent)):
+            state = context.current_state(create=False)
+            if state is not None:
+                state.write_failed = (time.monotonic(), error)
+        super().failed(entries, error)
 
     def write_now(self, entries: list[dict[str, t.Any]]) -> bool:
         """Commit ``entries`` in this thread, now; report the result.

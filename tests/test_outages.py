@@ -385,6 +385,69 @@ def test_4_locked_table_or_slow_statement_is_bounded_by_the_timeout(
     print(f"\ncase 4 ({hold}, timeout 1 s): request answered in {elapsed:.2f} s")
 
 
+@pytest.mark.parametrize("mode", ["sync", "group"])
+def test_4_a_request_waits_out_the_timeout_once(
+    postgres: ThrowawayPostgres, tmp_path: t.Any, mode: str
+) -> None:
+    """A view that logs three times while the table is locked waits for its
+    first entry only; the rest of the request's entries go to the spool
+    without trying. The next request tries again, and so does this context
+    once the timeout has passed since the failure."""
+    import psycopg
+
+    uri = postgres.create_database(f"t_once_{os.urandom(4).hex()}")
+    app, _, sidelog = make_app(
+        f"sqlite:///{tmp_path / 'main.db'}",
+        str(tmp_path / "instance"),
+        {
+            "SIDELOG_DATABASE_URI": uri,
+            "SIDELOG_WRITE_TIMEOUT": 1,
+            "SIDELOG_WRITE_MODE": mode,
+        },
+    )
+
+    @app.get("/")
+    @sidelog.audit("home")
+    def home() -> str:
+        for n in range(3):
+            sidelog.log("step", data={"n": n})
+        return "home"
+
+    errors: list[tuple[str, Exception]] = []
+
+    def on_failed(sender: Flask, entry: dict[str, t.Any], error: Exception) -> None:
+        errors.append((entry["event"], error))
+
+    with app.app_context():
+        sidelog.create_table()
+    with (
+        flask_sidelog.signals.entry_failed.connected_to(on_failed, app),
+        psycopg.connect(postgres.conninfo(uri.rsplit("/")[-1])) as other,
+    ):
+        other.execute("LOCK TABLE sidelog_entries IN ACCESS EXCLUSIVE MODE")
+        assert app.test_client().get("/").text == "home"
+        with app.app_context():
+            sidelog.log("job", data={"n": 1})
+            time.sleep(1.1)
+            sidelog.log("job", data={"n": 2})
+        other.rollback()
+    assert [event for event, _ in errors] == ["step", "step", "step", "home"] + [
+        "job",
+        "job",
+    ]
+    tried = [not isinstance(e, flask_sidelog.writer.NotSent) for _, e in errors]
+    assert tried == [True, False, False, False, True, True]
+    assert isinstance(errors[0][1], sa.exc.OperationalError)
+    assert "it waits for the log database once" in str(errors[1][1])
+
+    assert app.test_client().get("/").text == "home"
+    with app.app_context():
+        assert sidelog.replay().moved == 6
+        events = [e["event"] for e in sidelog.entries(limit=20)]
+    assert sorted(events) == ["home"] * 2 + ["job"] * 2 + ["step"] * 6
+    dispose(app)
+
+
 @pytest.mark.parametrize("given_in", ["connect_args", "url", "url twice", "PGOPTIONS"])
 def test_4_options_of_the_app_keep_the_timeouts(
     postgres: ThrowawayPostgres,
