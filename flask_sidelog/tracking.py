@@ -864,8 +864,11 @@ def _do_orm_execute(execute_state: sa_orm.ORMExecuteState) -> t.Any:
         data["parameter_sets"] = len(t.cast(list[t.Any], execute_state.parameters))
     data["rowcount"] = None
     change = Change(f"{spec.table}.{op}", data, app_state.extension._actor(), utcnow())
+    # SQLAlchemy keeps an INSERT's rowcount only when asked (2.0.28 and
+    # later); the driver's may be gone by the time the result is read.
+    options = {"preserve_rowcount": True} if execute_state.is_insert else None
     try:
-        result = execute_state.invoke_statement()
+        result = execute_state.invoke_statement(execution_options=options)
     except Exception as error:
         if isinstance(error, sa.orm.exc.StaleDataError) or (
             isinstance(error, sa.exc.DBAPIError) and execute_state.is_executemany

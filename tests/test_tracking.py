@@ -42,6 +42,8 @@ from flask_sidelog.tracking import make_change_entries
 from flask_sidelog.tracking import OLD_VALUES_PER_SELECT
 from flask_sidelog.tracking import parse_pk
 
+SQLALCHEMY_VERSION = tuple(int(n) for n in sa.__version__.split(".")[:3])
+
 
 class Credential(Base):
     __tablename__ = "tr_credential"
@@ -1459,8 +1461,10 @@ def test_bulk_update_and_delete_with_where(
     assert delete["data"]["params"] == {"name_1": "carol"}
     assert delete["data"]["rowcount"] == 1
     assert insert["event"] == "account.bulk_insert"
-    # psycopg reports no rowcount for a multi-row INSERT ... VALUES.
-    assert insert["data"]["rowcount"] == (None if backend == "postgres" else 2)
+    # SQLAlchemy keeps an INSERT's rowcount since 2.0.28, when asked; psycopg
+    # forgets it by the time an older one would read it.
+    kept = backend != "postgres" or SQLALCHEMY_VERSION >= (2, 0, 28)
+    assert insert["data"]["rowcount"] == (2 if kept else None)
     assert insert["data"]["where"] is None
     assert undone["event"] == "account.bulk_delete"
     assert undone["main_tx"] == "rolled_back"
