@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import sqlite3
 import subprocess
@@ -1469,6 +1470,92 @@ def test_bulk_update_and_delete_with_where(
     assert undone["event"] == "account.bulk_delete"
     assert undone["main_tx"] == "rolled_back"
     assert undone["data"]["rowcount"] == 4
+
+
+class DataclassBase(sa_orm.MappedAsDataclass, sa_orm.DeclarativeBase):
+    pass
+
+
+@functools.cache
+def dataclass_model(declared_on: str) -> tuple[SQLAlchemy, type[t.Any]]:
+    """A Flask-SQLAlchemy extension and a dataclass model, declared on our
+    own base or on its db.Model; once, for every backend's test."""
+    on_db = declared_on == "db.Model"
+    db = SQLAlchemy(model_class=DataclassBase) if on_db else SQLAlchemy()
+    base = db.Model if on_db else DataclassBase
+
+    # Named apart: with db.Model on our base, both share one registry.
+    name = "DbWallet" if on_db else "OwnWallet"
+    wallet = type(
+        name,
+        (base,),
+        {
+            "__module__": __name__,
+            "__tablename__": f"dc_{name.lower()}",
+            "__annotations__": {
+                "id": sa_orm.Mapped[int],
+                "owner": sa_orm.Mapped[str],
+                "balance": sa_orm.Mapped[int],
+            },
+            "id": sa_orm.mapped_column(primary_key=True, init=False),
+            "owner": sa_orm.mapped_column(sa.String(40)),
+            "balance": sa_orm.mapped_column(default=0),
+        },
+    )
+    return db, wallet
+
+
+@pytest.mark.parametrize("declared_on", ["own base", "db.Model"])
+def test_dataclass_models(database_uri: str, tmp_path: t.Any, declared_on: str) -> None:
+    """MappedAsDataclass models are tracked like any other, on SQLAlchemy 2.0
+    and 2.1; declared on Flask-SQLAlchemy's db.Model too, where that works."""
+    try:
+        db, Wallet = dataclass_model(declared_on)  # noqa: N806
+    except sa.exc.InvalidRequestError as error:
+        if "already a dataclass" not in str(error):
+            raise
+        # Flask-SQLAlchemy 3.1.1 with SQLAlchemy 2.1: its model class breaks.
+        pytest.skip(f"Flask-SQLAlchemy cannot declare dataclass models here: {error}")
+    app = Flask("dataclass_models", instance_path=str(tmp_path / "instance"))
+    app.config.update(
+        TESTING=True, SQLALCHEMY_DATABASE_URI=database_uri, SIDELOG_CREATE_TABLE=True
+    )
+    db.init_app(app)
+    sidelog = SideLog(app, db)
+    sidelog.track(Wallet)
+
+    @app.post("/open")
+    def open_wallet() -> str:
+        db.session.add(Wallet(owner="alice", balance=5))
+        db.session.commit()
+        return "ok"
+
+    @app.post("/drain")
+    def drain() -> str:
+        wallet = db.session.scalars(sa.select(Wallet)).one()
+        wallet.balance = 0
+        db.session.flush()
+        raise RuntimeError("after the flush")
+
+    with app.app_context():
+        Wallet.metadata.create_all(db.engine, tables=[Wallet.__table__])
+    client = app.test_client()
+    assert client.post("/open").status_code == 200
+    with pytest.raises(RuntimeError, match="after the flush"):
+        client.post("/drain")
+    found = [
+        (e["event"].rpartition(".")[2], e["main_tx"], e["data"]["changes"])
+        for e in changes(app, sidelog, Wallet.__tablename__)
+    ]
+    assert found == [
+        (
+            "insert",
+            "committed",
+            {"id": [None, 1], "owner": [None, "alice"], "balance": [None, 5]},
+        ),
+        ("update", "rolled_back", {"balance": [5, 0]}),
+    ]
+    dispose(app)
 
 
 def test_untracked_model_produces_nothing(
