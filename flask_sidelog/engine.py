@@ -80,7 +80,9 @@ def create_log_engine(
             # snapshot per statement; a server or role default of REPEATABLE
             # READ or SERIALIZABLE would make concurrent writes collide.
             kwargs["isolation_level"] = "READ COMMITTED"
-            ms = int(timeout * 1000)
+            # PostgreSQL counts these in whole milliseconds and reads 0 as
+            # no limit: a timeout under 1 ms must not round down to 0.
+            ms = max(1, round(timeout * 1000))
             connect_args["connect_timeout"] = max(1, round(timeout))
             # libpq takes one options string, and a given one hides those of
             # the URL and of PGOPTIONS: they follow the timeouts, so that an

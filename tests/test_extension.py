@@ -3,6 +3,7 @@ actors, signals, the log session and ``flask sidelog init``."""
 
 from __future__ import annotations
 
+import os
 import typing as t
 
 import flask_login
@@ -15,6 +16,7 @@ from flask.testing import FlaskClient
 from flask.testing import FlaskCliRunner
 from flask_sqlalchemy import SQLAlchemy
 
+from _postgres import ThrowawayPostgres
 from conftest import Account
 from conftest import Base
 from conftest import dispose
@@ -38,6 +40,45 @@ def test_state_lives_in_app_extensions(app: Flask, sidelog: SideLog) -> None:
 def test_bad_write_timeout(tmp_path: t.Any, timeout: object) -> None:
     with pytest.raises(ValueError, match="number of seconds above 0 and at most"):
         make_app("sqlite://", str(tmp_path), {"SIDELOG_WRITE_TIMEOUT": timeout})
+
+
+def test_a_write_timeout_under_a_millisecond_still_bounds_postgresql_waits(
+    postgres: ThrowawayPostgres, tmp_path: t.Any
+) -> None:
+    """PostgreSQL takes lock_timeout and statement_timeout in whole
+    milliseconds and reads 0 as no limit: 0.5 ms cut down to 0 let a write
+    wait forever behind a table lock. It becomes 1 ms."""
+    uri = postgres.create_database(f"t_timeout_{os.urandom(4).hex()}")
+    app, _, _ = make_app(
+        f"sqlite:///{tmp_path / 'main.db'}",
+        str(tmp_path / "instance"),
+        {
+            "SIDELOG_DATABASE_URI": uri,
+            "SIDELOG_WRITE_TIMEOUT": 0.0005,
+            # A statement may take over 1 ms on a busy machine: the app's own
+            # statement_timeout (which wins) keeps this test's ones alive.
+            "SIDELOG_ENGINE_OPTIONS": {
+                "connect_args": {"options": "-c statement_timeout=60s"}
+            },
+        },
+    )
+    try:
+        with app.app_context():
+            engine = app.extensions["sidelog"].writer.engine
+            given: list[str] = []
+            sa.event.listen(
+                engine,
+                "do_connect",
+                lambda dialect, record, cargs, cparams: given.append(
+                    cparams["options"]
+                ),
+            )
+            with engine.connect() as conn:
+                lock_timeout = conn.exec_driver_sql("SHOW lock_timeout").scalar()
+        assert lock_timeout == "1ms"
+        assert given[0].startswith("-c lock_timeout=1 -c statement_timeout=1 ")
+    finally:
+        dispose(app)
 
 
 @pytest.mark.parametrize(
