@@ -293,14 +293,35 @@ def _check_engine_options(
     if uri is None:  # no main database yet: the first write says so
         return
     try:
-        create_log_engine(resolve_url(uri, instance_path), timeout, options).dispose()
+        url = resolve_url(uri, instance_path)
+    except ValueError:  # not a SIDELOG_* URL (those are checked): not ours
+        return
+    try:
+        create_log_engine(url, timeout, options).dispose()
     except ImportError:  # a driver not installed: the first write says so
         return
-    except (TypeError, ValueError, sa.exc.ArgumentError) as e:
+    except Exception as e:  # create_engine() fails on a bad value in any way
+        refused = [
+            f"{name!r}: {value!r}"
+            for name, value in options.items()
+            if not _takes(url, timeout, {name: value})
+        ]
+        which = f"; it refused {refused[0]}" if len(refused) == 1 else ""
         raise ValueError(
             "SIDELOG_ENGINE_OPTIONS must be keyword arguments that"
-            f" sqlalchemy.create_engine() takes for this database: {e}"
+            " sqlalchemy.create_engine() takes for this database, with values"
+            f" it accepts{which} ({type(e).__name__}: {e})"
         ) from None
+
+
+def _takes(url: sa.URL, timeout: float, options: dict[str, t.Any]) -> bool:
+    """Whether create_engine() takes ``options``, for naming the option of
+    several that it refuses."""
+    try:
+        create_log_engine(url, timeout, options).dispose()
+    except Exception:
+        return False
+    return True
 
 
 def _chain_key(key: object) -> bytes | None:

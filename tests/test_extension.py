@@ -94,6 +94,20 @@ def test_a_write_timeout_under_a_millisecond_still_bounds_postgresql_waits(
         ({"SIDELOG_DATABASE_URI": ""}, "SIDELOG_DATABASE_URI must be None or a"),
         ({"SIDELOG_ENGINE_OPTIONS": {"bogus": 1}}, "Invalid argument.*'bogus'"),
         ({"SIDELOG_ENGINE_OPTIONS": None}, "SIDELOG_ENGINE_OPTIONS must be a dict"),
+        # Values create_engine() fails on with errors of any kind, or that
+        # name neither the key nor the option.
+        (
+            {"SIDELOG_ENGINE_OPTIONS": {"poolclass": 5, "pool_size": 3}},
+            r"SIDELOG_ENGINE_OPTIONS must be .* refused 'poolclass': 5 \(Attr",
+        ),
+        (
+            {"SIDELOG_ENGINE_OPTIONS": {"echo": "lots"}},
+            r"SIDELOG_ENGINE_OPTIONS must be .* refused 'echo': 'lots' \(KeyError",
+        ),
+        (
+            {"SIDELOG_ENGINE_OPTIONS": {"module": 5}},
+            r"SIDELOG_ENGINE_OPTIONS must be .* refused 'module': 5 \(Attr",
+        ),
         (
             {"SIDELOG_ENGINE_OPTIONS": {"connect_args": "x"}},
             "SIDELOG_ENGINE_OPTIONS must be a dict",
