@@ -123,12 +123,23 @@ class Settings:
                 " written after the call returned, with nobody left to raise to."
             )
         spool_path = c["SIDELOG_SPOOL_PATH"] or "sidelog-spool.jsonl"
-        if not isinstance(spool_path, (str, os.PathLike)) or os.path.isdir(
-            os.path.join(app.instance_path, os.fspath(spool_path))
+        spool_file = (
+            os.fspath(spool_path)
+            if isinstance(spool_path, (str, os.PathLike))
+            else None
+        )
+        # A path that ends in a slash, "." or ".." names a folder, even one
+        # not made yet; no system call takes a path with a NUL in it.
+        if (
+            not isinstance(spool_file, str)
+            or "\x00" in spool_file
+            or os.path.basename(spool_file) in ("", ".", "..")
+            or os.path.isdir(os.path.join(app.instance_path, spool_file))
         ):
             raise ValueError(
-                "SIDELOG_SPOOL_PATH must be a file path, not a folder (relative"
-                f" ones are in the instance folder), got {spool_path!r}."
+                "SIDELOG_SPOOL_PATH must be a file path, not a folder nor one"
+                " ending in a slash, with no NUL character (relative ones are"
+                f" in the instance folder), got {spool_path!r}."
             )
         if not isinstance(c["SIDELOG_CHAIN"], bool):
             raise ValueError(
@@ -164,7 +175,7 @@ class Settings:
             main_database_uri=main_uri,
             write_timeout=float(timeout),
             on_write_error=on_error,
-            spool_path=os.path.join(app.instance_path, os.fspath(spool_path)),
+            spool_path=os.path.join(app.instance_path, spool_file),
             request_id_header=_header_name(c, "SIDELOG_REQUEST_ID_HEADER"),
             request_id_response_header=_header_name(
                 c, "SIDELOG_REQUEST_ID_RESPONSE_HEADER"

@@ -137,6 +137,10 @@ def test_a_write_timeout_under_a_millisecond_still_bounds_postgresql_waits(
         ({"SIDELOG_REDACT_KEYS": iter([""])}, "SIDELOG_REDACT_KEYS must be a list"),
         ({"SIDELOG_CREATE_TABLE": "no"}, "SIDELOG_CREATE_TABLE must be True, False"),
         ({"SIDELOG_SPOOL_PATH": "."}, "SIDELOG_SPOOL_PATH must be a file path, not"),
+        # Folders that do not exist yet, and a path no system call takes.
+        ({"SIDELOG_SPOOL_PATH": "sub/"}, "SIDELOG_SPOOL_PATH must be a file path, not"),
+        ({"SIDELOG_SPOOL_PATH": "new/.."}, "SIDELOG_SPOOL_PATH must be a file path"),
+        ({"SIDELOG_SPOOL_PATH": "a\x00b"}, "SIDELOG_SPOOL_PATH must be .* no NUL"),
         ({"SIDELOG_FLUSH_INTERVAL": 1e308}, "SIDELOG_FLUSH_INTERVAL must be a number"),
         (
             {"SIDELOG_REQUEST_ID_RESPONSE_HEADER": "Идентификатор"},
