@@ -262,7 +262,11 @@ def _bind_key(config: t.Mapping[str, t.Any], has_db: bool) -> str | None:
             " init_app(app, db), or set SIDELOG_DATABASE_URI instead."
         )
     binds = config.get("SQLALCHEMY_BINDS") or {}
-    if key not in binds:
+    try:
+        known = key in binds
+    except TypeError:  # unhashable, such as a list: no key of a dict
+        known = False
+    if not known:
         names = ", ".join(repr(k) for k in binds if k is not None) or "none"
         raise ValueError(
             "SIDELOG_BIND_KEY must be a key of SQLALCHEMY_BINDS"

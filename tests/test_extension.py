@@ -116,6 +116,10 @@ def test_a_write_timeout_under_a_millisecond_still_bounds_postgresql_waits(
             {"SIDELOG_BIND_KEY": "missing", "SQLALCHEMY_BINDS": {"audit": "sqlite://"}},
             r"SIDELOG_BIND_KEY must be a key of SQLALCHEMY_BINDS \('audit'\)",
         ),
+        (  # a list cannot be a dict key: it raised TypeError: unhashable
+            {"SIDELOG_BIND_KEY": ["audit"], "SQLALCHEMY_BINDS": {"audit": "sqlite://"}},
+            r"SIDELOG_BIND_KEY must be a key of SQLALCHEMY_BINDS \('audit'\)",
+        ),
         (
             {
                 "SIDELOG_BIND_KEY": "audit",
