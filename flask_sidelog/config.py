@@ -151,9 +151,11 @@ class Settings:
                 "SIDELOG_CREATE_TABLE must be True, False or None (yes on SQLite"
                 f" only), got {create!r}."
             )
-        database_uri = _database_uri(c["SIDELOG_DATABASE_URI"])
+        database_uri = _database_uri(c, "SIDELOG_DATABASE_URI")
         bind_key = _bind_key(c, has_db)
-        main_uri = c["SIDELOG_MAIN_DATABASE_URI"] or c.get("SQLALCHEMY_DATABASE_URI")
+        main_uri = _database_uri(c, "SIDELOG_MAIN_DATABASE_URI")
+        if main_uri is None:
+            main_uri = c.get("SQLALCHEMY_DATABASE_URI")
         log_uri: str | sa.URL | None
         if database_uri is not None:
             log_uri = database_uri
@@ -237,17 +239,19 @@ def _table_name(name: object, log_uri: str | sa.URL | None) -> str:
     return name
 
 
-def _database_uri(uri: object) -> str | sa.URL | None:
+def _database_uri(config: t.Mapping[str, t.Any], key: str) -> str | sa.URL | None:
+    uri = config[key]
     if uri is None or isinstance(uri, sa.URL):
         return uri
     try:
         if not isinstance(uri, str):
             raise TypeError(type(uri).__name__)
-        sa.make_url(uri).get_dialect()  # the driver loads when first used
+        # make_url reads the port as a number; the driver loads when first used.
+        sa.make_url(uri).get_dialect()
     except Exception:
         raise ValueError(
-            "SIDELOG_DATABASE_URI must be None or a SQLAlchemy database URL such"
-            f' as "sqlite:///audit.db" or "postgresql+psycopg://...", got {uri!r}.'
+            f"{key} must be None or a SQLAlchemy database URL such as"
+            f' "sqlite:///audit.db" or "postgresql+psycopg://...", got {uri!r}.'
         ) from None
     return uri
 

@@ -92,6 +92,26 @@ def test_a_write_timeout_under_a_millisecond_still_bounds_postgresql_waits(
         ({"SIDELOG_DATABASE_URI": "nope"}, "SIDELOG_DATABASE_URI must be None or a"),
         ({"SIDELOG_DATABASE_URI": 5}, "SIDELOG_DATABASE_URI must be None or a"),
         ({"SIDELOG_DATABASE_URI": ""}, "SIDELOG_DATABASE_URI must be None or a"),
+        (  # the port is not a number
+            {"SIDELOG_DATABASE_URI": "postgresql+psycopg://u@127.0.0.1:abc/d"},
+            "SIDELOG_DATABASE_URI must be None or a",
+        ),
+        # These passed init_app; without Flask-SQLAlchemy, the first write
+        # failed.
+        (
+            {"SIDELOG_MAIN_DATABASE_URI": "garbage"},
+            "SIDELOG_MAIN_DATABASE_URI must be None or a SQLAlchemy database URL",
+        ),
+        ({"SIDELOG_MAIN_DATABASE_URI": 5}, "SIDELOG_MAIN_DATABASE_URI must be None"),
+        ({"SIDELOG_MAIN_DATABASE_URI": ""}, "SIDELOG_MAIN_DATABASE_URI must be None"),
+        (
+            {"SIDELOG_MAIN_DATABASE_URI": "nosuchdb://h/d"},
+            "SIDELOG_MAIN_DATABASE_URI must be None",
+        ),
+        (
+            {"SIDELOG_MAIN_DATABASE_URI": "postgresql+psycopg://u@127.0.0.1:abc/d"},
+            "SIDELOG_MAIN_DATABASE_URI must be None",
+        ),
         ({"SIDELOG_ENGINE_OPTIONS": {"bogus": 1}}, "Invalid argument.*'bogus'"),
         ({"SIDELOG_ENGINE_OPTIONS": None}, "SIDELOG_ENGINE_OPTIONS must be a dict"),
         # Values create_engine() fails on with errors of any kind, or that
