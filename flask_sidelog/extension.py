@@ -691,6 +691,12 @@ class SideLog:
 
         .. versionadded:: 0.1
         """
+        _check_whole("from_seq", from_seq, minimum=1, optional=True)
+        if expect_head is not None and not isinstance(expect_head, str):
+            raise TypeError(
+                "expect_head must be a head as text, SEQ:HASH or HASH, or None;"
+                f" got {expect_head!r}."
+            )
         state = _app_state()
         writer = state.writer
         with writer.connect() as conn:
@@ -719,8 +725,8 @@ class SideLog:
         :param event: an event name, or a glob such as ``"login.*"`` where
             ``*`` matches anything.
         """
-        if limit < 0:
-            raise ValueError(f"limit must be 0 or more, got {limit}.")
+        _check_whole("limit", limit, minimum=0)
+        _check_times(since=since, until=until)
         # Beyond what any table holds, and what a 32-bit LIMIT parameter takes.
         limit = min(limit, 2**31 - 1)
         writer = _ready_writer()
@@ -780,6 +786,7 @@ class SideLog:
         :param after_id: only entries inserted after the one with this id, in
             insertion order: what ``flask sidelog show --follow`` polls for.
         """
+        _check_times(since=since, until=until)
         writer = _ready_writer()
         clauses = entry_filters(
             writer.table,
@@ -821,6 +828,7 @@ class SideLog:
         :return: dicts with ``event``, ``outcome`` (None for entries written
             with :meth:`log`), ``count`` and ``last_at``.
         """
+        _check_times(since=since, until=until)
         writer = _ready_writer()
         clauses = entry_filters(writer.table, since=since, until=until)
         query = count_by_event_and_outcome(writer.table).where(*clauses)
@@ -857,8 +865,8 @@ class SideLog:
         :raise RuntimeError: the chain entries to delete do not verify
             (nothing is deleted: the evidence would be lost).
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be 1 or more, got {batch_size}.")
+        _check_times(before=before, optional=False)
+        _check_whole("batch_size", batch_size, minimum=1)
         writer = _ready_writer()
         table = writer.table
         (older,) = entry_filters(table, until=before)
@@ -1069,6 +1077,30 @@ class SideLog:
         entry["request_id"] = state.request_id
         entry["duration_ms"] = round((time.perf_counter() - state.started) * 1000, 3)
         return entry
+
+
+def _check_times(optional: bool = True, **times: object) -> None:
+    """Refuse a time argument that is not a datetime, saying what is taken."""
+    for name, value in times.items():
+        if isinstance(value, datetime) or (optional and value is None):
+            continue
+        raise TypeError(
+            f"{name} must be a datetime (a naive one is UTC)"
+            f"{' or None' if optional else ''}, got {value!r}; parse text"
+            " first, e.g. datetime.fromisoformat('2024-01-31T12:00Z')."
+        )
+
+
+def _check_whole(
+    name: str, value: object, minimum: int, optional: bool = False
+) -> None:
+    """Refuse a count or position that is not a whole number >= ``minimum``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be {minimum} or more, got {value}.")
 
 
 def _hold_session_teardown_errors(app: Flask, db: SQLAlchemy) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import typing as t
+from datetime import date
+from datetime import datetime
+from datetime import timezone
 
 import flask_login
 import pytest
@@ -24,6 +27,8 @@ from conftest import failures
 from conftest import make_app
 from flask_sidelog import SideLog
 from flask_sidelog.signals import entry_written
+
+NOW = datetime.now(timezone.utc)
 
 
 def test_init_app_twice(app: Flask, sidelog: SideLog) -> None:
@@ -871,3 +876,36 @@ def test_cli_init_is_idempotent(app: Flask, runner: FlaskCliRunner) -> None:
     with app.app_context():
         log_engine = app.extensions["sidelog"].writer.engine
         assert sa.inspect(log_engine).has_table("sidelog_entries")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "said"),
+    [
+        (
+            lambda s: s.entries(since="2024-01-01"),
+            TypeError,
+            "since must be a datetime",
+        ),
+        (lambda s: s.entries(until=date(2024, 1, 1)), TypeError, "until must be"),
+        (lambda s: s.entries(limit="5"), TypeError, "limit must be a whole number"),
+        (lambda s: s.entries(limit=True), TypeError, "limit must be a whole number"),
+        (lambda s: list(s.iter_entries(since=1)), TypeError, "since must be"),
+        (lambda s: s.stats(until="now"), TypeError, "until must be"),
+        (lambda s: s.prune("1d"), TypeError, "before must be a datetime"),
+        (lambda s: s.prune(None), TypeError, "before must be a datetime"),
+        (lambda s: s.prune(NOW, batch_size="9"), TypeError, "batch_size must be"),
+        (lambda s: s.verify(from_seq="5"), TypeError, "from_seq must be a whole"),
+        (lambda s: s.verify(from_seq=0), ValueError, "from_seq must be 1 or more"),
+        (lambda s: s.verify(expect_head=5), TypeError, "expect_head must be"),
+    ],
+)
+def test_api_arguments_of_the_wrong_kind(
+    app: Flask,
+    sidelog: SideLog,
+    call: t.Callable[[SideLog], t.Any],
+    error: type[Exception],
+    said: str,
+) -> None:
+    """A clear error naming the argument and what it takes, before any query."""
+    with app.app_context(), pytest.raises(error, match=said):
+        call(sidelog)
