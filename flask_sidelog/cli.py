@@ -24,6 +24,8 @@ from .engine import safe_url
 from .engine import sqlite_path
 from .entry import LEVELS
 from .entry import OUTCOMES
+from .query import changed_tables
+from .query import recorded_keys
 from .render import csv_writer
 from .render import escape
 from .render import json_line
@@ -32,6 +34,7 @@ from .render import to_json_text
 from .render import use_colour
 from .times import ACCEPTED
 from .times import parse_time
+from .tracking import _split_pairs
 from .tracking import parse_pk
 
 if t.TYPE_CHECKING:
@@ -238,6 +241,8 @@ def history_command(
 
     PK is the primary key value, or k1=v1,k2=v2 for a composite key
     (\\, for a comma within a value, \\\\ for a backslash that ends one).
+    Where that finds nothing and the key is one column, the whole of PK is
+    its value: as given (a value with = in it), then with its escapes read.
     """
     if only_committed and only_rolled_back:
         raise click.UsageError(
@@ -247,11 +252,7 @@ def history_command(
     only = (
         "committed" if only_committed else "rolled_back" if only_rolled_back else None
     )
-    try:
-        parse_pk(pk)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="PK") from None
-    changes = _extension().history(table, pk, only)
+    changes = _history(table, pk, only)
     if not changes:
         click.echo(f"No recorded changes for {escape(table)} {escape(pk)}.")
         return
@@ -266,6 +267,71 @@ def history_command(
             f"  request={escape(entry['request_id'] or '-')}"
             f"  {escape(_describe_changes(data.get('changes')))}"
         )
+
+
+def _history(table: str, pk: str, only: str | None) -> list[dict[str, t.Any]]:
+    """The changes of row ``pk`` of ``table``, read as docs/change-history.rst
+    says; a usage error for a lookup the log cannot serve, which looks at the
+    table's row changes only when nothing was found."""
+    sidelog = _extension()
+    unreadable = None
+    try:
+        read: dict[str, str] | str | None = parse_pk(pk)
+    except ValueError as e:
+        read, unreadable = None, str(e)
+    else:
+        changes = sidelog.history(table, pk, only)
+        if changes:
+            return changes
+    state = _state()
+    with state.writer.connect() as conn:
+        keys = recorded_keys(conn, state.writer.table, table)
+        tables = changed_tables(conn, state.writer.table) if keys is None else []
+    if keys is None:
+        listed = ", ".join(map(escape, tables[:20])) + (", ..." * (len(tables) > 20))
+        raise click.BadParameter(
+            f"the log holds no row changes of table {table!r}; "
+            + (
+                f"tables with row changes: {listed}."
+                if tables
+                else "nor of any other (tracked models' tables, as SideLog.track"
+                " records them)."
+            ),
+            param_hint="TABLE",
+        )
+    if not keys:  # its changes' keys are not readable (redacted, say)
+        return []
+    # A one-column key: the whole of PK is also its value (one that holds
+    # "=" say), as given, then with its escapes read.
+    values = [] if isinstance(read, str) else [pk]
+    parts = _split_pairs(pk)
+    if len(parts) == 1 and parts[0] != pk:
+        values.append(parts[0])
+    singles = [names[0] for names in keys if len(names) == 1]
+    for column in singles:
+        for value in values:
+            changes = sidelog.history(table, {column: value}, only)
+            if changes:
+                return changes
+    named = set(read) if isinstance(read, dict) else set()
+    if any(named == set(names) for names in keys) or (
+        singles and not any(named & set(names) for names in keys)
+    ):
+        return []  # a key of the form recorded: that row has no changes
+    forms = [
+        f"its value, or as {escape(names[0])}=VALUE"
+        if len(names) == 1
+        else ",".join(f"{escape(name)}=V{i}" for i, name in enumerate(names, 1))
+        for names in keys
+    ]
+    tip = " (\\, for a comma within a value)" if len(forms) > len(singles) else ""
+    raise click.BadParameter(
+        (f"{unreadable.rstrip('.')}; " if unreadable else "")
+        + f"the row changes of {table!r} record the key "
+        + " or ".join(", ".join(map(escape, names)) for names in keys)
+        + f": give PK as {', or as '.join(forms)}{'' if unreadable else tip}.",
+        param_hint="PK",
+    )
 
 
 def _describe_changes(changes: t.Any) -> str:

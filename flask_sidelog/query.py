@@ -64,6 +64,43 @@ def event_names(conn: sa.Connection, table: sa.Table) -> list[str]:
     return list(conn.scalars(sa.select(names.c.name).where(names.c.name.is_not(None))))
 
 
+#: The events of a row change: ``<table>.insert`` and so on.
+ROW_CHANGES = ("insert", "update", "delete")
+
+
+def changed_tables(conn: sa.Connection, table: sa.Table) -> list[str]:
+    """The tables with row changes in the log, from its event names."""
+    found = set()
+    for name in event_names(conn, table):
+        changed, _, op = name.rpartition(".")
+        if changed and op in ROW_CHANGES:
+            found.add(changed)
+    return sorted(found)
+
+
+def recorded_keys(
+    conn: sa.Connection, table: sa.Table, changed: str
+) -> list[tuple[str, ...]] | None:
+    """The key columns the row changes of table ``changed`` record (the keys
+    of their ``data["pk"]``), as its oldest and newest change of each kind
+    have them: six index seeks at most, whatever the size of the log. None
+    if it has no row changes."""
+    c = table.c
+    keys: dict[tuple[str, ...], None] = {}
+    found = False
+    for op in ROW_CHANGES:
+        for order in (c.created_at, c.created_at.desc()):
+            event = clean_text(f"{changed}.{op}")
+            query = sa.select(c.data).where(c.event == event)
+            rows = conn.execute(query.order_by(order).limit(1)).all()
+            found = found or bool(rows)
+            data = rows[0][0] if rows else None
+            pk = data.get("pk") if isinstance(data, dict) else None
+            if isinstance(pk, dict) and pk:
+                keys[tuple(str(name) for name in pk)] = None
+    return list(keys) if found else None
+
+
 def entry_filters(
     table: sa.Table,
     *,

@@ -474,3 +474,121 @@ def test_each_filter_is_served_by_its_index(
                 for row in conn.exec_driver_sql(explain + str(compiled), params)
             )
     assert f"ix_sidelog_entries_{index}" in plan
+
+
+def change(table: str, pk: t.Any, **changes: t.Any) -> dict[str, t.Any]:
+    """A row change entry as tracking records it."""
+    data = {"table": table, "pk": pk, "changes": changes}
+    return dict(event=f"{table}.insert", main_tx="committed", data=data)
+
+
+@pytest.fixture
+def changes(app: Flask) -> Flask:
+    add_entries(
+        app,
+        change("account", {"id": 1}, name=[None, "a"]),
+        change("membership", {"org_id": 1, "user_id": 2}, role=[None, "m"]),
+        change("token", {"code": "dGVzdA=="}, n=[None, 1]),
+        change("token", {"code": "a,b"}, n=[None, 2]),
+        change("token", {"code": "code=x"}, n=[None, 3]),
+        change("token", {"code": "a\\,b"}, n=[None, 4]),
+        dict(event="login.ok"),
+    )
+    return app
+
+
+def history(runner: FlaskCliRunner, *args: str) -> tuple[int, str]:
+    result = runner.invoke(args=["sidelog", "history", *args])
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def assert_shows(runner: FlaskCliRunner, found: list[tuple[list[str], str]]) -> None:
+    """Each ``history`` of ``found`` shows one change, which ends so."""
+    for args, shown in found:
+        code, output = history(runner, *args)
+        assert code == 0, output
+        (line,) = output.splitlines()
+        assert line.endswith(shown), (args, output)
+
+
+def test_history_finds_what_it_did(changes: Flask, runner: FlaskCliRunner) -> None:
+    found = [
+        (["account", "1"], 'name: null -> "a"'),
+        (["account", "id=1"], 'name: null -> "a"'),
+        (["membership", "org_id=1,user_id=2"], 'role: null -> "m"'),
+        (["membership", "user_id=2, org_id=1"], 'role: null -> "m"'),
+        (["token", "code=dGVzdA=="], "n: null -> 1"),
+        (["token", "a,b"], "n: null -> 2"),
+        (["token", "code=a\\,b"], "n: null -> 2"),
+        (["token", "code=code=x"], "n: null -> 3"),
+        # As given first: a single value that holds \, itself.
+        (["token", "a\\,b"], "n: null -> 4"),
+    ]
+    assert_shows(runner, found)
+    for args in (["account", "99"], ["membership", "org_id=1,user_id=9"]):
+        assert history(runner, *args) == (
+            0,
+            f"No recorded changes for {args[0]} {args[1]}.\n",
+        )
+
+
+def test_history_of_a_single_value_with_an_equals_sign_or_escape(
+    changes: Flask, runner: FlaskCliRunner
+) -> None:
+    """A value holding = was read as k=v and found nothing; \\, was honoured
+    only in k=v pairs. For a one-column key, the whole PK is tried as the
+    value too: as given, then with its escapes read."""
+    add_entries(changes, change("note", {"slug": "x,y"}, n=[None, 5]))
+    found = [
+        (["token", "dGVzdA=="], "n: null -> 1"),
+        (["token", "code=x"], "n: null -> 3"),  # no code "x": the value "code=x"
+        (["note", "x\\,y"], "n: null -> 5"),
+    ]
+    assert_shows(runner, found)
+    assert history(runner, "token", "nope=1") == (
+        0,
+        "No recorded changes for token nope=1.\n",
+    )
+
+
+def test_history_of_a_table_without_changes(
+    changes: Flask, runner: FlaskCliRunner
+) -> None:
+    """Once 'No recorded changes for Account 1.', exit 0, as if the row had
+    none: the table is account."""
+    code, output = history(runner, "Account", "1")
+    assert code == 2, output
+    assert "the log holds no row changes of table 'Account'" in output
+    assert "tables with row changes: account, membership, note" not in output
+    assert "tables with row changes: account, membership, token." in output
+    code, output = history(runner, "login", "1")
+    assert code == 2, output
+    assert "no row changes of table 'login'" in output
+
+
+@pytest.mark.parametrize(
+    "pk", ["org_id=1", "1", "org_id=1,user_id=2,extra=3", "user=2,org=1", "=1"]
+)
+def test_history_with_keys_the_table_does_not_have(
+    changes: Flask, runner: FlaskCliRunner, pk: str
+) -> None:
+    """Once 'No recorded changes', exit 0, as if the row had none."""
+    code, output = history(runner, "membership", pk)
+    assert code == 2, output
+    assert "the row changes of 'membership' record the key org_id, user_id" in output
+    assert "give PK as org_id=V1,user_id=V2" in output
+    code, output = history(runner, "account", "id=1,extra=3")
+    assert code == 2, output
+    assert "record the key id: give PK as its value, or as id=VALUE" in output
+
+
+def test_history_of_a_table_whose_keys_are_not_recorded(
+    app: Flask, runner: FlaskCliRunner
+) -> None:
+    """A key redacted in every change: nothing to diagnose with."""
+    add_entries(app, change("secret", "[redacted]", n=[None, 1]))
+    assert history(runner, "secret", "1") == (
+        0,
+        "No recorded changes for secret 1.\n",
+    )
