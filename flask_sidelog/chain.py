@@ -747,10 +747,27 @@ def _diagnose(
     key: bytes | None,
     row: t.Sequence[t.Any],
     prev: str,
+    at_start: bool = False,
 ) -> tuple[Problem, str]:
     """Why the entry ``row`` does not match its hash after ``prev``: look at
-    the entries after it. Runs once, at the break, so it may read on."""
+    the entries after it. Runs once, at the break, so it may read on.
+
+    :param at_start: ``row`` is the first entry of the walk; if the next
+        does not match its hash either, the key may be the matter.
+    """
     seq = int(row[0])
+    if not at_start:
+        key_hint = ""
+    elif key is None:
+        key_hint = (
+            "; no entry at the start matches its hash, as when the entries were"
+            " written with SIDELOG_CHAIN_KEY and it is not set here"
+        )
+    else:
+        key_hint = (
+            "; no entry at the start matches its hash, as when SIDELOG_CHAIN_KEY"
+            " differs from the one the entries were written with"
+        )
     if key is not None and _matches(make_hasher(None), row, seq, prev):
         return "inserted", (
             "its hash was made without SIDELOG_CHAIN_KEY: a forged entry, or one"
@@ -766,7 +783,7 @@ def _diagnose(
         if nxt_seq == 0:
             return "modified", (
                 "the newest entry does not match its hash: changed, or forged and"
-                " appended"
+                f" appended{key_hint}"
             )
         if _matches(hasher, nxt, nxt_seq, row[1]):
             return "modified", (
@@ -800,7 +817,7 @@ def _diagnose(
                 )
     return "modified", (
         "it does not match its hash, and the next entry does not follow from it"
-        " (its hash or several entries were changed)"
+        f" (its hash or several entries were changed){key_hint}"
     )
 
 
@@ -1014,7 +1031,9 @@ def _verify(
     if unmatched is not None:
         # Diagnosed after the walk's fetching thread has stopped: the
         # diagnosis reads through the same connection.
-        problem, detail = _diagnose(conn, table, hasher, key, unmatched, head_hash)
+        problem, detail = _diagnose(
+            conn, table, hasher, key, unmatched, head_hash, at_start=count == 0
+        )
         return broken(problem, int(unmatched[0]), detail)
 
     if expected is not None and not seen_expected:

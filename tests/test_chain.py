@@ -427,6 +427,51 @@ def test_forged_entry_with_a_wrong_key_is_detected(
     assert out.startswith("FAILED at seq 3: modified: the newest entry")
 
 
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        (None, "as when the entries were written with SIDELOG_CHAIN_KEY and it is"),
+        ("another key, as long as it", "as when SIDELOG_CHAIN_KEY differs from the"),
+    ],
+    ids=["missing", "wrong"],
+)
+@pytest.mark.parametrize("entries", [1, 4])
+def test_verify_without_the_chains_key_hints_at_it(
+    keyed: tuple[Flask, SideLog, FlaskCliRunner],
+    database_uri: str,
+    tmp_path: t.Any,
+    key: str | None,
+    hint: str,
+    entries: int,
+) -> None:
+    """Verified without the key (or with another), a keyed chain failed at
+    seq 1 as 'modified', and nothing suggested the key."""
+    app, sidelog, runner = keyed
+    fill(app, sidelog, entries)
+    config = {**CHAINED, "SIDELOG_CHAIN_KEY": key}
+    other, _, _ = make_app(database_uri, str(tmp_path / "other"), config)
+    try:
+        runner = other.test_cli_runner()
+        code, out = verify(runner)
+        assert code == 1
+        assert out.startswith("FAILED at seq 1: modified: ")
+        assert f"no entry at the start matches its hash, {hint}" in out
+        result = runner.invoke(args=["sidelog", "prune", "--before", "0s", "-y"])
+        assert result.exit_code == 1
+        assert hint in result.output
+    finally:
+        dispose(other)
+    # With the key, it verifies; a break of one entry there is no key matter.
+    assert verify(keyed[2])[0] == 0
+    if entries > 1:
+        sql(app, sidelog, f"UPDATE {TABLE} SET event = 'x' WHERE seq = 1")
+        code, out = verify(keyed[2])
+        assert code == 1
+        assert "next entry follows from that hash" in out
+        assert "SIDELOG_CHAIN_KEY" not in out
+
+
 def test_swapped_entries_are_detected(
     app: Flask, sidelog: SideLog, runner: FlaskCliRunner
 ) -> None:
