@@ -606,6 +606,10 @@ class VerifyResult:
         return "\n".join(lines)
 
 
+#: The highest ``seq`` a chain can reach (a BIGINT's).
+SEQ_MAX = 2**63 - 1
+
+
 def parse_head(text: str) -> tuple[int | None, str]:
     """``SEQ:HASH`` or ``HASH`` (64 hex digits) as ``(seq or None, hash)``."""
     seq_text, _, hash_text = text.strip().rpartition(":")
@@ -616,9 +620,12 @@ def parse_head(text: str) -> tuple[int | None, str]:
         )
     if not seq_text:
         return None, hash_text
-    if not (seq_text.isascii() and seq_text.isdigit()) or int(seq_text) < 1:
+    if not (seq_text.isascii() and seq_text.isdigit()) or not (
+        1 <= int(seq_text) <= SEQ_MAX
+    ):
         raise ValueError(
-            f"the SEQ of SEQ:HASH must be a number of 1 or more, got {seq_text!r}."
+            f"the SEQ of SEQ:HASH must be a number from 1 to {SEQ_MAX}, got"
+            f" {seq_text!r}."
         )
     return int(seq_text), hash_text
 
@@ -854,6 +861,13 @@ def verify(
             return result
 
 
+def _before_range(seq: int, start: int) -> ValueError:
+    return ValueError(
+        f"the expected head's seq {seq} is before the verified range"
+        f" (from seq {start}); give a later head, or a smaller --from."
+    )
+
+
 def _verify(
     conn: sa.Connection,
     table: sa.Table,
@@ -892,10 +906,7 @@ def _verify(
                 f" on from the checkpoint at seq {checkpoint.seq}): a head saved"
                 " before a prune cannot be checked; save the head after each prune."
             )
-        raise ValueError(
-            f"the expected head's seq {expected[0]} is before the verified range"
-            f" (from seq {start}); give a later head, or a smaller --from."
-        )
+        raise _before_range(expected[0], start)
 
     used_checkpoint = checkpoint if checkpoint and start == checkpoint.seq + 1 else None
     count = 0
@@ -1037,6 +1048,14 @@ def _verify(
         return broken(problem, int(unmatched[0]), detail)
 
     if expected is not None and not seen_expected:
+        if expected[0] is None and start > 2:
+            # A hash alone, of an entry before the range: what SEQ:HASH says.
+            before = sa.select(sa.func.max(c.seq)).where(
+                c.hash == expected[1], c.seq < start - 1
+            )
+            found = conn.scalar(before)
+            if found is not None:
+                raise _before_range(found, start)
         if expected[0] is not None:
             return broken(
                 "missing",

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from flask import current_app
 from flask.cli import AppGroup
 
+from .chain import SEQ_MAX
 from .chain import timestamp
 from .engine import safe_url
 from .engine import sqlite_path
@@ -575,7 +576,7 @@ def prune_command(before: datetime, dry_run: bool, yes: bool) -> None:
 @click.option(
     "--from",
     "from_seq",
-    type=click.IntRange(min=1, max=2**63 - 1),
+    type=click.IntRange(min=1, max=SEQ_MAX),
     help="Start at this seq, trusting the entry before it (incremental checks).",
 )
 @click.option(

@@ -347,6 +347,41 @@ def test_an_expected_head_just_before_the_range_is_checked(
     )
 
 
+def test_an_expected_hash_before_the_range_is_a_usage_error(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """``--from 5 --expect-head HASH`` of seq 3 failed as 'missing' at the
+    chain's end, while ``3:HASH`` was a usage error: both are now."""
+    entries = fill(app, sidelog, 8)
+    usage = (
+        "Error: the expected head's seq 3 is before the verified range (from seq"
+        " 5); give a later head, or a smaller --from."
+    )
+    for head in (f"3:{entries[2]['hash']}", entries[2]["hash"]):
+        code, out = verify(runner, "--from", "5", "--expect-head", head)
+        assert code == 2, out
+        assert usage in out
+    # Just before the range (seq 4), in it, and unknown: as before.
+    for entry in entries[3:]:
+        assert verify(runner, "--from", "5", "--expect-head", entry["hash"])[0] == 0
+    code, out = verify(runner, "--from", "5", "--expect-head", "b" * 64)
+    assert code == 1
+    assert out.startswith("FAILED at seq 9: missing: the expected head bbbb")
+
+
+@pytest.mark.parametrize("seq", [2**63, 99999999999999999999])
+def test_an_expected_heads_seq_beyond_any_is_a_usage_error(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner, seq: int
+) -> None:
+    """Capped as --from is: a seq no chain reaches failed as 'missing'."""
+    entries = fill(app, sidelog, 2)
+    code, out = verify(runner, "--expect-head", f"{seq}:{entries[1]['hash']}")
+    assert code == 2, out
+    assert f"the SEQ of SEQ:HASH must be a number from 1 to {2**63 - 1}" in out
+    head = f"{2**63 - 1}:{entries[1]['hash']}"
+    assert verify(runner, "--expect-head", head)[0] == 1
+
+
 def test_an_expected_head_saved_before_a_prune(
     app: Flask, sidelog: SideLog, runner: FlaskCliRunner
 ) -> None:
@@ -622,7 +657,7 @@ def test_bad_options_say_what_is_accepted(
     for seq in ("x", "\u00b2"):  # a letter; a superscript two, a digit to isdigit()
         code, out = verify(runner, "--expect-head", f"{seq}:" + "a" * 64)
         assert code == 2
-        assert "SEQ of SEQ:HASH must be a number of 1 or more" in out
+        assert "SEQ of SEQ:HASH must be a number from 1 to 9223" in out
     code, out = verify(runner, "--from", "0")
     assert code == 2
     assert "Traceback" not in out
