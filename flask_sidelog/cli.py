@@ -193,8 +193,21 @@ def init_command() -> None:
     """Create the entries table if it does not exist (safe to run again);
     on PostgreSQL, also the chain's append function if it is missing."""
     state = _state()
+    table = state.writer.table
+    where = f"{table.name} in {safe_url(state.writer.engine.url)}"
+    with state.writer.connect() as conn:
+        inspector = sa.inspect(conn)
+        if inspector.has_table(table.name):
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            missing = [c.name for c in table.c if c.name not in present]
+            if missing:  # an app table, say: writes would all fail
+                listed = ", ".join(missing[:4]) + (", ..." * (len(missing) > 4))
+                raise click.ClickException(
+                    f"{where} is not a flask-sidelog table (it has no {listed}):"
+                    " set SIDELOG_TABLE to a name no other table has, and run"
+                    " `flask sidelog init` again."
+                )
     created = state.extension.create_table()
-    where = f"{state.writer.table.name} in {safe_url(state.writer.engine.url)}"
     click.echo(f"Created {where}." if created else f"{where} already exists.")
 
 

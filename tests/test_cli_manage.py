@@ -440,3 +440,35 @@ def test_follow_until_ctrl_c(file_app: tuple[Flask, str], tmp_path: t.Any) -> No
     assert proc.returncode == 0, err
     assert err == ""
     assert [json.loads(line)["event"] for line in lines] == ["first", "first.again"]
+
+
+# Not sqlite://, where the log has a database of its own.
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_init_refuses_a_table_of_the_apps(database_uri: str, tmp_path: t.Any) -> None:
+    """SIDELOG_TABLE naming an app table: init said it already existed, then
+    every write was spooled and show failed on a missing column."""
+    from conftest import Account
+
+    config = {"SIDELOG_TABLE": "account", "SIDELOG_CREATE_TABLE": False}
+    app, db, _ = make_app(database_uri, str(tmp_path / "instance"), config)
+    try:
+        assert db is not None
+        with app.app_context():
+            Account.metadata.create_all(db.engine, tables=[Account.__table__])
+            columns = [c["name"] for c in sa.inspect(db.engine).get_columns("account")]
+        result = app.test_cli_runner().invoke(args=["sidelog", "init"])
+        assert result.exit_code == 1, result.output
+        (line,) = result.output.splitlines()
+        assert line.startswith("Error: account in ")
+        assert (
+            " is not a flask-sidelog table (it has no uuid, created_at, event,"
+        ) in line
+        assert line.endswith(
+            "): set SIDELOG_TABLE to a name no other table has, and run"
+            " `flask sidelog init` again."
+        )
+        with app.app_context():
+            after = [c["name"] for c in sa.inspect(db.engine).get_columns("account")]
+        assert after == columns
+    finally:
+        dispose(app)
