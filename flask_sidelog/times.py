@@ -35,13 +35,25 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         try:
             return as_utc(start) - timedelta(**{_UNIT[unit]: int(amount)})
         except OverflowError:
-            raise ValueError(f"{text!r} is before the year 1.") from None
+            raise _out_of_range(text) from None
     if value[-1:] in ("z", "Z"):  # fromisoformat reads "Z" only from Python 3.11
         value = value[:-1] + "+00:00"
     try:
         if len(value) == 10:
             day = date.fromisoformat(value)
             return datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
-        return as_utc(datetime.fromisoformat(value))
+        parsed = datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(f"expected {ACCEPTED}; got {text!r}.") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=timezone.utc)
+    try:  # not as_utc, which clamps what the database holds
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # its offset takes it past year 1 or 9999
+        raise _out_of_range(text) from None
+
+
+def _out_of_range(text: str) -> ValueError:
+    return ValueError(
+        f"{text!r} is out of range (years 1 to 9999 in UTC); expected {ACCEPTED}."
+    )

@@ -160,7 +160,11 @@ def test_injection_looking_values_match_nothing(
         (["--since", "yesterday"], "ISO 8601 date or date-time"),
         (["--until", "2024-13-01"], "such as 30s, 15m, 2h, 7d"),
         (["--since", "5y"], "such as 30s, 15m, 2h, 7d"),
-        (["--since", "99999999d"], "before the year 1"),
+        # Out of range: once without the accepted forms, or clamped silently.
+        (["--since", "999999999d"], "is out of range (years 1 to 9999 in UTC);"),
+        (["--since", "999999999d"], "UTC); expected an ISO 8601 date or date-time"),
+        (["--since", "0001-01-01T00:00+05:00"], "is out of range (years 1 to"),
+        (["--until", "9999-12-31T23:59-05:00"], "expected an ISO 8601 date or"),
         (["-n", "-1"], "x>=0"),
         (["--limit", "ten"], "is not a valid integer"),
         (["--format", "xml"], "'table', 'json', 'jsonl', 'csv'"),
