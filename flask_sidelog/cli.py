@@ -33,6 +33,7 @@ from .render import json_line
 from .render import Table
 from .render import to_json_text
 from .render import use_colour
+from .spool import _REPLAY_SUFFIX
 from .times import ACCEPTED
 from .times import parse_time
 from .tracking import _split_pairs
@@ -502,6 +503,10 @@ def stats_command(since: datetime) -> None:
 @with_log_database()
 def export_command(fmt: str, output: str, **filters: t.Any) -> None:
     """Write every matching entry, oldest first, streaming in constant memory."""
+    if not output:
+        raise click.UsageError(
+            "--output is empty: give a file name, or - for standard output."
+        )
     if output != "-":
         _refuse_own_files(output)
     count = 0
@@ -528,28 +533,37 @@ def export_command(fmt: str, output: str, **filters: t.Any) -> None:
     click.echo(f"Exported {count} entr{'y' if count == 1 else 'ies'}{where}.", err=True)
 
 
+#: The files SQLite keeps next to a database (``<database><suffix>``).
+_SQLITE_FILES = ("-journal", "-wal", "-shm")
+
+
 def _refuse_own_files(output: str) -> None:
     """Opening ``output`` for writing empties it: refuse the app's SQLite
-    files and its spool, which an export would wipe."""
+    files and its spool, and the files that go with them (SQLite's journal,
+    the spool's lock, a replay's renamed spool), which an export would wipe."""
     state = _state()
     engines = [state.writer.engine]
     with contextlib.suppress(RuntimeError):  # no main database
         engines.append(state.main_engine)
     if state.db is not None:
         engines += state.db.engines.values()
-    own = [state.writer.spool.path, *map(sqlite_path, (e.url for e in engines))]
+    spool = state.writer.spool
+    databases = [p for p in map(sqlite_path, (e.url for e in engines)) if p]
+    own = [spool.path, spool._lock_path, *databases]
+    # SQLite's rollback journal and write-ahead log hold a database's writes.
+    own += [path + suffix for path in databases for suffix in _SQLITE_FILES]
+    replaying = os.path.realpath(spool.path) + _REPLAY_SUFFIX  # replay's renames
     for path in own:
-        if path is None:
-            continue
         # By path too: a spool not there yet, created by the export, would
         # have the wrong mode and hold lines replay cannot read.
         same = os.path.realpath(output) == os.path.realpath(path)
         with contextlib.suppress(OSError):  # not there (yet)
             same = same or os.path.samefile(output, path)
-        if same:
+        if same or os.path.realpath(output).startswith(replaying):
             raise click.UsageError(
                 f"--output {output} is a file of the app's (its database or"
-                " the spool), which exporting would empty; give another file."
+                " the spool, or one that goes with them), which exporting would"
+                " empty; give another file."
             )
 
 

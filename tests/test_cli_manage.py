@@ -140,6 +140,41 @@ def test_export_refuses_the_apps_own_files(
     assert not os.path.exists(state.settings.spool_path)
 
 
+def test_export_refuses_the_spools_companions_and_no_name(
+    app: Flask, runner: FlaskCliRunner
+) -> None:
+    """The spool's lock file was filled with JSON, and an empty --output
+    said 'cannot write : ...; it is incomplete' though nothing was written."""
+    add_entries(app, dict(event="kept"))
+    state = app.extensions["sidelog"]
+    spool = state.settings.spool_path
+    os.makedirs(os.path.dirname(spool), exist_ok=True)
+    targets = [spool + ".lock", spool + ".replay-123-abc"]
+    database = sqlite_path(state.writer.engine.url)
+    if database is not None:
+        targets += [database + "-journal", database + "-wal", database + "-shm"]
+    for target in targets:
+        result = runner.invoke(args=["sidelog", "export", "-o", target])
+        assert result.exit_code == 2, result.output
+        assert "which exporting would empty; give another file" in result.output
+        assert not os.path.exists(target)
+    with open(spool + ".lock", "w"):
+        pass
+    result = runner.invoke(args=["sidelog", "export", "-o", spool + ".lock"])
+    assert result.exit_code == 2, result.output
+    assert os.path.getsize(spool + ".lock") == 0
+    result = runner.invoke(args=["sidelog", "export", "-o", ""])
+    assert result.exit_code == 2, result.output
+    assert "--output is empty: give a file name, or - for standard output" in (
+        result.output
+    )
+    assert "Traceback" not in result.output
+    # A file that only starts like them is fine.
+    other = spool + ".lock.jsonl"
+    assert runner.invoke(args=["sidelog", "export", "-o", other]).exit_code == 0
+    assert os.path.getsize(other) > 0
+
+
 @pytest.mark.parametrize("command", ["show", "export"])
 def test_since_after_until(app: Flask, runner: FlaskCliRunner, command: str) -> None:
     """Nothing can match: a mistake (a time ago given as --until), which
