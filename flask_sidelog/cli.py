@@ -33,11 +33,11 @@ from .render import json_line
 from .render import Table
 from .render import to_json_text
 from .render import use_colour
-from .spool import _REPLAY_SUFFIX
+from .spool import REPLAY_SUFFIX
 from .times import ACCEPTED
 from .times import parse_time
-from .tracking import _split_pairs
 from .tracking import parse_pk
+from .tracking import split_pairs
 
 if t.TYPE_CHECKING:
     from .extension import _AppState
@@ -302,6 +302,8 @@ def _history(table: str, pk: str, only: str | None) -> list[dict[str, t.Any]]:
     with state.writer.connect() as conn:
         keys = recorded_keys(conn, state.writer.table, table)
         tables = changed_tables(conn, state.writer.table) if keys is None else []
+    if keys is None and state.tracks_table(table):
+        return []  # tracked, and none of its rows changed yet (or kept)
     if keys is None:
         listed = ", ".join(map(escape, tables[:20])) + (", ..." * (len(tables) > 20))
         raise click.BadParameter(
@@ -319,7 +321,7 @@ def _history(table: str, pk: str, only: str | None) -> list[dict[str, t.Any]]:
     # A one-column key: the whole of PK is also its value (one that holds
     # "=" say), as given, then with its escapes read.
     values = [] if isinstance(read, str) else [pk]
-    parts = _split_pairs(pk)
+    parts = split_pairs(pk)
     if len(parts) == 1 and parts[0] != pk:
         values.append(parts[0])
     singles = [names[0] for names in keys if len(names) == 1]
@@ -549,10 +551,10 @@ def _refuse_own_files(output: str) -> None:
         engines += state.db.engines.values()
     spool = state.writer.spool
     databases = [p for p in map(sqlite_path, (e.url for e in engines)) if p]
-    own = [spool.path, spool._lock_path, *databases]
+    own = [spool.path, spool.lock_path, *databases]
     # SQLite's rollback journal and write-ahead log hold a database's writes.
     own += [path + suffix for path in databases for suffix in _SQLITE_FILES]
-    replaying = os.path.realpath(spool.path) + _REPLAY_SUFFIX  # replay's renames
+    replaying = os.path.realpath(spool.path) + REPLAY_SUFFIX  # replay's renames
     for path in own:
         # By path too: a spool not there yet, created by the export, would
         # have the wrong mode and hold lines replay cannot read.

@@ -209,6 +209,13 @@ class _AppState:
             s = self.settings
             return Unavailable(self.app, s.on_write_error, Spool(s.spool_path), error)
 
+    def tracks_table(self, name: str) -> bool:
+        """Whether rows of table ``name`` are tracked (by class, or by
+        ``track_all`` among the models of the db)."""
+        model: t.Any = self.db.Model if self.db is not None else None
+        mappers = model.registry.mappers if model is not None else ()
+        return self.extension._tracker.tracks_table(name, mappers)
+
     @property
     def has_writer(self) -> bool:
         """Whether :attr:`writer` was made (so has anything to flush)."""

@@ -31,7 +31,7 @@ REPLAY_CHUNK = 500
 #: taken to be unreachable.
 REPLAY_GIVE_UP = 3
 
-_REPLAY_SUFFIX = ".replay-"
+REPLAY_SUFFIX = ".replay-"
 
 InsertMissing = t.Callable[[list[dict[str, t.Any]]], int]
 
@@ -87,13 +87,13 @@ class Spool:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._lock_path = path + ".lock"
+        self.lock_path = path + ".lock"
 
     @contextlib.contextmanager
     def _locked(self) -> t.Iterator[None]:
         """Hold the spool's exclusive lock, shared by every process and thread."""
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -141,12 +141,12 @@ class Spool:
         """
         with self._locked():
             if os.path.exists(self.path):
-                private = f"{self.path}{_REPLAY_SUFFIX}{os.getpid()}-{uuid.uuid4().hex}"
+                private = f"{self.path}{REPLAY_SUFFIX}{os.getpid()}-{uuid.uuid4().hex}"
                 os.rename(self.path, private)
         result = ReplayResult()
         # Files left by a replay that crashed are replayed too; one that
         # another replay is working on is locked and skipped.
-        for path in sorted(glob.glob(glob.escape(self.path) + _REPLAY_SUFFIX + "*")):
+        for path in sorted(glob.glob(glob.escape(self.path) + REPLAY_SUFFIX + "*")):
             result += self._replay_file(path, insert_missing)
         return result
 

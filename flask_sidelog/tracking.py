@@ -157,6 +157,18 @@ class Tracker:
         self._specs.clear()
         self._excluded = None
 
+    def tracks_table(
+        self, name: str, mappers: t.Iterable[sa_orm.Mapper[t.Any]] = ()
+    ) -> bool:
+        """Whether rows of table ``name`` are tracked: of a model tracked by
+        class, or of one of ``mappers`` (those :meth:`track_all` may cover)."""
+        candidates = [*map(sa_orm.class_mapper, self._models), *mappers]
+        return any(
+            getattr(mapper.local_table, "name", None) == name
+            and self.spec(mapper) is not None
+            for mapper in candidates
+        )
+
     def excluded_names(self) -> frozenset[str]:
         """Every name of every column excluded from a model tracked by
         class: a bulk statement's parameter compared with one is left out,
@@ -1256,7 +1268,7 @@ def parse_pk(pk: t.Any) -> dict[str, str] | str:
     if not isinstance(pk, str) or "=" not in pk:
         return str(pk)
     parsed: dict[str, str] = {}
-    for part in _split_pairs(pk):
+    for part in split_pairs(pk):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or not key or key in parsed:
@@ -1269,7 +1281,7 @@ def parse_pk(pk: t.Any) -> dict[str, str] | str:
     return parsed
 
 
-def _split_pairs(text: str) -> list[str]:
+def split_pairs(text: str) -> list[str]:
     """``text`` split at its commas but those written ``\\,``. Before a
     comma or at the end, each ``\\\\`` is one backslash (a value ending in
     one, or holding one before a comma: ``a\\\\\\,b``). Any other backslash

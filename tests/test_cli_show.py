@@ -15,9 +15,11 @@ from flask.testing import FlaskCliRunner
 
 from _entries import add_entries
 from _entries import ago
+from conftest import Account
 from conftest import dispose
 from conftest import make_app
 from flask_sidelog import render
+from flask_sidelog import SideLog
 from flask_sidelog.model import FIELDS
 from flask_sidelog.query import entry_filters
 from flask_sidelog.query import newest_first
@@ -569,6 +571,18 @@ def test_history_of_a_table_without_changes(
     code, output = history(runner, "login", "1")
     assert code == 2, output
     assert "no row changes of table 'login'" in output
+
+
+def test_history_of_a_tracked_table_without_changes_yet(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """A tracked table none of whose rows changed yet (or whose changes
+    were all pruned) is no mistake: its rows have no changes, exit 0."""
+    add_entries(app, change("membership", {"org_id": 1, "user_id": 2}, r=[None, 1]))
+    assert history(runner, "account", "1")[0] == 2
+    sidelog.track(Account)
+    found = history(runner, "account", "1")
+    assert found == (0, "No recorded changes for account 1.\n")
 
 
 @pytest.mark.parametrize(
