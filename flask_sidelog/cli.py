@@ -134,6 +134,10 @@ def with_log_database(*, need_table: bool | None = True) -> t.Callable[[F], F]:
                 writer = state.writer
             except (RuntimeError, sa.exc.ArgumentError) as e:
                 raise click.ClickException(str(e)) from None
+            except ValueError as e:  # a URL value the dialect refuses
+                raise click.ClickException(
+                    f"cannot make the sidelog database's engine: {e}"
+                ) from None
             except ImportError as e:  # the URL names a driver not installed
                 raise click.ClickException(
                     f"cannot load the sidelog database's driver: {e}"
@@ -142,7 +146,8 @@ def with_log_database(*, need_table: bool | None = True) -> t.Callable[[F], F]:
             try:
                 with writer.connect() as conn:
                     exists = sa.inspect(conn).has_table(writer.table.name)
-            except sa.exc.SQLAlchemyError as e:
+            except (sa.exc.SQLAlchemyError, TypeError, ValueError) as e:
+                # The last two: connect arguments the driver refuses.
                 raise click.ClickException(
                     f"cannot reach the sidelog database {where}: {_reason(e)}"
                 ) from None

@@ -345,6 +345,36 @@ def test_unreachable_database(tmp_path: t.Any) -> None:
         dispose(app)
 
 
+@pytest.mark.parametrize(
+    ("main_uri", "config", "said"),
+    [
+        (
+            "main.db",
+            {"SIDELOG_ENGINE_OPTIONS": {"connect_args": {"bogus": 1}}},
+            "'bogus' is an invalid keyword argument",
+        ),
+        ("postgresql+psycopg://me@127.0.0.1:abc/x", {}, "invalid literal for int()"),
+    ],
+)
+def test_settings_only_a_connection_refuses(
+    tmp_path: t.Any, main_uri: str, config: dict[str, t.Any], said: str
+) -> None:
+    """Engine options the driver refuses as it connects, a main URL (of an
+    app without Flask-SQLAlchemy) with a port that is not a number: one line
+    and exit status 1, no traceback."""
+    if main_uri == "main.db":
+        main_uri = f"sqlite:///{tmp_path / 'main.db'}"
+    app, _, _ = make_app(main_uri, str(tmp_path / "instance"), config, with_db=False)
+    for command in (["show"], ["stats"], ["verify"]):
+        result = app.test_cli_runner().invoke(args=["sidelog", *command])
+        # SystemExit from click: not an exception that escaped the command.
+        assert isinstance(result.exception, SystemExit), result.exception
+        assert result.exit_code == 1
+        assert result.output.startswith("Error: ") and said in result.output
+        assert len(result.output.splitlines()) == 1, result.output
+    dispose(app)
+
+
 def test_a_driver_not_installed(tmp_path: t.Any) -> None:
     app, _, _ = make_app(
         "sqlite://",
