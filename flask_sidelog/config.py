@@ -141,6 +141,12 @@ class Settings:
                 " ending in a slash, with no NUL character (relative ones are"
                 f" in the instance folder), got {spool_path!r}."
             )
+        blocking = _file_on_the_way(os.path.join(app.instance_path, spool_file))
+        if blocking is not None:
+            raise ValueError(
+                f"SIDELOG_SPOOL_PATH must be a path whose folders can exist, got"
+                f" {spool_path!r}: {blocking} is a file, not a folder."
+            )
         if not isinstance(c["SIDELOG_CHAIN"], bool):
             raise ValueError(
                 f"SIDELOG_CHAIN must be True or False, got {c['SIDELOG_CHAIN']!r}."
@@ -359,6 +365,18 @@ def _chain_key(key: object) -> bytes | None:
             f" secrets.token_hex(32)); this one has {len(key)}."
         )
     return key
+
+
+def _file_on_the_way(path: str) -> str | None:
+    """The nearest existing folder of ``path``'s, if it is not a folder (a
+    file there keeps the spool's folder from being made)."""
+    folder = os.path.dirname(path)
+    while folder and not os.path.lexists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+    return folder if folder and not os.path.isdir(folder) else None
 
 
 def _positive_number(value: object, most: float) -> bool:

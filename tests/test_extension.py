@@ -190,6 +190,14 @@ def test_bad_setting_is_refused_at_init_app(
         make_app("sqlite:///main.db", str(tmp_path), config)
 
 
+@pytest.mark.parametrize("spool", ["a-file/spool.jsonl", "a-file/deeper/spool.jsonl"])
+def test_spool_path_under_a_file_is_refused(tmp_path: t.Any, spool: str) -> None:
+    """No folder can be made there: every spooled entry would be lost."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"SIDELOG_SPOOL_PATH .*/a-file is a file"):
+        make_app("sqlite://", str(tmp_path), {"SIDELOG_SPOOL_PATH": spool})
+
+
 @pytest.mark.parametrize("order", ["db first", "sidelog first"])
 def test_either_order_of_init_app(
     tmp_path: t.Any, monkeypatch: pytest.MonkeyPatch, order: str

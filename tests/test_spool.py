@@ -333,11 +333,12 @@ def test_replay_with_the_log_database_out_of_reach(
 
 def test_replay_names_a_spool_it_cannot_open(tmp_path: t.Any) -> None:
     """An error of the spool's file is not taken for one of the output."""
-    (tmp_path / "a-file").write_text("")
     spool = tmp_path / "a-file" / "spool.jsonl"
     app, _, _ = make_app(
         "sqlite://", str(tmp_path / "instance"), {"SIDELOG_SPOOL_PATH": str(spool)}
     )
+    # Made a file since init_app, which refuses a spool path under a file.
+    (tmp_path / "a-file").write_text("")
     result = app.test_cli_runner().invoke(args=["sidelog", "replay"])
     assert result.exit_code == 1
     (line,) = result.output.splitlines()
