@@ -261,8 +261,9 @@ def history_command(
 
     PK is the primary key value, or k1=v1,k2=v2 for a composite key
     (\\, for a comma within a value, \\\\ for a backslash that ends one).
-    Where that finds nothing and the key is one column, the whole of PK is
-    its value: as given (a value with = in it), then with its escapes read.
+    Where PK names none of the key's columns and the key is one column, the
+    whole of PK is its value too: as given (a value with = in it), then with
+    its escapes read.
     """
     if only_committed and only_rolled_back:
         raise click.UsageError(
@@ -306,9 +307,9 @@ def _history(table: str, pk: str, only: str | None) -> list[dict[str, t.Any]]:
     state = _state()
     with state.writer.connect() as conn:
         keys = recorded_keys(conn, state.writer.table, table)
+        if keys is None and state.tracks_table(table):
+            return []  # tracked, and none of its rows changed yet (or kept)
         tables = changed_tables(conn, state.writer.table) if keys is None else []
-    if keys is None and state.tracks_table(table):
-        return []  # tracked, and none of its rows changed yet (or kept)
     if keys is None:
         listed = ", ".join(map(escape, tables[:20])) + (", ..." * (len(tables) > 20))
         raise click.BadParameter(
@@ -323,23 +324,24 @@ def _history(table: str, pk: str, only: str | None) -> list[dict[str, t.Any]]:
         )
     if not keys:  # its changes' keys are not readable (redacted, say)
         return []
-    # A one-column key: the whole of PK is also its value (one that holds
-    # "=" say), as given, then with its escapes read.
+    named = set(read) if isinstance(read, dict) else set()
+    if any(named == set(names) for names in keys):
+        return []  # a key of the form recorded: that row has no changes
+    # Not the key's own name=value: for a one-column key, the whole of PK
+    # is its value too (one that holds "=", say), as given, then with its
+    # escapes read (\, for a comma).
+    singles = [names[0] for names in keys if len(names) == 1]
     values = [] if isinstance(read, str) else [pk]
     parts = split_pairs(pk)
     if len(parts) == 1 and parts[0] != pk:
         values.append(parts[0])
-    singles = [names[0] for names in keys if len(names) == 1]
     for column in singles:
         for value in values:
             changes = sidelog.history(table, {column: value}, only)
             if changes:
                 return changes
-    named = set(read) if isinstance(read, dict) else set()
-    if any(named == set(names) for names in keys) or (
-        singles and not any(named & set(names) for names in keys)
-    ):
-        return []  # a key of the form recorded: that row has no changes
+    if isinstance(read, str) and singles:
+        return []  # a value of a one-column key: that row has no changes
     forms = [
         f"its value, or as {escape(names[0])}=VALUE"
         if len(names) == 1

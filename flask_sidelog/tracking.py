@@ -161,8 +161,9 @@ class Tracker:
         self, name: str, mappers: t.Iterable[sa_orm.Mapper[t.Any]] = ()
     ) -> bool:
         """Whether rows of table ``name`` are tracked: of a model tracked by
-        class, or of one of ``mappers`` (those :meth:`track_all` may cover)."""
-        candidates = [*map(sa_orm.class_mapper, self._models), *mappers]
+        class, or of any mapped model :meth:`track_all` covers (those of every
+        declarative base, or of the bases of these and of ``mappers``)."""
+        candidates = _all_mappers([*map(sa_orm.class_mapper, self._models), *mappers])
         return any(
             getattr(mapper.local_table, "name", None) == name
             and self.spec(mapper) is not None

@@ -578,14 +578,23 @@ def test_history_of_a_single_value_with_an_equals_sign_or_escape(
     add_entries(changes, change("note", {"slug": "x,y"}, n=[None, 5]))
     found = [
         (["token", "dGVzdA=="], "n: null -> 1"),
-        (["token", "code=x"], "n: null -> 3"),  # no code "x": the value "code=x"
+        (["token", "code=code=x"], "n: null -> 3"),
         (["note", "x\\,y"], "n: null -> 5"),
     ]
     assert_shows(runner, found)
-    assert history(runner, "token", "nope=1") == (
+    # Naming the key column, PK is read as name=value only.
+    assert history(runner, "token", "code=x") == (
         0,
-        "No recorded changes for token nope=1.\n",
+        "No recorded changes for token code=x.\n",
     )
+    # Naming no key column and found as no value: a mistaken column, most
+    # likely (id for code); the message gives both forms.
+    code, output = history(runner, "token", "nope=1")
+    assert code == 2, output
+    assert "record the key code: give PK as its value, or as code=VALUE" in output
+    code, output = history(runner, "account", "user_id=7")
+    assert code == 2, output
+    assert "record the key id: give PK as its value, or as id=VALUE" in output
 
 
 def test_history_of_a_table_without_changes(
@@ -603,14 +612,19 @@ def test_history_of_a_table_without_changes(
     assert "no row changes of table 'login'" in output
 
 
+@pytest.mark.parametrize("tracked_by", ["class", "track_all"])
 def test_history_of_a_tracked_table_without_changes_yet(
-    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner, tracked_by: str
 ) -> None:
     """A tracked table none of whose rows changed yet (or whose changes
-    were all pruned) is no mistake: its rows have no changes, exit 0."""
+    were all pruned) is no mistake: its rows have no changes, exit 0. Also
+    for track_all, whose models need not be the db's (Account is not)."""
     add_entries(app, change("membership", {"org_id": 1, "user_id": 2}, r=[None, 1]))
     assert history(runner, "account", "1")[0] == 2
-    sidelog.track(Account)
+    if tracked_by == "class":
+        sidelog.track(Account)
+    else:
+        sidelog.track_all()
     found = history(runner, "account", "1")
     assert found == (0, "No recorded changes for account 1.\n")
 
