@@ -747,6 +747,20 @@ def _matches(
     return row is not None and hasher(record(row[2:], seq, prev)) == row[1]
 
 
+def _key_hint(key: bytes | None) -> str:
+    """What the report adds when none of the first three entries of a walk
+    matches its hash: a chain key left out or changed does that."""
+    why = (
+        "the entries were written with SIDELOG_CHAIN_KEY and it is not set here"
+        if key is None
+        else "SIDELOG_CHAIN_KEY differs from the one the entries were written with"
+    )
+    return (
+        f"; none of the first three entries matches its hash, as when {why}"
+        " (or all three were changed)"
+    )
+
+
 def _diagnose(
     conn: sa.Connection,
     table: sa.Table,
@@ -760,21 +774,9 @@ def _diagnose(
     the entries after it. Runs once, at the break, so it may read on.
 
     :param at_start: ``row`` is the first entry of the walk; if the next
-        does not match its hash either, the key may be the matter.
+        two do not match their hashes either, the key may be the matter.
     """
     seq = int(row[0])
-    if not at_start:
-        key_hint = ""
-    elif key is None:
-        key_hint = (
-            "; no entry at the start matches its hash, as when the entries were"
-            " written with SIDELOG_CHAIN_KEY and it is not set here"
-        )
-    else:
-        key_hint = (
-            "; no entry at the start matches its hash, as when SIDELOG_CHAIN_KEY"
-            " differs from the one the entries were written with"
-        )
     if key is not None and _matches(make_hasher(None), row, seq, prev):
         return "inserted", (
             "its hash was made without SIDELOG_CHAIN_KEY: a forged entry, or one"
@@ -783,14 +785,14 @@ def _diagnose(
     dialect = conn.dialect.name
     with _walk(conn, table, table.c.seq > seq) as result:
         # (seq, decoded row or None when undecodable) of each later entry
-        following = (
+        following: t.Iterator[tuple[int, t.Sequence[t.Any] | None]] = (
             (raw[0], _decoded(raw, dialect)) for raw in result if type(raw[0]) is int
         )
         nxt_seq, nxt = next(following, (0, None))
         if nxt_seq == 0:
             return "modified", (
                 "the newest entry does not match its hash: changed, or forged and"
-                f" appended{key_hint}"
+                " appended"
             )
         if _matches(hasher, nxt, nxt_seq, row[1]):
             return "modified", (
@@ -798,6 +800,12 @@ def _diagnose(
                 " hash: its fields were changed, or the entry before it was changed"
                 " and its hash recomputed"
             )
+        after = next(following, None)
+        key_hint = ""
+        if at_start and nxt is not None and after is not None:
+            if not _matches(hasher, after[1], after[0], nxt[1]):
+                key_hint = _key_hint(key)
+            following = itertools.chain([after], following)
         for gap in range(1, _RENUMBER_SEARCH + 1):
             # The next entry follows from this one at a higher seq: entries
             # before this one were deleted and the rest renumbered down.
