@@ -1056,14 +1056,22 @@ def _verify(
         return broken(problem, int(unmatched[0]), detail)
 
     if expected is not None and not seen_expected:
+        earlier = ""
         if expected[0] is None and start > 2:
-            # A hash alone, of an entry before the range: what SEQ:HASH says.
+            # A hash alone, maybe of an entry before the range. Said, not
+            # trusted: that entry is not verified here, and a hash column is
+            # easily set, so the failure stands.
             before = sa.select(sa.func.max(c.seq)).where(
                 c.hash == expected[1], c.seq < start - 1
             )
             found = conn.scalar(before)
             if found is not None:
-                raise _before_range(found, start)
+                earlier = (
+                    f"; an entry before the verified range (seq {found}), not"
+                    " verified here, carries that hash: if the head was saved"
+                    f" then, verify from it (--from {found} --expect-head"
+                    f" {found}:HASH)"
+                )
         if expected[0] is not None:
             return broken(
                 "missing",
@@ -1084,7 +1092,7 @@ def _verify(
             (
                 f"the expected head {expected[1]} is not in the chain, which ends at"
                 f" seq {last_seq}: the newest entries were deleted, or the chain was"
-                f" rewritten{pruned}"
+                f" rewritten{pruned}{earlier}"
             ),
         )
     unchained = through is None and conn.scalar(

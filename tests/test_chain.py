@@ -347,20 +347,31 @@ def test_an_expected_head_just_before_the_range_is_checked(
     )
 
 
-def test_an_expected_hash_before_the_range_is_a_usage_error(
+def test_an_expected_head_before_the_range(
     app: Flask, sidelog: SideLog, runner: FlaskCliRunner
 ) -> None:
-    """``--from 5 --expect-head HASH`` of seq 3 failed as 'missing' at the
-    chain's end, while ``3:HASH`` was a usage error: both are now."""
+    """``--from 5 --expect-head 3:HASH`` is a usage error. A HASH alone of
+    seq 3 still fails (exit 1): the entry that carries it is not verified,
+    and anyone can set a hash column to turn a failure into a usage error.
+    The report says where the hash is, and how to verify from there."""
     entries = fill(app, sidelog, 8)
-    usage = (
+    code, out = verify(
+        runner, "--from", "5", "--expect-head", f"3:{entries[2]['hash']}"
+    )
+    assert code == 2, out
+    assert (
         "Error: the expected head's seq 3 is before the verified range (from seq"
         " 5); give a later head, or a smaller --from."
-    )
-    for head in (f"3:{entries[2]['hash']}", entries[2]["hash"]):
-        code, out = verify(runner, "--from", "5", "--expect-head", head)
-        assert code == 2, out
-        assert usage in out
+    ) in out
+    code, out = verify(runner, "--from", "5", "--expect-head", entries[2]["hash"])
+    assert code == 1, out
+    assert out.startswith("FAILED at seq 9: missing: the expected head ")
+    assert (
+        "an entry before the verified range (seq 3), not verified here, carries"
+        " that hash: if the head was saved then, verify from it (--from 3"
+        " --expect-head 3:HASH)"
+    ) in out
+    assert verify(runner, "--from", "3", "--expect-head", entries[2]["hash"])[0] == 0
     # Just before the range (seq 4), in it, and unknown: as before.
     for entry in entries[3:]:
         assert verify(runner, "--from", "5", "--expect-head", entry["hash"])[0] == 0
