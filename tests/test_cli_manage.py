@@ -26,6 +26,7 @@ from conftest import dispose
 from conftest import make_app
 from flask_sidelog import SideLog
 from flask_sidelog.engine import sqlite_path
+from flask_sidelog.model import make_entries_table
 
 
 def count(app: Flask) -> int:
@@ -505,5 +506,62 @@ def test_init_refuses_a_table_of_the_apps(database_uri: str, tmp_path: t.Any) ->
         with app.app_context():
             after = [c["name"] for c in sa.inspect(db.engine).get_columns("account")]
         assert after == columns
+    finally:
+        dispose(app)
+
+
+def entries_table_ddl(engine: sa.Engine) -> list[str]:
+    """The entries table's CREATE TABLE for ``engine``, line by line."""
+    table = make_entries_table("sidelog_entries")
+    return str(sa.schema.CreateTable(table).compile(engine)).strip().splitlines()
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
+def test_init_on_an_entries_table_made_before_the_chain(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """It is the log's table: the advice is to add the chain's columns, not
+    to pick another table (and lose sight of the history it holds)."""
+    app, _, sidelog = make_app(database_uri, str(tmp_path / "instance"))
+    with app.app_context():
+        engine = app.extensions["sidelog"].writer.engine
+    ddl = entries_table_ddl(engine)
+    ddl = [line for line in ddl if not line.strip().startswith(("seq ", "hash "))]
+    ddl = [line for line in ddl if "UNIQUE (seq)" not in line]
+    ddl[-2] = ddl[-2].rstrip().rstrip(",")  # the last column or constraint
+    with engine.begin() as conn:
+        conn.exec_driver_sql("\n".join(ddl))
+    try:
+        result = app.test_cli_runner().invoke(args=["sidelog", "init"])
+        assert result.exit_code == 1, result.output
+        (line,) = result.output.splitlines()
+        assert line.endswith(
+            " was made before the hash chain (it has no seq, hash): add them as"
+            " docs/tamper-evidence.rst shows ('Adding the chain to an existing"
+            " table'), and run `flask sidelog init` again."
+        ), line
+    finally:
+        dispose(app)
+
+
+def test_init_on_sqlite_column_names_in_another_case(tmp_path: t.Any) -> None:
+    """SQLite compares names regardless of case: such a table works."""
+    uri = f"sqlite:///{tmp_path / 'main.db'}"
+    app, _, sidelog = make_app(uri, str(tmp_path / "instance"))
+    with app.app_context():
+        engine = app.extensions["sidelog"].writer.engine
+    names = [c.name for c in make_entries_table("sidelog_entries").c]
+    ddl = entries_table_ddl(engine)
+    for name in names:
+        ddl = [line.replace(f"\t{name} ", f"\t{name.upper()} ") for line in ddl]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("\n".join(ddl))
+    try:
+        result = app.test_cli_runner().invoke(args=["sidelog", "init"])
+        assert result.exit_code == 0, result.output
+        assert result.output.endswith("already exists.\n")
+        with app.app_context():
+            sidelog.log("works")
+            assert [e["event"] for e in sidelog.entries()] == ["works"]
     finally:
         dispose(app)
