@@ -83,10 +83,9 @@ class ContextState:
     annotations: dict[str, t.Any] = dataclasses.field(default_factory=dict)
     actor: str | None = None
     exception: BaseException | None = None
-    #: What the first of the app's teardowns that raised raised (such as
-    #: Flask-SQLAlchemy's, closing the session of a dead connection): raised
-    #: again once this context's entries are written, since Flask skips the
-    #: teardowns after one that raises.
+    #: What Flask-SQLAlchemy's teardown raised as it closed the main session
+    #: (its connection died): raised again once this context's entries are
+    #: written, since Flask skips the teardowns after one that raises.
     teardown_error: Exception | None = None
     status_code: int | None = None
     #: The main session has written in a transaction that has not ended yet.

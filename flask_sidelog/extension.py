@@ -382,12 +382,13 @@ class SideLog:
         # transaction's fate is known then, and on SQLite its lock is released.
         app.teardown_appcontext_funcs.remove(self._teardown)
         app.teardown_appcontext_funcs.insert(0, self._teardown)
-        # Flask skips the teardowns after one that raises: each of the app's
-        # (Flask-SQLAlchemy's, and those registered later) is wrapped, as
-        # every app context starts, so that none can skip ours.
-        hold = functools.partial(_hold_teardown_errors, self._teardown, db)
-        hold(app)
-        appcontext_pushed.connect(hold, app, weak=False)
+        if db is not None:
+            if registered is None:
+                # db.init_app(app) comes later: its teardown is wrapped
+                # once the app runs.
+                appcontext_pushed.connect(_wrap_when_set_up(db), app, weak=False)
+            else:
+                _hold_session_teardown_errors(app, db)
         app.cli.add_command(sidelog_group)
 
     def actor_loader(self, loader: F) -> F:
@@ -1109,66 +1110,47 @@ def _check_whole(
         raise ValueError(f"{name} must be {minimum} or more, got {value}.")
 
 
-def _hold_teardown_errors(
-    ours: t.Callable[[BaseException | None], None],
-    db: SQLAlchemy | None,
-    app: Flask,
-    **extra: t.Any,
-) -> None:
-    """Wrap each of ``app``'s teardown functions but ``ours`` in a
-    :class:`_HeldTeardown`, once (a receiver of ``appcontext_pushed``; two
-    contexts starting at once wrap the same function the same way)."""
+def _hold_session_teardown_errors(app: Flask, db: SQLAlchemy) -> None:
+    """Wrap Flask-SQLAlchemy's teardown, which closes the main session: if
+    that raises (the connection died after a flush), Flask would skip the
+    teardowns after it, ours included, and the request's entry would be
+    lost. The error is kept on the context state instead, and raised by our
+    teardown once the entry is written."""
     funcs = app.teardown_appcontext_funcs
     for i, func in enumerate(funcs):
-        if not isinstance(func, _HeldTeardown) and func != ours:
-            funcs[i] = _HeldTeardown(app, func, db)
+        if func == getattr(db, "_teardown_session", None):
+            funcs[i] = functools.partial(_close_main_session, func, db)
 
 
-class _HeldTeardown:
-    """One of the app's teardown functions, made unable to skip ours, which
-    runs last: what it raises is held on the context state, recorded on the
-    request's entry and raised again by our teardown once the entries are
-    written. Equal to the function, so that removing that still works."""
+def _wrap_when_set_up(db: SQLAlchemy) -> t.Callable[[Flask], None]:
+    """A receiver of ``appcontext_pushed`` that wraps ``db``'s teardown in
+    the first app context after ``db.init_app(app)``, then disconnects."""
 
-    __slots__ = ("app", "teardown", "db")
+    def receiver(app: Flask, **extra: t.Any) -> None:
+        if "sqlalchemy" in app.extensions:
+            # Two first contexts at once may both get here: wrapping twice
+            # wraps once (the wrapped teardown is no longer db's).
+            _hold_session_teardown_errors(app, db)
+            appcontext_pushed.disconnect(receiver, app)
 
-    def __init__(
-        self,
-        app: Flask,
-        teardown: t.Callable[[BaseException | None], t.Any],
-        db: SQLAlchemy | None,
-    ) -> None:
-        self.app = app
-        self.teardown = teardown
-        self.db = db
+    return receiver
 
-    def __call__(self, exc: BaseException | None) -> None:
-        try:
-            self.app.ensure_sync(self.teardown)(exc)
-        except Exception as error:
-            state = context.current_state()
-            if state is None:  # not in an app context: nothing of ours to do
-                raise
-            if state.teardown_error is None:
-                state.teardown_error = error
-            if self.db is not None and self.teardown == getattr(
-                self.db, "_teardown_session", None
-            ):
-                # Flask-SQLAlchemy's, as its connection died: the session
-                # failed to close, so remove() never forgot it, and a later
-                # app context with the same id would be handed it.
-                self.db.session.registry.clear()
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, _HeldTeardown):
-            return bool(self.teardown == other.teardown)
-        return bool(self.teardown == other)
-
-    def __hash__(self) -> int:
-        return hash(self.teardown)
-
-    def __repr__(self) -> str:
-        return f"<held {self.teardown!r}>"
+def _close_main_session(
+    teardown: t.Callable[[BaseException | None], t.Any],
+    db: SQLAlchemy,
+    exc: BaseException | None,
+) -> None:
+    try:
+        teardown(exc)
+    except Exception as error:
+        state = context.current_state(create=False)
+        if state is None:
+            raise
+        state.teardown_error = error
+        # The session failed to close, so remove() never forgot it: a later
+        # app context with the same id would be handed this broken session.
+        db.session.registry.clear()
 
 
 def _main_holds_sqlite_lock(app_state: _AppState, state: context.ContextState) -> bool:

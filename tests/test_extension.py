@@ -243,42 +243,6 @@ def test_either_order_of_init_app(
     dispose(app)
 
 
-def test_an_app_teardown_that_raises_skips_no_other(
-    app: Flask, sidelog: SideLog, client: FlaskClient
-) -> None:
-    """Flask stops at the first teardown that raises, and ours runs last:
-    its error is held instead, the teardowns after it run, the request's
-    entry records it, and it is raised once the entry is written."""
-    ran: list[str] = []
-
-    @app.get("/")
-    @sidelog.audit("home")
-    def home() -> str:
-        return "home"
-
-    @app.teardown_appcontext
-    def registered_first_runs_after(exc: BaseException | None) -> None:
-        ran.append("after")
-
-    @app.teardown_appcontext
-    def broken(exc: BaseException | None) -> None:
-        ran.append("broken")
-        raise RuntimeError("a teardown of the app's failed")
-
-    with pytest.raises(RuntimeError, match="a teardown of the app's failed"):
-        client.get("/")
-    assert ran == ["broken", "after"]
-    app.teardown_appcontext_funcs.remove(broken)  # still found by itself
-    app.teardown_appcontext_funcs.remove(registered_first_runs_after)
-    with app.app_context():
-        (entry,) = sidelog.entries()
-    assert (entry["event"], entry["outcome"]) == ("home", "error")
-    assert "a teardown of the app's failed" in entry["error"]
-    assert client.get("/").text == "home"
-    with app.app_context():
-        assert [e["outcome"] for e in sidelog.entries()] == ["error", "success"]
-
-
 def test_db_of_another_app_is_refused(tmp_path: t.Any) -> None:
     app = Flask(__name__, instance_path=str(tmp_path))
     app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
