@@ -110,6 +110,8 @@ class _AppState:
         #: Whether entries wait for the main session to release SQLite's
         #: write lock: true when it writes the log's SQLite file.
         self.defer_while_main_writes = False
+        #: See SideLog.init_app: db.init_app(app) came after it.
+        self.late_db_receiver: t.Callable[..., None] | None = None
 
     @property
     def main_engine(self) -> sa.Engine:
@@ -386,7 +388,11 @@ class SideLog:
             if registered is None:
                 # db.init_app(app) comes later: its teardown is wrapped
                 # once the app runs.
-                appcontext_pushed.connect(_wrap_when_set_up(db), app, weak=False)
+                # Kept by the app's state and connected weakly: it goes
+                # with the app, even if db.init_app(app) never comes.
+                receiver = _wrap_when_set_up(db)
+                app.extensions["sidelog"].late_db_receiver = receiver
+                appcontext_pushed.connect(receiver, app)
             else:
                 _hold_session_teardown_errors(app, db)
         app.cli.add_command(sidelog_group)
@@ -1127,11 +1133,22 @@ def _wrap_when_set_up(db: SQLAlchemy) -> t.Callable[[Flask], None]:
     the first app context after ``db.init_app(app)``, then disconnects."""
 
     def receiver(app: Flask, **extra: t.Any) -> None:
-        if "sqlalchemy" in app.extensions:
-            # Two first contexts at once may both get here: wrapping twice
-            # wraps once (the wrapped teardown is no longer db's).
-            _hold_session_teardown_errors(app, db)
-            appcontext_pushed.disconnect(receiver, app)
+        registered = app.extensions.get("sqlalchemy")
+        if registered is None:
+            return
+        appcontext_pushed.disconnect(receiver, app)
+        if registered is not db:
+            # Raising here would leave the context pushed; the entries are
+            # spooled meanwhile, each with Flask-SQLAlchemy's warning.
+            app.logger.error(
+                "flask-sidelog: this app has another Flask-SQLAlchemy extension"
+                " than the db given to sidelog.init_app(app, db): pass the one"
+                " its db.init_app(app) was called with."
+            )
+            return
+        # Two first contexts at once may both get here: wrapping twice
+        # wraps once (the wrapped teardown is no longer db's).
+        _hold_session_teardown_errors(app, db)
 
     return receiver
 

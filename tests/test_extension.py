@@ -3,8 +3,10 @@ actors, signals, the log session and ``flask sidelog init``."""
 
 from __future__ import annotations
 
+import gc
 import os
 import typing as t
+import weakref
 from datetime import date
 from datetime import datetime
 from datetime import timezone
@@ -15,6 +17,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm as sa_orm
 from flask import abort
 from flask import Flask
+from flask.signals import appcontext_pushed
 from flask.testing import FlaskClient
 from flask.testing import FlaskCliRunner
 from flask_sqlalchemy import SQLAlchemy
@@ -250,6 +253,38 @@ def test_db_of_another_app_is_refused(tmp_path: t.Any) -> None:
     with pytest.raises(RuntimeError, match="another Flask-SQLAlchemy"):
         SideLog().init_app(app, SQLAlchemy())
     assert "sidelog" not in app.extensions
+
+
+def test_db_of_another_app_set_up_later_is_reported(
+    tmp_path: t.Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In the other order, init_app cannot tell yet: the first app context
+    does, in the app's log, once (raising there would leave it pushed)."""
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    SideLog().init_app(app, SQLAlchemy())
+    SQLAlchemy(app)
+    for _ in range(2):
+        with app.app_context():
+            pass
+    said = [r.getMessage() for r in caplog.records if "another Flask-SQLA" in r.msg]
+    assert said == [
+        "flask-sidelog: this app has another Flask-SQLAlchemy extension than the"
+        " db given to sidelog.init_app(app, db): pass the one its db.init_app(app)"
+        " was called with."
+    ]
+
+
+def test_a_late_db_receiver_goes_with_its_app(tmp_path: t.Any) -> None:
+    """Waiting for a db.init_app(app) that never came kept nothing alive."""
+    app = Flask(__name__, instance_path=str(tmp_path))
+    app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+    SideLog().init_app(app, SQLAlchemy())
+    receiver = weakref.ref(app.extensions["sidelog"].late_db_receiver)
+    assert appcontext_pushed.has_receivers_for(app)
+    del app
+    gc.collect()
+    assert receiver() is None
 
 
 def test_bind_key_needs_the_db(tmp_path: t.Any) -> None:
