@@ -145,7 +145,7 @@ class Settings:
         if blocking is not None:
             raise ValueError(
                 f"SIDELOG_SPOOL_PATH must be a path whose folders can exist, got"
-                f" {spool_path!r}: {blocking} is a file, not a folder."
+                f" {spool_path!r}: {blocking} is not a folder."
             )
         if not isinstance(c["SIDELOG_CHAIN"], bool):
             raise ValueError(

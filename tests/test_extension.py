@@ -197,7 +197,9 @@ def test_bad_setting_is_refused_at_init_app(
 def test_spool_path_under_a_file_is_refused(tmp_path: t.Any, spool: str) -> None:
     """No folder can be made there: every spooled entry would be lost."""
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(ValueError, match=r"SIDELOG_SPOOL_PATH .*/a-file is a file"):
+    with pytest.raises(
+        ValueError, match=r"SIDELOG_SPOOL_PATH .*/a-file is not a folder"
+    ):
         make_app("sqlite://", str(tmp_path), {"SIDELOG_SPOOL_PATH": spool})
 
 
