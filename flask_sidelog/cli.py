@@ -349,8 +349,14 @@ def _history(table: str, pk: str, only: str | None) -> list[dict[str, t.Any]]:
             changes = sidelog.history(table, {column: value}, only)
             if changes:
                 return changes
-    if isinstance(read, str) and singles:
-        return []  # a value of a one-column key: that row has no changes
+    if (
+        isinstance(read, str)
+        and singles
+        or any(text for names, text in keys.items() if len(names) == 1)
+    ):
+        # A value of a one-column key (a text one may hold "=" or fail to
+        # read as k=v): that row has no changes.
+        return []
     forms = [
         f"its value, or as {escape(names[0])}=VALUE"
         if len(names) == 1

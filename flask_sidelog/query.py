@@ -80,13 +80,13 @@ def changed_tables(conn: sa.Connection, table: sa.Table) -> list[str]:
 
 def recorded_keys(
     conn: sa.Connection, table: sa.Table, changed: str
-) -> list[tuple[str, ...]] | None:
+) -> dict[tuple[str, ...], bool] | None:
     """The key columns the row changes of table ``changed`` record (the keys
-    of their ``data["pk"]``), as its oldest and newest change of each kind
-    have them: six index seeks at most, whatever the size of the log. None
-    if it has no row changes."""
+    of their ``data["pk"]``), each with whether a value of them was text, as
+    its oldest and newest change of each kind have them: six index seeks at
+    most, whatever the size of the log. None if it has no row changes."""
     c = table.c
-    keys: dict[tuple[str, ...], None] = {}
+    keys: dict[tuple[str, ...], bool] = {}
     found = False
     for op in ROW_CHANGES:
         for order in (c.created_at, c.created_at.desc()):
@@ -97,8 +97,10 @@ def recorded_keys(
             data = rows[0][0] if rows else None
             pk = data.get("pk") if isinstance(data, dict) else None
             if isinstance(pk, dict) and pk:
-                keys[tuple(str(name) for name in pk)] = None
-    return list(keys) if found else None
+                names = tuple(str(name) for name in pk)
+                text = any(isinstance(value, str) for value in pk.values())
+                keys[names] = keys.get(names, False) or text
+    return keys if found else None
 
 
 def entry_filters(

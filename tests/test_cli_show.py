@@ -587,11 +587,13 @@ def test_history_of_a_single_value_with_an_equals_sign_or_escape(
         0,
         "No recorded changes for token code=x.\n",
     )
-    # Naming no key column and found as no value: a mistaken column, most
-    # likely (id for code); the message gives both forms.
-    code, output = history(runner, "token", "nope=1")
-    assert code == 2, output
-    assert "record the key code: give PK as its value, or as code=VALUE" in output
+    # Naming no key column and found as no value: a text key may hold "="
+    # (a value without changes); a number key cannot (a mistaken column).
+    for pk in ("nope=1", "abc==", "=x"):
+        assert history(runner, "token", pk) == (
+            0,
+            f"No recorded changes for token {pk}.\n",
+        )
     code, output = history(runner, "account", "user_id=7")
     assert code == 2, output
     assert "record the key id: give PK as its value, or as id=VALUE" in output
