@@ -747,9 +747,16 @@ def _matches(
     return row is not None and hasher(record(row[2:], seq, prev)) == row[1]
 
 
-def _key_hint(key: bytes | None) -> str:
+def _key_hint(key: bytes | None, few: bool = False) -> str:
     """What the report adds when none of the first three entries of a walk
-    matches its hash: a chain key left out or changed does that."""
+    matches its hash, as with a chain key left out or changed; with
+    ``few``, when the walk has fewer, which cannot tell."""
+    if few:
+        check = "is set here" if key is None else "is the one they were written with"
+        return (
+            "; if the entries were written with SIDELOG_CHAIN_KEY, check that it"
+            f" {check} (with fewer than three entries, verify cannot tell)"
+        )
     why = (
         "the entries were written with SIDELOG_CHAIN_KEY and it is not set here"
         if key is None
@@ -792,7 +799,7 @@ def _diagnose(
         if nxt_seq == 0:
             return "modified", (
                 "the newest entry does not match its hash: changed, or forged and"
-                " appended"
+                f" appended{_key_hint(key, few=True) if at_start else ''}"
             )
         if _matches(hasher, nxt, nxt_seq, row[1]):
             return "modified", (
@@ -802,9 +809,16 @@ def _diagnose(
             )
         after = next(following, None)
         key_hint = ""
-        if at_start and nxt is not None and after is not None:
-            if not _matches(hasher, after[1], after[0], nxt[1]):
-                key_hint = _key_hint(key)
+        if at_start and after is None:
+            key_hint = _key_hint(key, few=True)
+        elif (
+            at_start
+            and after is not None
+            and nxt is not None
+            and not _matches(hasher, after[1], after[0], nxt[1])
+        ):
+            key_hint = _key_hint(key)
+        if after is not None:  # read ahead: the searches below need it too
             following = itertools.chain([after], following)
         for gap in range(1, _RENUMBER_SEARCH + 1):
             # The next entry follows from this one at a higher seq: entries
@@ -1070,7 +1084,7 @@ def _verify(
                     f"; an entry before the verified range (seq {found}), not"
                     " verified here, carries that hash: if the head was saved"
                     f" then, verify from it (--from {found} --expect-head"
-                    f" {found}:HASH)"
+                    f" {found}:{expected[1]})"
                 )
         if expected[0] is not None:
             return broken(

@@ -369,7 +369,7 @@ def test_an_expected_head_before_the_range(
     assert (
         "an entry before the verified range (seq 3), not verified here, carries"
         " that hash: if the head was saved then, verify from it (--from 3"
-        " --expect-head 3:HASH)"
+        f" --expect-head 3:{entries[2]['hash']})"
     ) in out
     assert verify(runner, "--from", "3", "--expect-head", entries[2]["hash"])[0] == 0
     # Just before the range (seq 4), in it, and unknown: as before.
@@ -471,6 +471,51 @@ def test_forged_entry_with_a_wrong_key_is_detected(
     code, out = verify(runner)
     assert code == 1
     assert out.startswith("FAILED at seq 3: modified: the newest entry")
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+@pytest.mark.parametrize("entries", [1, 2])
+def test_verify_of_fewer_than_three_entries_without_the_key(
+    keyed: tuple[Flask, SideLog, FlaskCliRunner],
+    database_uri: str,
+    tmp_path: t.Any,
+    entries: int,
+) -> None:
+    """Too few entries to tell a left-out key from tampering: the report
+    says to check the key, and that it cannot tell."""
+    app, sidelog, runner = keyed
+    fill(app, sidelog, entries)
+    other, _, _ = make_app(database_uri, str(tmp_path / "other"), CHAINED)
+    try:
+        code, out = verify(other.test_cli_runner())
+    finally:
+        dispose(other)
+    assert code == 1
+    assert out.startswith("FAILED at seq 1: modified: ")
+    assert (
+        "; if the entries were written with SIDELOG_CHAIN_KEY, check that it is set"
+        " here (with fewer than three entries, verify cannot tell)"
+    ) in out
+
+
+def test_an_entry_moved_two_places_is_reordered(
+    app: Flask, sidelog: SideLog, runner: FlaskCliRunner
+) -> None:
+    """In mid-chain, the entry two after the break was read ahead for the
+    key hint and then left out of the search for where it belongs."""
+    fill(app, sidelog, 7)
+    swap = (
+        f"UPDATE {TABLE} SET seq = -1 WHERE seq = 3;"
+        f" UPDATE {TABLE} SET seq = 3 WHERE seq = 5;"
+        f" UPDATE {TABLE} SET seq = 5 WHERE seq = -1"
+    )
+    for statement in swap.split(";"):
+        sql(app, sidelog, statement)
+    code, out = verify(runner)
+    assert code == 1
+    assert out.startswith(
+        "FAILED at seq 3: reordered: the entry now at seq 5 belongs at seq 3"
+    ), out
 
 
 @pytest.mark.parametrize("backend", ["sqlite_file", "postgres"])
