@@ -208,12 +208,12 @@ def init_command() -> None:
             if conn.dialect.name == "sqlite":  # its names ignore case
                 present = {name.lower() for name in present}
             missing = [c.name for c in table.c if c.name not in present]
-            if missing == ["seq", "hash"]:
+            if missing and set(missing) <= {"seq", "hash"}:
                 raise click.ClickException(
-                    f"{where} was made before the hash chain (it has no seq,"
-                    " hash): add them as docs/tamper-evidence.rst shows ('Adding"
-                    " the chain to an existing table'), and run `flask sidelog"
-                    " init` again."
+                    f"{where} was made before the hash chain (it has no"
+                    f" {', '.join(missing)}): add the chain's columns as"
+                    " docs/tamper-evidence.rst shows ('Adding the chain to an"
+                    " existing table'), and run `flask sidelog init` again."
                 )
             if missing:  # an app table, say: writes would all fail
                 listed = ", ".join(missing[:4]) + (", ..." * (len(missing) > 4))

@@ -536,10 +536,16 @@ def test_init_on_an_entries_table_made_before_the_chain(
         assert result.exit_code == 1, result.output
         (line,) = result.output.splitlines()
         assert line.endswith(
-            " was made before the hash chain (it has no seq, hash): add them as"
-            " docs/tamper-evidence.rst shows ('Adding the chain to an existing"
-            " table'), and run `flask sidelog init` again."
+            " was made before the hash chain (it has no seq, hash): add the"
+            " chain's columns as docs/tamper-evidence.rst shows ('Adding the chain"
+            " to an existing table'), and run `flask sidelog init` again."
         ), line
+        # Half the recipe applied (SQLite refuses its ADD COLUMN ... UNIQUE).
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE sidelog_entries ADD COLUMN hash TEXT")
+        result = app.test_cli_runner().invoke(args=["sidelog", "init"])
+        assert result.exit_code == 1, result.output
+        assert "was made before the hash chain (it has no seq): add" in result.output
     finally:
         dispose(app)
 
