@@ -159,7 +159,12 @@ class _AppState:
             # Every engine the main session may write through (a model of a
             # bind writes that bind's file), the default one first: of two on
             # the log's file, it is the one a plain session.connection() uses.
-            main_engines = [self.main_engine] if self._has_main_database() else []
+            try:
+                main_engines = [self.main_engine] if self._has_main_database() else []
+            except Exception:
+                # A main URL its dialect refuses: not the log's matter when
+                # the log has a URL of its own (the app sees it itself).
+                main_engines = []
             if self.db is not None:
                 main_engines += [
                     e for e in self.db.engines.values() if e is not self.main_engine

@@ -375,6 +375,25 @@ def test_settings_only_a_connection_refuses(
     dispose(app)
 
 
+def test_a_bad_main_url_is_not_the_logs_matter(tmp_path: t.Any) -> None:
+    """With a log database of its own, the log works whatever the main URL
+    (of an app without Flask-SQLAlchemy) says: only that app's own use of
+    it fails."""
+    log_uri = f"sqlite:///{tmp_path / 'log.db'}"
+    app, _, sidelog = make_app(
+        "postgresql+psycopg://me@127.0.0.1:abc/x",
+        str(tmp_path / "instance"),
+        {"SIDELOG_DATABASE_URI": log_uri},
+        with_db=False,
+    )
+    with app.app_context():
+        sidelog.log("kept")
+    result = app.test_cli_runner().invoke(args=["sidelog", "show"])
+    assert result.exit_code == 0, result.output
+    assert "kept" in result.output
+    dispose(app)
+
+
 def test_a_driver_not_installed(tmp_path: t.Any) -> None:
     app, _, _ = make_app(
         "sqlite://",
