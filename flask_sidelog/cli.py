@@ -349,11 +349,9 @@ def _history(table: str, pk: str, only: str | None) -> list[dict[str, t.Any]]:
             changes = sidelog.history(table, {column: value}, only)
             if changes:
                 return changes
-    if (
-        isinstance(read, str)
-        and singles
-        or any(text for names, text in keys.items() if len(names) == 1)
-    ):
+    composite = {name for names in keys if len(names) > 1 for name in names}
+    text_key = any(text for names, text in keys.items() if len(names) == 1)
+    if singles and (isinstance(read, str) or (text_key and not named & composite)):
         # A value of a one-column key (a text one may hold "=" or fail to
         # read as k=v): that row has no changes.
         return []
@@ -567,7 +565,8 @@ def _refuse_own_files(output: str) -> None:
     the spool's lock, a replay's renamed spool), which an export would wipe."""
     state = _state()
     engines = [state.writer.engine]
-    with contextlib.suppress(RuntimeError):  # no main database
+    # No main database, or a URL its dialect refuses (the log has its own).
+    with contextlib.suppress(Exception):
         engines.append(state.main_engine)
     if state.db is not None:
         engines += state.db.engines.values()
