@@ -682,6 +682,8 @@ class SideLog:
             exists = sa.inspect(conn).has_table(writer.table.name)
             if not exists:
                 writer.table.create(conn)
+            else:  # made before the chain: its columns added by hand, say
+                chain.checkpoints_table(writer.table).create(conn, checkfirst=True)
             # For a table made before the chain's append function existed.
             linked = chain.create_append_function(conn, writer.table)
         chained = writer.chain is not None and writer.chain.key is None
