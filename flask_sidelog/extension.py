@@ -218,7 +218,7 @@ class _AppState:
 
     def tracks_table(self, name: str) -> bool:
         """Whether rows of table ``name`` are tracked (by class, or by
-        ``track_all`` among the models of the db)."""
+        ``track_all``: see :meth:`tracking.Tracker.tracks_table`)."""
         model: t.Any = self.db.Model if self.db is not None else None
         mappers = model.registry.mappers if model is not None else ()
         return self.extension._tracker.tracks_table(name, mappers)
@@ -391,10 +391,10 @@ class SideLog:
         app.teardown_appcontext_funcs.insert(0, self._teardown)
         if db is not None:
             if registered is None:
-                # db.init_app(app) comes later: its teardown is wrapped
-                # once the app runs.
-                # Kept by the app's state and connected weakly: it goes
-                # with the app, even if db.init_app(app) never comes.
+                # db.init_app(app) comes later: its teardown is wrapped in
+                # the first app context after it. The receiver is kept by
+                # the app's state and connected weakly, so it goes with the
+                # app even if db.init_app(app) never comes.
                 receiver = _wrap_when_set_up(db)
                 app.extensions["sidelog"].late_db_receiver = receiver
                 appcontext_pushed.connect(receiver, app)
