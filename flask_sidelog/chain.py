@@ -412,6 +412,25 @@ def create_append_function(conn: sa.Connection, table: sa.Table) -> bool:
     return True
 
 
+def create_checkpoints_table(conn: sa.Connection, table: sa.Table) -> bool:
+    """Create ``table``'s checkpoints table if it is missing (an entries
+    table made before the chain). A role that may not create tables, or a
+    read-only connection, leaves it missing: the failure is undone and
+    reported by the return value, never raised.
+
+    :return: whether the checkpoints table exists now.
+    """
+    checkpoints = checkpoints_table(table)
+    autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
+    try:
+        with contextlib.nullcontext() if autocommit else conn.begin_nested():
+            checkpoints.create(conn, checkfirst=True)
+    except sa.exc.DBAPIError:
+        # Refused, or made meanwhile by another process.
+        return sa.inspect(conn).has_table(checkpoints.name)
+    return True
+
+
 def checkpoints_table(table: sa.Table) -> sa.Table:
     """The checkpoints table that goes with the entries ``table``."""
     return table.metadata.tables[f"{table.name}_checkpoints"]

@@ -671,9 +671,11 @@ class SideLog:
         _app_state().sink.flush()
 
     def create_table(self) -> bool:
-        """Create the entries table if it is missing; on PostgreSQL, also
-        the chain's append function (:ref:`chain-writers`) if the table
-        lacks it.
+        """Create the entries table if it is missing, with its checkpoints
+        table; on PostgreSQL, also the chain's append function
+        (:ref:`chain-writers`) if the table lacks it. For an entries table
+        that exists, a missing checkpoints table is created too (the table
+        was made before the chain); a role that may not is warned about.
 
         :return: whether the table was created.
         """
@@ -682,8 +684,13 @@ class SideLog:
             exists = sa.inspect(conn).has_table(writer.table.name)
             if not exists:
                 writer.table.create(conn)
-            else:  # made before the chain: its columns added by hand, say
-                chain.checkpoints_table(writer.table).create(conn, checkfirst=True)
+            elif not chain.create_checkpoints_table(conn, writer.table):
+                current_app.logger.warning(
+                    "flask-sidelog could not create %s_checkpoints (this role may"
+                    " not create tables): prune needs it; create it as"
+                    " docs/tamper-evidence.rst shows.",
+                    writer.table.name,
+                )
             # For a table made before the chain's append function existed.
             linked = chain.create_append_function(conn, writer.table)
         chained = writer.chain is not None and writer.chain.key is None

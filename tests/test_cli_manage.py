@@ -560,6 +560,28 @@ def test_init_on_an_entries_table_made_before_the_chain(
         dispose(app)
 
 
+def test_init_that_may_not_make_the_checkpoints_table(tmp_path: t.Any) -> None:
+    """A read-only connection (or a role without CREATE) and a table made
+    before the chain, its columns added: init warns, and still succeeds."""
+    path = tmp_path / "log.db"
+    app, _, _ = make_app(f"sqlite:///{path}", str(tmp_path / "instance"))
+    with app.app_context():
+        engine = app.extensions["sidelog"].writer.engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("\n".join(entries_table_ddl(engine)))
+    dispose(app)
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
+    app, _, _ = make_app(
+        "sqlite://", str(tmp_path / "instance"), {"SIDELOG_DATABASE_URI": read_only}
+    )
+    try:
+        result = app.test_cli_runner().invoke(args=["sidelog", "init"])
+        assert result.exit_code == 0, result.output
+        assert result.output.endswith("already exists.\n")
+    finally:
+        dispose(app)
+
+
 def test_init_on_sqlite_column_names_in_another_case(tmp_path: t.Any) -> None:
     """SQLite compares names regardless of case: such a table works."""
     uri = f"sqlite:///{tmp_path / 'main.db'}"
