@@ -21,6 +21,7 @@ from flask.cli import AppGroup
 
 from .chain import SEQ_MAX
 from .chain import timestamp
+from .engine import resolve_url
 from .engine import safe_url
 from .engine import sqlite_path
 from .entry import LEVELS
@@ -564,14 +565,20 @@ def _refuse_own_files(output: str) -> None:
     files and its spool, and the files that go with them (SQLite's journal,
     the spool's lock, a replay's renamed spool), which an export would wipe."""
     state = _state()
-    engines = [state.writer.engine]
-    # No main database, or a URL its dialect refuses (the log has its own).
-    with contextlib.suppress(Exception):
-        engines.append(state.main_engine)
+    urls = [state.writer.engine.url]
+    try:
+        urls.append(state.main_engine.url)
+    except Exception:
+        # No main database, or one whose engine cannot be made (a query
+        # value its dialect refuses): its file, if it has one, is the app's.
+        uri = state.settings.main_database_uri
+        with contextlib.suppress(Exception):
+            if uri is not None:
+                urls.append(resolve_url(uri, current_app.instance_path))
     if state.db is not None:
-        engines += state.db.engines.values()
+        urls += [engine.url for engine in state.db.engines.values()]
     spool = state.writer.spool
-    databases = [p for p in map(sqlite_path, (e.url for e in engines)) if p]
+    databases = [p for p in map(sqlite_path, urls) if p]
     own = [spool.path, spool.lock_path, *databases]
     # SQLite's rollback journal and write-ahead log hold a database's writes.
     own += [path + suffix for path in databases for suffix in _SQLITE_FILES]

@@ -11,7 +11,6 @@ from datetime import timezone
 import sqlalchemy as sa
 
 from .entry import clean_text
-from .entry import REDACTED
 from .model import level_not_info
 
 #: Rows fetched at a time when streaming; the client holds at most this many.
@@ -99,10 +98,8 @@ def recorded_keys(
             pk = data.get("pk") if isinstance(data, dict) else None
             if isinstance(pk, dict) and pk:
                 names = tuple(str(name) for name in pk)
-                text = any(
-                    isinstance(value, str) and value != REDACTED
-                    for value in pk.values()
-                )
+                # A redacted value is text too: its key's type is unknown.
+                text = any(isinstance(value, str) for value in pk.values())
                 keys[names] = keys.get(names, False) or text
     return keys if found else None
 
