@@ -401,15 +401,20 @@ def create_append_function(conn: sa.Connection, table: sa.Table) -> bool:
     create, _, signature = append_function_sql(conn.dialect, table)
     if conn.execute(sa.select(_function_exists(signature))).scalar():
         return True
-    # A savepoint needs a transaction: an AUTOCOMMIT engine has none, and
-    # there each statement is undone on its own anyway.
-    autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
     try:
-        with contextlib.nullcontext() if autocommit else conn.begin_nested():
+        with _undone_alone(conn):
             conn.exec_driver_sql(create)
     except sa.exc.DBAPIError:
         return False
     return True
+
+
+def _undone_alone(conn: sa.Connection) -> t.ContextManager[t.Any]:
+    """A savepoint, so that a statement that fails is undone without the
+    transaction around it. An AUTOCOMMIT engine has no transaction, and
+    there each statement is undone on its own anyway."""
+    autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
+    return contextlib.nullcontext() if autocommit else conn.begin_nested()
 
 
 def create_checkpoints_table(conn: sa.Connection, table: sa.Table) -> bool:
@@ -421,9 +426,8 @@ def create_checkpoints_table(conn: sa.Connection, table: sa.Table) -> bool:
     :return: whether the checkpoints table exists now.
     """
     checkpoints = checkpoints_table(table)
-    autocommit = getattr(conn.connection.driver_connection, "autocommit", False)
     try:
-        with contextlib.nullcontext() if autocommit else conn.begin_nested():
+        with _undone_alone(conn):
             checkpoints.create(conn, checkfirst=True)
     except sa.exc.DBAPIError:
         # Refused, or made meanwhile by another process.

@@ -50,6 +50,7 @@ from .entry import storable_data
 from .entry import to_storable
 from .entry import utcnow
 from .model import COLUMN_LIMITS
+from .query import ROW_CHANGES
 from .query import row_to_dict
 from .writer import spool_on_error
 
@@ -245,7 +246,7 @@ class Tracker:
                 pk,
                 kept,
                 exclude | left_out,
-                {op: f"{name}.{op}" for op in _ROW_OPS},
+                {op: f"{name}.{op}" for op in ROW_CHANGES},
                 _names_size(str(name), [c for _, c in pk], list(kept.values())),
                 auto_keys,
                 frozenset(
@@ -1256,7 +1257,6 @@ def listen(session_class: type[sa_orm.Session]) -> None:
     sa.event.listen(session_class, "after_transaction_end", _after_transaction_end)
 
 
-_ROW_OPS = ("insert", "update", "delete")
 FATES = ("committed", "rolled_back")
 
 
@@ -1335,7 +1335,7 @@ def row_history(
     # primary key is compared here, since JSON paths differ between backends.
     query = (
         sa.select(writer.table)
-        .where(c.event.in_([f"{table}.{op}" for op in _ROW_OPS]))
+        .where(c.event.in_([f"{table}.{op}" for op in ROW_CHANGES]))
         .order_by(c.created_at, c.id)
     )
     if only is not None:
