@@ -161,7 +161,9 @@ def _stored_tail(
     data = data_text(entry)
     if data_texts is not None:
         data_texts.append(data)
-    text = "null" if uuid is None else _encode_str(_as_text(uuid))
+    if type(uuid) is not str:
+        uuid = None if uuid is None else _as_text(uuid)
+    text = "null" if uuid is None else _encode_str(uuid)
     return f"[{text},{middle},{data}]"
 
 
@@ -575,9 +577,13 @@ class Chain:
         rows = []
         tails = []
         previous: list[t.Any] = []
+        at = utc_at = None
         for entry in entries:
             row = dict(entry, seq=None, hash=None)
-            row["created_at"] = as_utc(entry["created_at"])
+            if entry["created_at"] is not at:  # the rows of a flush share it
+                at = entry["created_at"]
+                utc_at = as_utc(at)
+            row["created_at"] = utc_at
             if row.get("duration_ms") == 0:
                 # Not -0.0, which PostgreSQL's JSON cannot hold.
                 row["duration_ms"] = 0.0

@@ -540,9 +540,13 @@ def _row_changes(
             add(spec, "insert", d, st, changes)
     # An orphan the flush deletes may be among the changed rows too.
     deleting = set(deleted)
+    # Most dirty rows of a flush are of one class: its spec, once.
+    specs: dict[type, _Spec | None] = {}
     for obj in session.dirty:
         st = instance_state(obj)
-        spec = tracker.spec(st.mapper)
+        if st.class_ not in specs:
+            specs[st.class_] = tracker.spec(st.mapper)
+        spec = specs[st.class_]
         if spec is None or (deleting and st in deleting):
             continue
         d = st.dict
