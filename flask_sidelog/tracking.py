@@ -217,11 +217,13 @@ class Tracker:
                 self._check_exclude_tables(mapper)
         if exclude is not None:
             columns = _columns(mapper)
-            by_column: dict[t.Any, str] = {column: key for key, column in columns}
+            # By the attribute that maps each key column: a single-table
+            # subclass of a joined one lists only the joined table's column
+            # of its key, while its primary key is the base table's.
             pk = tuple(
-                (by_column[c], str(c.name))
+                (key, str(c.name))
                 for c in mapper.primary_key
-                if c in by_column
+                if (key := _attribute_of(mapper, c)) is not None
             )
             kept = {
                 key: str(column.name)
@@ -310,6 +312,14 @@ def _columns(mapper: sa_orm.Mapper[t.Any]) -> list[tuple[str, sa.Column[t.Any]]]
         for key, column in mapper.columns.items()
         if isinstance(column, sa.Column)
     ]
+
+
+def _attribute_of(mapper: sa_orm.Mapper[t.Any], column: t.Any) -> str | None:
+    """The key of the attribute that maps ``column``, if one does."""
+    try:
+        return mapper.get_property_by_column(column).key
+    except sa_orm.exc.UnmappedColumnError:
+        return None
 
 
 def _is_equal(

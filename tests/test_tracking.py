@@ -2566,3 +2566,64 @@ def test_track_before_or_after_init_app(
         with app.app_context():
             Base.metadata.drop_all(db.engine, tables=[Account.__table__])
         dispose(app)
+
+
+class StaffBase(sa_orm.DeclarativeBase):
+    pass
+
+
+class Staff(StaffBase):
+    __tablename__ = "tr_staff"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(primary_key=True)
+    kind: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "staff"}
+
+
+class Clerk(Staff):  # joined: its key column is tr_clerk.id
+    __tablename__ = "tr_clerk"
+    id: sa_orm.Mapped[int] = sa_orm.mapped_column(
+        sa.ForeignKey("tr_staff.id"), primary_key=True
+    )
+    desk: sa_orm.Mapped[str] = sa_orm.mapped_column(sa.String(20))
+    __mapper_args__ = {"polymorphic_identity": "clerk"}
+
+
+class HeadClerk(Clerk):  # one table with Clerk; its primary key is tr_staff.id
+    grade: sa_orm.Mapped[int | None] = sa_orm.mapped_column(nullable=True)
+    __mapper_args__ = {"polymorphic_identity": "head_clerk"}
+
+
+def test_a_single_table_subclass_of_a_joined_one_records_its_key(
+    database_uri: str, tmp_path: t.Any
+) -> None:
+    """The mapper of a single-table subclass of a joined subclass lists the
+    joined table's key column, while its primary key is the base table's:
+    each change still names its row, and history finds it."""
+    app, db, sidelog = make_app(database_uri, str(tmp_path / "instance"))
+    assert db is not None
+    sidelog.track(Clerk)
+    try:
+        with app.app_context():
+            StaffBase.metadata.create_all(db.engine)
+            head = HeadClerk(desk="a", grade=1)
+            db.session.add_all([head, Clerk(desk="b")])
+            db.session.commit()
+            head.grade = 2
+            db.session.commit()
+            db.session.delete(head)
+            db.session.commit()
+            found = [
+                (e["event"], e["data"]["pk"]) for e in changes(app, sidelog, "tr_clerk")
+            ]
+            history = [e["event"] for e in sidelog.history("tr_clerk", 1)]
+        assert sorted(found, key=str) == [
+            ("tr_clerk.delete", {"id": 1}),
+            ("tr_clerk.insert", {"id": 1}),
+            ("tr_clerk.insert", {"id": 2}),
+            ("tr_clerk.update", {"id": 1}),
+        ]
+        assert history == ["tr_clerk.insert", "tr_clerk.update", "tr_clerk.delete"]
+    finally:
+        with app.app_context():
+            StaffBase.metadata.drop_all(db.engine)
+        dispose(app)
