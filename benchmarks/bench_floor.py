@@ -21,16 +21,19 @@ variant runs in a process of its own:
   request id and fields, the main session's events, the entry, the teardown.
 
 Reported per request: the cost over ``plain`` and its share of ``plain``. CPU
-time is the median over interleaved rounds (noisy on a shared machine);
-``--valgrind`` counts instructions (the same on a busy or idle machine): the
+time is the median over interleaved rounds (noisy on a shared machine).
+``--valgrind`` counts instructions, which a busy machine does not change: the
 difference between a run of 100 requests and one of 1,100, so that start-up
-is not counted.
+is not counted. The counts of one invocation repeat to within a few
+instructions, but separate invocations have differed by up to 23,000 a
+request: compare variants within one invocation.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import datetime
 import functools
 import json
 import os
@@ -41,6 +44,7 @@ import sys
 import tempfile
 import time
 import typing as t
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -102,9 +106,6 @@ def build(variant: str, folder: str) -> t.Any:
 
             @app.teardown_appcontext
             def keep_entry(exc: BaseException | None) -> None:
-                import datetime
-                import uuid
-
                 started, req = g.pop("audit")
                 kept.append(
                     {
@@ -165,7 +166,8 @@ def _command(variant: str, folder: str, count: int | None = None) -> list[str]:
     return [sys.executable, __file__, "--worker", variant, folder, *extra]
 
 
-def cpu_time(folder: str, rounds: int, count: int) -> dict[str, float]:
+def cpu_time(folder: str, rounds: int, count: int) -> dict[str, list[float]]:
+    """Per variant, the CPU time per request of each round, sorted."""
     procs = {
         v: subprocess.Popen(
             _command(v, folder),
@@ -192,10 +194,12 @@ def cpu_time(folder: str, rounds: int, count: int) -> dict[str, float]:
             assert proc.stdin is not None
             proc.stdin.close()
             proc.wait()
-    return {v: statistics.median(c) * 1e6 for v, c in per_request.items()}
+    return {v: sorted(c * 1e6 for c in cost) for v, cost in per_request.items()}
 
 
-def instructions(folder: str, few: int, many: int) -> dict[str, float]:
+def instructions(folder: str, few: int, many: int) -> dict[str, list[float]]:
+    """Per variant, the instructions per request (one figure)."""
+
     def collected(variant: str, count: int) -> int:
         own = os.path.join(folder, f"{variant}-{count}")  # runs side by side
         os.mkdir(own)
@@ -208,22 +212,25 @@ def instructions(folder: str, few: int, many: int) -> dict[str, float]:
             ],
             capture_output=True,
             text=True,
-            check=True,
             # The same string hashes in every run, so the same dict probes.
             env={**os.environ, "PYTHONHASHSEED": "0"},
         )
+        if done.returncode != 0:
+            last = "\n".join(done.stderr.splitlines()[-15:])
+            code = done.returncode
+            sys.exit(f"valgrind on the {variant} worker exited with {code}:\n{last}")
         for line in done.stderr.splitlines():
             if "Collected :" in line:
                 return int(line.split()[-1])
         raise RuntimeError(f"callgrind printed no count:\n{done.stderr}")
 
-    # Each count is the same on a busy machine: run them side by side.
+    # A count is the same on a busy machine: run them side by side.
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
         runs = {
             (v, n): pool.submit(collected, v, n) for v in VARIANTS for n in (few, many)
         }
         return {
-            v: (runs[v, many].result() - runs[v, few].result()) / (many - few)
+            v: [(runs[v, many].result() - runs[v, few].result()) / (many - few)]
             for v in VARIANTS
         }
 
@@ -235,7 +242,10 @@ def main() -> None:
         "--valgrind", action="store_true", help="count instructions with callgrind"
     )
     parser.add_argument(
-        "--rounds", type=positive(int), default=7, help="CPU time: rounds per variant"
+        "--rounds",
+        type=positive(int),
+        default=7,
+        help="CPU time (without --valgrind or --smoke): rounds per variant",
     )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -254,13 +264,18 @@ def main() -> None:
             rounds, count = (1, 50) if args.smoke else (args.rounds, 3000)
             unit = "us of CPU"
             cost = cpu_time(folder, rounds, count)
-    base = cost["plain"]
-    print(f"per request, {unit}:")
+    median = {v: statistics.median(found) for v, found in cost.items()}
+    rounds = len(cost["plain"])
+    each = f" (median of {rounds} rounds, and range)" if rounds > 1 else ""
+    print(f"per request, {unit}{each}:")
     for variant in VARIANTS:
-        extra = cost[variant] - base
-        line = f"  {variant:<8} {cost[variant]:>12,.1f}"
+        found = cost[variant]
+        line = f"  {variant:<8} {median[variant]:>12,.1f}"
+        if rounds > 1:
+            line += f"  ({found[0]:,.0f} to {found[-1]:,.0f})"
         if variant != "plain":
-            line += f"   +{extra:,.1f} ({extra / base:+.1%} of plain)"
+            extra = median[variant] - median["plain"]
+            line += f"   {extra:+,.0f} ({extra / median['plain']:+.1%} of plain)"
         print(line)
 
 

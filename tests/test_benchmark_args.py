@@ -28,6 +28,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmark
             "a PostgreSQL URL such as postgresql+psycopg://",
         ),
         ("bench_tracking.py", ["--postgres-url", "none"], "got 'none'"),
+        ("bench_floor.py", ["--rounds", "1.5"], "a whole number above 0"),
     ],
 )
 def test_wrong_argument_is_a_usage_error(
