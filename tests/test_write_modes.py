@@ -7,6 +7,7 @@ import gc
 import multiprocessing
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,6 +34,8 @@ from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
 from flask_sidelog.signals import entry_written
 from flask_sidelog.writer import FEW_ROWS
+from flask_sidelog.writer import MULTI_ROWS
+from flask_sidelog.writer import MULTI_ROWS_MIN
 from flask_sidelog.writer import SERVER_LINKED_ROWS
 
 Built = tuple[Flask, SideLog]
@@ -738,8 +741,8 @@ def test_a_batch_is_stored_as_single_entries_are(
     build: t.Callable[..., Built], database_uri: str
 ) -> None:
     """Batches skip SQLAlchemy's per-row handling (COPY on PostgreSQL,
-    executemany on SQLite): what is stored, as the database holds it, must
-    not depend on it."""
+    multi-row INSERTs and executemany on SQLite): what is stored, as the
+    database holds it, must not depend on it."""
     app, sidelog = build(SIDELOG_WRITE_MODE="sync")
     fields = {
         "actor": "ann\u2028é",
@@ -755,8 +758,10 @@ def test_a_batch_is_stored_as_single_entries_are(
         return made
 
     # PostgreSQL takes a few rows in one INSERT bound in the client, more
-    # by COPY; SQLite takes more than one by executemany.
-    sizes = (2, FEW_ROWS + 1)
+    # by COPY. SQLite takes a few by executemany; a long run of rows with
+    # the same NULL columns by multi-row INSERTs of each size it uses, and
+    # what is left by executemany.
+    sizes = (2, FEW_ROWS + 1, MULTI_ROWS + MULTI_ROWS // 2 + MULTI_ROWS_MIN + 3)
     with app.app_context():
         writer = app.extensions["sidelog"].writer
         writer.insert([entry("single", **fields)])
@@ -788,6 +793,8 @@ def test_a_batch_keeps_its_order_whatever_its_null_columns(
     their NULLs."""
     app, sidelog = build(SIDELOG_WRITE_MODE="sync")
     kinds = ["bare", "full", "full", "bare", "full", "bare"]
+    # Runs long enough for multi-row INSERTs, between short ones.
+    kinds += ["full"] * (MULTI_ROWS + 1) + ["bare"] * MULTI_ROWS_MIN + ["full"]
     batch = [
         make_entry(kind, actor="ann", status_code=200)
         if kind == "full"
@@ -797,13 +804,43 @@ def test_a_batch_keeps_its_order_whatever_its_null_columns(
     with app.app_context():
         app.extensions["sidelog"].writer.insert(batch)
         assert sidelog.verify().ok
-        found = sidelog.entries()
+        found = sidelog.entries(limit=len(kinds))
     assert stored_events(app, database_uri) == kinds
     for entry in found:
         full = entry["event"] == "full"
         assert (entry["actor"], entry["status_code"]) == (
             ("ann", 200) if full else (None, None)
         )
+
+
+@pytest.mark.skipif(
+    not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+ sets the limit"
+)
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_a_long_batch_keeps_within_the_connections_limit_of_parameters(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """A multi-row INSERT binds a parameter per value: no more than the
+    connection takes, whose limit a build of SQLite may set lower than its
+    default (999 before 3.32)."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="sync")
+    limit = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER  # type: ignore[attr-defined]
+    size = MULTI_ROWS + 1
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+
+        @sa.event.listens_for(writer.engine, "connect")
+        def _lower_the_limit(dbapi_connection: t.Any, record: t.Any) -> None:
+            dbapi_connection.setlimit(limit, 999)
+
+        writer.engine.dispose()  # new connections, with the limit
+        writer.insert([make_entry("bare") for _ in range(size)])
+        assert sidelog.verify().ok
+        with writer.engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            assert driver.getlimit(limit) == 999
+    assert stored_events(app, database_uri) == ["bare"] * size
 
 
 @pytest.mark.parametrize("chained", [True, False], ids=["chain", "no-chain"])
