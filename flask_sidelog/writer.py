@@ -54,8 +54,9 @@ SERVER_LINKED_ROWS = 32
 #: MULTI_ROWS rows, then of halves of that down to MULTI_ROWS_MIN, and the
 #: rest by executemany, which steps and resets its statement for each row.
 #: Measured here, the 1,000 change entries of a flush took 5.3 ms, not 6.6.
-#: With fewer rows a statement, executemany is as quick. Few sizes keep the
-#: statements compiled in the sqlite3 module's cache: compiling a new
+#: With fewer rows a statement the gain shrinks (at 16 rows, slower than
+#: executemany), and each size is one more statement to compile. Few sizes
+#: keep them compiled in the sqlite3 module's cache: compiling a new
 #: statement of 1,000 rows takes longer than running it.
 MULTI_ROWS = 256
 MULTI_ROWS_MIN = 64
@@ -76,10 +77,15 @@ def _insert_run(conn: sa.Connection, insert: str, run: list[tuple[t.Any, ...]]) 
         if len(run) - start < size:
             size //= 2
             continue
-        conn.exec_driver_sql(
-            insert + _values_list(width, size),
-            tuple(itertools.chain.from_iterable(run[start : start + size])),
-        )
+        try:
+            conn.exec_driver_sql(
+                insert + _values_list(width, size),
+                tuple(itertools.chain.from_iterable(run[start : start + size])),
+            )
+        except sa.exc.StatementError as error:
+            # Reported (logged, raised) with one row's placeholders, not 256.
+            error.statement = f"{insert}{_values_list(width, 1)}, ... ({size} rows)"
+            raise
         start += size
     if start < len(run):
         conn.exec_driver_sql(
@@ -96,8 +102,9 @@ def _multi_rows(conn: sa.Connection, width: int) -> int:
     driver = conn.connection.driver_connection
     try:  # Python 3.11+: the connection's own limit
         most = driver.getlimit(_SQLITE_LIMIT_VARIABLE_NUMBER)  # type: ignore[union-attr]
-    except (AttributeError, TypeError):
-        # The default: 32,766 since SQLite 3.32, 999 before.
+    except Exception:
+        # The default: 32,766 since SQLite 3.32, 999 before. (A connection
+        # that cannot answer fails its INSERT next, as SQLAlchemy reports.)
         version = getattr(conn.dialect.loaded_dbapi, "sqlite_version_info", (0,))
         most = 32766 if version >= (3, 32) else 999
     size = MULTI_ROWS
@@ -360,7 +367,8 @@ class Writer(Reporter):
         # converted by the columns' own bind processors (so what is stored is
         # the same) and handed to the driver at once. PostgreSQL (psycopg 3)
         # takes them through COPY, a third of the CPU of a multi-row INSERT,
-        # for both client and server; SQLite through executemany.
+        # for both client and server; SQLite through multi-row INSERTs and
+        # executemany (_insert_run).
         columns = [c for c in table.columns if c.name != "id"]
         self._names = [c.name for c in columns]
         self._row_values = operator.itemgetter(*self._names)

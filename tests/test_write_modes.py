@@ -33,6 +33,7 @@ from flask_sidelog.batching import _Waiter
 from flask_sidelog.entry import make_entry
 from flask_sidelog.signals import entry_failed
 from flask_sidelog.signals import entry_written
+from flask_sidelog.writer import _multi_rows
 from flask_sidelog.writer import FEW_ROWS
 from flask_sidelog.writer import MULTI_ROWS
 from flask_sidelog.writer import MULTI_ROWS_MIN
@@ -841,6 +842,58 @@ def test_a_long_batch_keeps_within_the_connections_limit_of_parameters(
             assert driver is not None
             assert driver.getlimit(limit) == 999
     assert stored_events(app, database_uri) == ["bare"] * size
+
+
+class _NoLimits(sqlite3.Connection):
+    """A driver connection that cannot tell its limits (Python 3.10's has
+    no getlimit at all)."""
+
+    def getlimit(self, category: int) -> int:
+        raise sqlite3.NotSupportedError("no limits here")
+
+
+@pytest.mark.skipif(
+    sqlite3.sqlite_version_info < (3, 32), reason="SQLite 3.32+ takes 32,766"
+)
+@pytest.mark.parametrize("backend", ["sqlite_file"])
+def test_a_long_batch_assumes_the_default_limit_if_the_driver_cannot_tell(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """Without a limit from the driver, SQLite's default: 32,766 parameters."""
+    app, sidelog = build(
+        SIDELOG_WRITE_MODE="sync",
+        SIDELOG_ENGINE_OPTIONS={"connect_args": {"factory": _NoLimits}},
+    )
+    size = MULTI_ROWS + 1
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        writer.insert([make_entry("bare") for _ in range(size)])
+        assert sidelog.verify().ok
+        with writer.engine.connect() as conn:
+            assert isinstance(conn.connection.driver_connection, _NoLimits)
+            assert _multi_rows(conn, 100) == MULTI_ROWS  # 25,600 parameters
+            assert _multi_rows(conn, 200) == MULTI_ROWS // 2  # 25,600 too
+    assert stored_events(app, database_uri) == ["bare"] * size
+
+
+@pytest.mark.parametrize("backend", ["sqlite_file", "sqlite_memory"])
+def test_a_failed_long_batch_is_reported_with_one_rows_placeholders(
+    build: t.Callable[..., Built], database_uri: str
+) -> None:
+    """A multi-row INSERT that fails is reported (raised, logged with the
+    spooled entries) with its statement cut to one row, not hundreds."""
+    app, sidelog = build(SIDELOG_WRITE_MODE="sync")
+    with app.app_context():
+        writer = app.extensions["sidelog"].writer
+        first = make_entry("first")
+        writer.insert([first])
+        batch = [make_entry("again") for _ in range(MULTI_ROWS - 1)] + [first]
+        with pytest.raises(sa.exc.IntegrityError) as caught:
+            writer.insert(batch)
+    message = str(caught.value)
+    assert f"... ({MULTI_ROWS} rows)" in message
+    assert message.count("?") < len(chain.HASHED_FIELDS) + 3
+    assert stored_events(app, database_uri) == ["first"]
 
 
 @pytest.mark.parametrize("chained", [True, False], ids=["chain", "no-chain"])
