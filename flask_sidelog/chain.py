@@ -547,6 +547,7 @@ class Chain:
         entries: list[dict[str, t.Any]],
         begin: str = "",
         data_texts: list[str] | None = None,
+        runs: list[int] | None = None,
     ) -> list[dict[str, t.Any]]:
         """Lock the head and return ``entries`` as rows to insert: each with
         its ``seq`` and ``hash``, and ``created_at`` in UTC (SQLite stores the
@@ -555,10 +556,11 @@ class Chain:
         :param begin: see :func:`lock_and_read_head`.
         :param data_texts: gets each row's :func:`data_text`, which the hash
             covers, so that the writer stores it without encoding it again.
+        :param runs: see :meth:`prepare`.
         """
         # Everything but seq and prev is serialised before the lock is taken:
         # the lock is held by one writer at a time, so it must be short.
-        rows, tails = self.prepare(entries, data_texts)
+        rows, tails = self.prepare(entries, data_texts, runs)
         seq, prev = lock_and_read_head(conn, table, begin)
         for row, tail in zip(rows, tails, strict=True):
             seq += 1
@@ -569,11 +571,20 @@ class Chain:
         return rows
 
     def prepare(
-        self, entries: list[dict[str, t.Any]], data_texts: list[str] | None = None
+        self,
+        entries: list[dict[str, t.Any]],
+        data_texts: list[str] | None = None,
+        runs: list[int] | None = None,
     ) -> tuple[list[dict[str, t.Any]], list[str]]:
         """What :meth:`link` does before it takes the lock: ``entries`` as
         rows whose ``seq`` and ``hash`` are still None, and each one's record
-        after ``[1,<seq>,"<prev>",``, which the hash covers with those."""
+        after ``[1,<seq>,"<prev>",``, which the hash covers with those.
+
+        :param runs: gets the index of each row that starts a run: the first,
+            and each whose fields between ``uuid`` and ``data`` are not the
+            same objects as the row's before. The rows of a run hold the same
+            objects there (a flush's changes of one table and operation).
+        """
         rows = []
         tails = []
         previous: list[t.Any] = []
@@ -588,7 +599,10 @@ class Chain:
                 # Not -0.0, which PostgreSQL's JSON cannot hold.
                 row["duration_ms"] = 0.0
             rows.append(row)
+            shared = previous[0] if previous else None
             tails.append(_stored_tail(row, previous, data_texts)[1:])
+            if runs is not None and previous[0] is not shared:  # encoded anew
+                runs.append(len(rows) - 1)
         return rows, tails
 
 

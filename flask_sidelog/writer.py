@@ -123,7 +123,7 @@ def _values_list(width: int, rows: int) -> str:
     return ", ".join([f"({', '.join('?' * width)})"] * rows)
 
 
-def _not_null(row: tuple[t.Any, ...]) -> tuple[bool, ...]:
+def _not_null(row: t.Sequence[t.Any]) -> tuple[bool, ...]:
     """Which of a row's values are not None."""
     return tuple(map(operator.is_not, row, itertools.repeat(None)))
 
@@ -150,6 +150,8 @@ def _leave_autocommit(conn: sa.Connection, driver: t.Any, autocommit: bool) -> N
 
 
 _UNSET = object()
+#: The columns whose values differ between the linked rows of a run.
+_OWN = ("uuid", "data", "seq", "hash")
 #: Where a row given to the append function, its tail then the values of
 #: the stored fields after id, holds created_at: where FIELDS, from id, does.
 _AT = FIELDS.index("created_at")
@@ -396,6 +398,16 @@ class Writer(Reporter):
         elif dialect.paramstyle == "qmark":
             self._many_sql = f"INSERT INTO {preparer.format_table(table)}"
             self._quoted = [preparer.quote(name) for name in self._names]
+            # What the rows of a run share (see _insert_linked).
+            self._shared_names = [n for n in self._names if n not in _OWN]
+            self._quoted_shared = [preparer.quote(n) for n in self._shared_names]
+            self._quoted_own = [preparer.quote(n) for n in _OWN]
+            converters = {self._names[i]: convert for i, convert in self._converters}
+            self._shared_converters = [
+                (k, converters[name])
+                for k, name in enumerate(self._shared_names)
+                if name in converters
+            ]
         #: Whether PostgreSQL links this table's entries (see
         #: _append_in_server); None until the first write asks it. Not with
         #: a json_serializer of the app's: the data stored must be the text
@@ -475,10 +487,18 @@ class Writer(Reporter):
                 return self._insert_psycopg(conn, entries)
             rows = entries
             texts = self._data_texts()
+            runs: list[int] = []
             if self.chain is not None:
-                rows = self.chain.link(conn, self.table, entries, data_texts=texts)
+                rows = self.chain.link(
+                    conn, self.table, entries, data_texts=texts, runs=runs
+                )
             if len(rows) > 1 and self._many_sql is not None:
-                self._insert_many(conn, self._values(rows, texts))
+                # Runs of two rows or more on average (a flush's changes): a
+                # run's own work costs more than one row's in _insert_many.
+                if texts and runs and 2 * len(runs) <= len(rows):
+                    self._insert_linked(conn, rows, texts, runs)
+                else:
+                    self._insert_many(conn, self._values(rows, texts))
             else:
                 conn.execute(self._insert, rows)
         return rows
@@ -621,6 +641,48 @@ class Writer(Reporter):
             names = ", ".join(itertools.compress(self._quoted, kept))
             _insert_run(conn, f"{self._many_sql} ({names}) VALUES ", run)
             start = end
+
+    def _insert_linked(
+        self,
+        conn: sa.Connection,
+        rows: list[dict[str, t.Any]],
+        data_texts: list[str],
+        runs: list[int],
+    ) -> None:
+        """Insert rows that the chain linked, with their ``data`` as the texts
+        it hashed, as :meth:`_insert_many` would: the values that the rows of
+        each of ``runs`` share (all but uuid, data, seq and hash; see
+        :meth:`Chain.prepare`) are converted and checked for NULL once a run,
+        not once a row."""
+        assert self._many_sql is not None
+        kept: tuple[int, ...] = ()
+        pending: list[tuple[t.Any, ...]] = []
+        for start, end in zip(runs, [*runs[1:], len(rows)], strict=True):
+            shared = list(map(rows[start].get, self._shared_names))
+            for k, convert in self._shared_converters:
+                shared[k] = convert(shared[k])
+            # Leaving a NULL column out is quicker for SQLite than binding it.
+            run_kept = tuple(itertools.compress(itertools.count(), _not_null(shared)))
+            if run_kept != kept:
+                self._insert_kept(conn, kept, pending)
+                kept, pending = run_kept, []
+            values = tuple(shared[k] for k in kept)
+            pending += [
+                (*values, row.get("uuid"), text, row["seq"], row["hash"])
+                for row, text in zip(
+                    rows[start:end], data_texts[start:end], strict=True
+                )
+            ]
+        self._insert_kept(conn, kept, pending)
+
+    def _insert_kept(
+        self, conn: sa.Connection, kept: tuple[int, ...], rows: list[tuple[t.Any, ...]]
+    ) -> None:
+        """Insert rows of the shared columns ``kept`` and then uuid, data,
+        seq and hash (see :meth:`_insert_linked`)."""
+        if rows:
+            names = [*(self._quoted_shared[k] for k in kept), *self._quoted_own]
+            _insert_run(conn, f"{self._many_sql} ({', '.join(names)}) VALUES ", rows)
 
     def _data_texts(self) -> list[str] | None:
         """A list for the chain to fill with the ``data`` texts it hashed,
