@@ -121,6 +121,7 @@ PARTS = (
     ("entries", tracking, "make_change_entries"),
     ("chain", Chain, "link"),
     ("values", Writer, "_values"),
+    ("values", Writer, "_linked_values"),
     ("log transaction", Writer, "_insert_once"),
 )
 

@@ -152,6 +152,9 @@ def _leave_autocommit(conn: sa.Connection, driver: t.Any, autocommit: bool) -> N
 _UNSET = object()
 #: The columns whose values differ between the linked rows of a run.
 _OWN = ("uuid", "data", "seq", "hash")
+#: Rows to insert, in groups that hold values for the same columns: the
+#: index of each column, then the rows' values for them.
+_Groups = list[tuple[tuple[int, ...], list[tuple[t.Any, ...]]]]
 #: Where a row given to the append function, its tail then the values of
 #: the stored fields after id, holds created_at: where FIELDS, from id, does.
 _AT = FIELDS.index("created_at")
@@ -398,10 +401,11 @@ class Writer(Reporter):
         elif dialect.paramstyle == "qmark":
             self._many_sql = f"INSERT INTO {preparer.format_table(table)}"
             self._quoted = [preparer.quote(name) for name in self._names]
-            # What the rows of a run share (see _insert_linked).
+            # What the rows of a run share (see _linked_values).
             self._shared_names = [n for n in self._names if n not in _OWN]
-            self._quoted_shared = [preparer.quote(n) for n in self._shared_names]
-            self._quoted_own = [preparer.quote(n) for n in _OWN]
+            self._quoted_linked = [
+                preparer.quote(n) for n in [*self._shared_names, *_OWN]
+            ]
             converters = {self._names[i]: convert for i, convert in self._converters}
             self._shared_converters = [
                 (k, converters[name])
@@ -494,11 +498,14 @@ class Writer(Reporter):
                 )
             if len(rows) > 1 and self._many_sql is not None:
                 # Runs of two rows or more on average (a flush's changes): a
-                # run's own work costs more than one row's in _insert_many.
+                # run's own work costs more than a row's in _null_groups.
                 if texts and runs and 2 * len(runs) <= len(rows):
-                    self._insert_linked(conn, rows, texts, runs)
+                    columns = self._quoted_linked
+                    groups = self._linked_values(rows, texts, runs)
                 else:
-                    self._insert_many(conn, self._values(rows, texts))
+                    columns = self._quoted
+                    groups = self._null_groups(self._values(rows, texts))
+                self._insert_groups(conn, columns, groups)
             else:
                 conn.execute(self._insert, rows)
         return rows
@@ -610,22 +617,22 @@ class Writer(Reporter):
             row["hash"] = digest
         return rows
 
-    def _insert_many(
-        self, conn: sa.Connection, values: list[tuple[t.Any, ...]]
-    ) -> None:
-        """Insert converted rows: each run of rows with NULL in the same
-        columns by INSERTs that leave those out (:func:`_insert_run`). The
-        sqlite3 module binds None only after two failed lookups of an
-        adapter, each formatting an error message: for a change entry's five
-        NULL columns, more than the rest of its row costs."""
-        assert self._many_sql is not None
+    def _null_groups(self, values: list[tuple[t.Any, ...]]) -> _Groups:
+        """Converted rows grouped for :meth:`_insert_groups`: each run of rows
+        with NULL in the same columns, without those, and the index of each
+        column kept. The sqlite3 module binds None only after two failed
+        lookups of an adapter, each formatting an error message: for a change
+        entry's five NULL columns, more than the rest of its row costs."""
+        groups = []
         start = 0
         while start < len(values):
-            kept = _not_null(values[start])
-            left_out = [i for i, k in enumerate(kept) if not k]
+            kept = tuple(
+                itertools.compress(itertools.count(), _not_null(values[start]))
+            )
+            left_out = [i for i in range(len(values[start])) if i not in kept]
             # Never a single column: uuid, created_at, event and level are
             # NOT NULL, so the getter returns a tuple.
-            take = operator.itemgetter(*itertools.compress(range(len(kept)), kept))
+            take = operator.itemgetter(*kept)
             run = [take(values[start])]
             end = start + 1
             # A row of the run is NULL where the first is, and only there.
@@ -638,51 +645,50 @@ class Writer(Reporter):
                     break
                 run.append(taken)
                 end += 1
-            names = ", ".join(itertools.compress(self._quoted, kept))
-            _insert_run(conn, f"{self._many_sql} ({names}) VALUES ", run)
+            groups.append((kept, run))
             start = end
+        return groups
 
-    def _insert_linked(
+    def _insert_groups(
         self,
         conn: sa.Connection,
-        rows: list[dict[str, t.Any]],
-        data_texts: list[str],
-        runs: list[int],
+        columns: list[str],
+        groups: _Groups,
     ) -> None:
-        """Insert rows that the chain linked, with their ``data`` as the texts
-        it hashed, as :meth:`_insert_many` would: the values that the rows of
-        each of ``runs`` share (all but uuid, data, seq and hash; see
-        :meth:`Chain.prepare`) are converted and checked for NULL once a run,
-        not once a row."""
-        assert self._many_sql is not None
-        kept: tuple[int, ...] = ()
-        pending: list[tuple[t.Any, ...]] = []
+        """Insert each group of rows, the values of ``columns`` (quoted
+        names) at the indexes it gives, by :func:`_insert_run`."""
+        for kept, rows in groups:
+            names = ", ".join([columns[k] for k in kept])
+            _insert_run(conn, f"{self._many_sql} ({names}) VALUES ", rows)
+
+    def _linked_values(
+        self, rows: list[dict[str, t.Any]], data_texts: list[str], runs: list[int]
+    ) -> _Groups:
+        """Rows that the chain linked, with their ``data`` as the texts it
+        hashed, converted and grouped as :meth:`_null_groups` does, with the
+        columns of ``_quoted_linked``: the columns the rows of a run share,
+        then uuid, data, seq and hash. The values the rows of each of
+        ``runs`` share (see :meth:`Chain.prepare`) are converted and checked
+        for NULL once a run, not once a row."""
+        own = tuple(range(len(self._shared_names), len(self._quoted_linked)))
+        groups: _Groups = []
         for start, end in zip(runs, [*runs[1:], len(rows)], strict=True):
             shared = list(map(rows[start].get, self._shared_names))
             for k, convert in self._shared_converters:
                 shared[k] = convert(shared[k])
             # Leaving a NULL column out is quicker for SQLite than binding it.
-            run_kept = tuple(itertools.compress(itertools.count(), _not_null(shared)))
-            if run_kept != kept:
-                self._insert_kept(conn, kept, pending)
-                kept, pending = run_kept, []
+            kept = tuple(itertools.compress(itertools.count(), _not_null(shared)))
             values = tuple(shared[k] for k in kept)
-            pending += [
+            kept += own
+            if not groups or groups[-1][0] != kept:
+                groups.append((kept, []))
+            groups[-1][1].extend(
                 (*values, row.get("uuid"), text, row["seq"], row["hash"])
                 for row, text in zip(
                     rows[start:end], data_texts[start:end], strict=True
                 )
-            ]
-        self._insert_kept(conn, kept, pending)
-
-    def _insert_kept(
-        self, conn: sa.Connection, kept: tuple[int, ...], rows: list[tuple[t.Any, ...]]
-    ) -> None:
-        """Insert rows of the shared columns ``kept`` and then uuid, data,
-        seq and hash (see :meth:`_insert_linked`)."""
-        if rows:
-            names = [*(self._quoted_shared[k] for k in kept), *self._quoted_own]
-            _insert_run(conn, f"{self._many_sql} ({', '.join(names)}) VALUES ", rows)
+            )
+        return groups
 
     def _data_texts(self) -> list[str] | None:
         """A list for the chain to fill with the ``data`` texts it hashed,
