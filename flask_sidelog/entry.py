@@ -143,12 +143,13 @@ def new_uuids(count: int) -> list[str]:
     """
     ms = time.time_ns() // 1_000_000 % 2**48
     when = ms.to_bytes(6, "big").hex()
+    when = f"{when[:8]}-{when[8:]}-"
     b = bytearray(random_bytes(10 * count))
     b[0::10] = b[0::10].translate(_VERSION_7)
     b[2::10] = b[2::10].translate(_VARIANT)
     x = b.hex()
     return [
-        f"{when[:8]}-{when[8:]}-{x[i : i + 4]}-{x[i + 4 : i + 8]}-{x[i + 8 : i + 20]}"
+        f"{when}{x[i : i + 4]}-{x[i + 4 : i + 8]}-{x[i + 8 : i + 20]}"
         for i in range(0, 20 * count, 20)
     ]
 

@@ -475,7 +475,8 @@ class Writer(Reporter):
                 rows = self._insert_once(entries)
             if rows is not entries:
                 for entry, row in zip(entries, rows, strict=True):
-                    entry.update(seq=row["seq"], hash=row["hash"])
+                    entry["seq"] = row["seq"]
+                    entry["hash"] = row["hash"]
 
     def _insert_once(self, entries: list[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
         if (
