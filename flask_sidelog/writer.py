@@ -403,15 +403,19 @@ class Writer(Reporter):
             self._quoted = [preparer.quote(name) for name in self._names]
             # What the rows of a run share (see _linked_values).
             self._shared_names = [n for n in self._names if n not in _OWN]
-            self._quoted_linked = [
-                preparer.quote(n) for n in [*self._shared_names, *_OWN]
-            ]
             converters = {self._names[i]: convert for i, convert in self._converters}
             self._shared_converters = [
                 (k, converters[name])
                 for k, name in enumerate(self._shared_names)
                 if name in converters
             ]
+            # None where uuid, seq or hash would need converting (no such
+            # type on SQLite): rows then go one by one through _values.
+            self._quoted_linked: list[str] | None = (
+                None
+                if {"uuid", "seq", "hash"} & converters.keys()
+                else [preparer.quote(n) for n in [*self._shared_names, *_OWN]]
+            )
         #: Whether PostgreSQL links this table's entries (see
         #: _append_in_server); None until the first write asks it. Not with
         #: a json_serializer of the app's: the data stored must be the text
@@ -498,10 +502,11 @@ class Writer(Reporter):
                     conn, self.table, entries, data_texts=texts, runs=runs
                 )
             if len(rows) > 1 and self._many_sql is not None:
-                # Runs of two rows or more on average (a flush's changes): a
-                # run's own work costs more than a row's in _null_groups.
-                if texts and runs and 2 * len(runs) <= len(rows):
-                    columns = self._quoted_linked
+                # Runs of three rows or more on average (a flush's changes):
+                # measured, at two a run's own work costs more than it saves.
+                linked = self._quoted_linked
+                if linked and texts and runs and 3 * len(runs) <= len(rows):
+                    columns = linked
                     groups = self._linked_values(rows, texts, runs)
                 else:
                     columns = self._quoted
@@ -671,7 +676,7 @@ class Writer(Reporter):
         then uuid, data, seq and hash. The values the rows of each of
         ``runs`` share (see :meth:`Chain.prepare`) are converted and checked
         for NULL once a run, not once a row."""
-        own = tuple(range(len(self._shared_names), len(self._quoted_linked)))
+        own = tuple(range(len(self._shared_names), len(self._names)))
         groups: _Groups = []
         for start, end in zip(runs, [*runs[1:], len(rows)], strict=True):
             shared = list(map(rows[start].get, self._shared_names))
