@@ -18,9 +18,10 @@ their ratio. Without ``--postgres-url`` a throwaway server is started (from
 
 With ``--breakdown``, more tracked requests follow the timed rounds, with
 the parts of tracking timed: capturing the flush, making the entries,
-linking them into the chain, converting them for the driver, and the rest of
-the log's transaction (its insert and commit; on PostgreSQL that includes
-encoding ``data``, which psycopg does while copying).
+linking them into the chain, converting them for the driver (on SQLite,
+grouped by their NULL columns), and the rest of the log's transaction (its
+insert and commit; on PostgreSQL that includes encoding ``data``, which
+psycopg does while copying).
 
 Views (``ROWS`` = 1,000 rows each, one commit):
 
@@ -121,6 +122,7 @@ PARTS = (
     ("entries", tracking, "make_change_entries"),
     ("chain", Chain, "link"),
     ("values", Writer, "_values"),
+    ("values", Writer, "_null_groups"),
     ("values", Writer, "_linked_values"),
     ("log transaction", Writer, "_insert_once"),
 )

@@ -632,10 +632,9 @@ class Writer(Reporter):
         groups = []
         start = 0
         while start < len(values):
-            kept = tuple(
-                itertools.compress(itertools.count(), _not_null(values[start]))
-            )
-            left_out = [i for i in range(len(values[start])) if i not in kept]
+            mask = _not_null(values[start])
+            kept = tuple(itertools.compress(itertools.count(), mask))
+            left_out = [i for i, k in enumerate(mask) if not k]
             # Never a single column: uuid, created_at, event and level are
             # NOT NULL, so the getter returns a tuple.
             take = operator.itemgetter(*kept)
