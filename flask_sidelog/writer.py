@@ -410,7 +410,7 @@ class Writer(Reporter):
                 if name in converters
             ]
             # None where uuid, seq or hash would need converting (no such
-            # type on SQLite): rows then go one by one through _values.
+            # type on SQLite): rows then take the per-row path (_values).
             self._quoted_linked: list[str] | None = (
                 None
                 if {"uuid", "seq", "hash"} & converters.keys()
